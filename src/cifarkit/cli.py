@@ -1,0 +1,299 @@
+"""The command line: a thin layer over the API.
+
+Each sub-command parses its flags, calls the library, prints the result. A CifarkitError becomes
+one line on stderr and a non-zero exit code; nothing else is decided here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from dataclasses import fields
+
+from .errors import CifarkitError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        self.exit(2, f"error: {message} -- see `{self.prog} --help`\n")
+
+
+def _one_line_warnings() -> None:
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {' '.join(str(msg).split())}\n"
+
+
+# ----------------------------------------------------------------------------- train
+
+_TRAIN_HELP = {
+    "model": "network from the registry (see `cifarkit models`)",
+    "data": "'cifar10' (downloaded when missing) or a folder DIR/train/<class>/*.jpg",
+    "data_root": "where CIFAR-10 is stored/downloaded (default $CIFARKIT_DATA or ~/.cache/cifarkit/data)",
+    "download": "download CIFAR-10 when missing (--no-download to forbid)",
+    "val_size": "images held out for validation when the data has no val/ folder",
+    "image_size": "side in pixels; other sizes are resized",
+    "seed": "seed for the split, initialisation, data order and augmentation",
+    "epochs": "passes over the training images",
+    "batch_size": "images per optimiser step (global: the sum over all devices)",
+    "optimizer": "sgd or adamw",
+    "lr": "peak learning rate",
+    "momentum": "SGD momentum",
+    "nesterov": "Nesterov momentum (SGD)",
+    "weight_decay": "weight decay (biases and norm weights are never decayed)",
+    "schedule": "learning-rate schedule after warm-up",
+    "warmup_epochs": "linear warm-up length in epochs",
+    "label_smoothing": "label smoothing for the cross-entropy",
+    "loss": "ce (cross-entropy), mse or l1 (on softmax vs one-hot)",
+    "ema": "exponential moving average of the weights, decay per step (0 = off)",
+    "flip": "random horizontal flips",
+    "crop_pad": "random translation by up to N pixels (pad-and-crop)",
+    "cutout": "zero a random NxN square per image",
+    "tta": "test-time augmentation during validation",
+    "precision": "auto = bf16 where the device does it fast (CUDA, AVX-512-BF16/AMX CPUs), else fp32",
+    "device": "auto picks cuda, then mps, then cpu",
+    "channels_last": "NHWC memory layout (faster convolutions on CPU and tensor cores)",
+    "compile": "torch.compile the model (falls back to eager with a warning)",
+    "threads": "CPU threads (0 = one per available core)",
+    "deterministic": "deterministic algorithms (bit-exact resume)",
+    "eval_every": "validate every N epochs",
+    "out": "run folder (default runs/<recipe>-<time>)",
+    "tensorboard": "write TensorBoard events into RUN/tb",
+}
+
+
+def _add_train(sub):
+    from .config import CHOICES, TrainConfig, list_recipes
+
+    p = sub.add_parser("train", help="train a model (the notes' loop, made fast and safe)",
+                       description="Train a model. Settings come from defaults < --recipe < --config "
+                                   "YAML < flags; the resolved set is saved as RUN/config.yaml.")
+    p.add_argument("--recipe", default=None, help=f"named settings: {', '.join(list_recipes())} "
+                                                   "(default tutorial)")
+    p.add_argument("--config", help="YAML file with the same keys as a run's config.yaml")
+    p.add_argument("--resume", metavar="RUN", help="continue a run folder (or its last.ckpt) where it stopped")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--num-classes", type=int, help=argparse.SUPPRESS)  # follows the data
+    types = {"int": int, "float": float, "str": str, "str | None": str}
+    for f in fields(TrainConfig):
+        if f.name in ("recipe", "model_args"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kw = {"default": None, "help": _TRAIN_HELP.get(f.name, "")}
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            if f.name in CHOICES:
+                kw["choices"] = CHOICES[f.name]
+            p.add_argument(flag, type=types[f.type], **kw)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(a) -> int:
+    from .config import TrainConfig, resolve
+    from .train import train
+
+    overrides = {f.name: getattr(a, f.name) for f in fields(TrainConfig)
+                 if f.name not in ("model_args",) and getattr(a, f.name, None) is not None}
+    if a.resume:
+        train(None, resume=a.resume, progress=not a.quiet, epochs=a.epochs)
+        return 0
+    cfg = resolve(a.recipe or "tutorial", a.config, overrides)
+    train(cfg, progress=not a.quiet)
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval / predict
+
+def _load(a):
+    from .checkpoint import load_checkpoint
+    return load_checkpoint(a.checkpoint, model=getattr(a, "model", None),
+                           num_classes=getattr(a, "num_classes", None),
+                           trust_pickle=getattr(a, "trust_pickle", False))
+
+
+def _add_ckpt_args(p):
+    p.add_argument("checkpoint", help="a cifarkit .ckpt, a safetensors export, or a state_dict file")
+    p.add_argument("--model", help="architecture of a bare state_dict (the notes' method 2)")
+    p.add_argument("--num-classes", type=int, help="class count of a bare state_dict (default: from its head)")
+
+
+def cmd_eval(a) -> int:
+    from .evaluate import evaluate_checkpoint
+
+    ckpt = _load(a)
+    r, _ = evaluate_checkpoint(ckpt, a.data, a.split, a.device, a.precision, a.tta,
+                               data_root=a.data_root, keep_probs=False, progress=not a.json)
+    if a.confusion:
+        from .plots import plot_confusion
+        plot_confusion(r.confusion, list(ckpt.classes), a.confusion)
+    if a.json:
+        print(json.dumps(r.to_json()))
+        return 0
+    print(f"{a.split} accuracy {r.accuracy:.4f}  loss {r.loss:.4f}  n {r.n}")
+    width = max(len(c) for c in ckpt.classes)
+    print(f"{'class':<{width}}  accuracy")
+    for c, acc in r.per_class.items():
+        print(f"{c:<{width}}  {'-' if acc is None else f'{acc:.4f}'}")
+    print("confusion (rows: true, columns: predicted)")
+    for c, row in zip(ckpt.classes, r.confusion):
+        print(f"{c:<{width}}  " + " ".join(f"{v:>5}" for v in row))
+    if a.confusion:
+        print(f"wrote {a.confusion}")
+    return 0
+
+
+def cmd_predict(a) -> int:
+    from .predict import Predictor
+
+    if a.top_k < 1:
+        raise CifarkitError(f"--top-k must be >= 1, got {a.top_k}", exit_code=2)
+    if str(a.checkpoint).endswith(".onnx"):
+        from .export import OnnxPredictor
+        pred = OnnxPredictor(a.checkpoint)
+    else:
+        from .device import resolve_device
+        pred = Predictor(_load(a), resolve_device(a.device))
+    results, errors = pred.predict_paths(a.images, a.top_k)
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    if a.json:
+        print(json.dumps(results))
+    else:
+        for r in results:
+            tops = ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"])
+            print(f"{r['path']}: {tops}")
+    if not results and not errors:
+        raise CifarkitError("no images found in " + ", ".join(a.images),
+                            "pass image files or folders that contain .jpg/.png files")
+    return 1 if errors else 0
+
+
+# ----------------------------------------------------------------------------- files
+
+def cmd_export(a) -> int:
+    from .checkpoint import export_pickle, export_safetensors
+
+    ckpt = _load(a)
+    if a.format == "safetensors":
+        export_safetensors(ckpt, a.out)
+        print(f"wrote {a.out} (+ {a.out}.json metadata)")
+    elif a.format == "pickle":
+        export_pickle(ckpt, a.out)
+        print(f"wrote {a.out} (whole pickled model: loading it needs weights_only=False, i.e. trust)")
+    else:
+        from .export import export_onnx, export_torchscript
+        fn = export_onnx if a.format == "onnx" else export_torchscript
+        diff = fn(ckpt, a.out)
+        print(f"wrote {a.out} (max abs difference to PyTorch {diff:.2e})")
+    return 0
+
+
+def cmd_convert(a) -> int:
+    from .checkpoint import save_checkpoint
+
+    ckpt = _load(a)
+    if ckpt.source == "cifarkit":
+        raise CifarkitError(f"{a.checkpoint} is already a cifarkit checkpoint", "nothing to convert")
+    save_checkpoint(ckpt, a.out, with_training_state=False)
+    print(f"wrote {a.out}: model {ckpt.model_name}, {ckpt.num_classes} classes (from a {ckpt.source} file)")
+    return 0
+
+
+def cmd_models(a) -> int:
+    from .models import count_parameters, create_model, list_models, model_doc
+
+    rows = [(n, count_parameters(create_model(n, a.num_classes)), model_doc(n)) for n in list_models()]
+    if a.json:
+        print(json.dumps([{"name": n, "parameters": c, "description": d} for n, c, d in rows]))
+        return 0
+    w = max(len(n) for n, _, _ in rows)
+    print(f"{'model':<{w}}  {'parameters':>12}  description")
+    for n, c, d in rows:
+        print(f"{n:<{w}}  {c:>12,}  {d}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- wiring
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog="cifarkit", description="Train, evaluate, inspect, save/load, export and "
+                     "serve small-image classifiers (CIFAR-10 and your own image folders).")
+    parser.add_argument("--version", action="version", version=f"cifarkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_train(sub)
+
+    p = sub.add_parser("eval", help="accuracy, loss, per-class accuracy and confusion matrix")
+    _add_ckpt_args(p)
+    p.add_argument("--data", help="'cifar10' or a folder (default: the data the model was trained on)")
+    p.add_argument("--data-root", help="where CIFAR-10 is stored")
+    p.add_argument("--split", default="val", choices=("val", "test", "train"))
+    p.add_argument("--tta", choices=("none", "flip", "flip_translate"),
+                   help="test-time augmentation (default: as trained)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--confusion", metavar="PNG", help="also draw the confusion matrix")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="classify image files and folders")
+    _add_ckpt_args(p)
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write the model as safetensors, pickle, ONNX or TorchScript")
+    _add_ckpt_args(p)
+    p.add_argument("--format", required=True, choices=("safetensors", "pickle", "onnx", "torchscript"))
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("convert", help="turn a foreign file (pickled model, state_dict) into a safe .ckpt")
+    _add_ckpt_args(p)
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow unpickling a whole model; a pickle can run code, so only for files you trust")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("models", help="list registered networks with parameter counts")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    from . import inspect as _inspect_cli
+    _inspect_cli.add_commands(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    _one_line_warnings()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CifarkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `cifarkit predict ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except MemoryError:
+        print("error: out of memory -- use a smaller --batch-size or image size", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: say so plainly, show the traceback only on request
+        if os.environ.get("CIFARKIT_DEBUG"):
+            raise
+        print(f"error: internal error ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}) -- "
+              "this is a cifarkit bug; rerun with CIFARKIT_DEBUG=1 for the traceback and report it",
+              file=sys.stderr)
+        return 3

@@ -1,0 +1,194 @@
+"""Training configuration: dataclass defaults < recipe < ``--config`` YAML < command-line flags.
+
+A recipe is a named, fixed set of hyper-parameters. The fully resolved config is saved as
+``config.yaml`` in the run folder and inside every checkpoint; that file can be passed back with
+``--config`` to repeat a run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import CifarkitError, closest
+
+CHOICES = {
+    "optimizer": ("sgd", "adamw"),
+    "schedule": ("constant", "onecycle", "cosine", "linear"),
+    "loss": ("ce", "mse", "l1"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "device": ("auto", "cpu", "cuda", "mps"),
+    "tta": ("none", "flip", "flip_translate"),
+}
+
+
+@dataclass
+class TrainConfig:
+    # what
+    recipe: str = "tutorial"
+    model: str = "tudui"
+    model_args: dict = field(default_factory=dict)
+    # data
+    data: str = "cifar10"            # "cifar10" or a folder DIR/train/<class>/*
+    data_root: str | None = None     # where CIFAR-10 lives/downloads (default: $CIFARKIT_DATA or cache)
+    download: bool = True
+    val_size: int = 5000             # images held out when the data has no val/ split
+    image_size: int = 32             # pixels; images of another size are resized
+    seed: int = 0
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 64             # images per step (global, summed over devices)
+    optimizer: str = "sgd"
+    lr: float = 0.01                 # peak learning rate
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0        # decoupled for adamw; L2 for sgd
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0       # linear warm-up from 0 (epochs, may be fractional)
+    label_smoothing: float = 0.0
+    loss: str = "ce"
+    ema: float = 0.0                 # EMA decay of the weights per step; 0 = off
+    # augmentation on whole uint8 batches
+    flip: bool = False               # random horizontal mirror
+    crop_pad: int = 0                # random translate by up to this many pixels (pad-and-crop)
+    cutout: int = 0                  # zero a random square of this side; 0 = off
+    tta: str = "none"                # test-time augmentation for val/eval
+    # execution
+    precision: str = "auto"          # auto: bf16 where the device does it fast, else fp32
+    device: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    threads: int = 0                 # 0: one per physical core
+    deterministic: bool = False
+    eval_every: int = 1              # epochs between val passes (the last epoch is always evaluated)
+    out: str | None = None           # run folder; default runs/<recipe>-<time>
+    tensorboard: bool = True
+
+    def validate(self) -> "TrainConfig":
+        for key, allowed in CHOICES.items():
+            value = getattr(self, key)
+            if value not in allowed:
+                raise CifarkitError(f"--{key.replace('_', '-')} {value!r} is not valid",
+                                    f"{closest(str(value), allowed)}choose one of: {', '.join(allowed)}",
+                                    exit_code=2)
+        for key in ("epochs", "batch_size", "image_size"):
+            if getattr(self, key) < 1:
+                raise CifarkitError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}",
+                                    exit_code=2)
+        for key in ("val_size", "crop_pad", "cutout", "warmup_epochs", "weight_decay",
+                    "momentum", "eval_every", "threads"):
+            if getattr(self, key) < 0:
+                raise CifarkitError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(self, key)}",
+                                    exit_code=2)
+        if not self.lr > 0:
+            raise CifarkitError(f"--lr must be > 0, got {self.lr}", exit_code=2)
+        if not 0 <= self.label_smoothing < 1:
+            raise CifarkitError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}",
+                                exit_code=2)
+        if not 0 <= self.ema < 1:
+            raise CifarkitError(f"--ema must be in [0, 1), got {self.ema}", exit_code=2)
+        from .models import list_models
+        if self.model not in list_models():
+            from .models import create_model
+            create_model(self.model)  # raises the 'unknown model' error with suggestions
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# A recipe only lists what differs from the dataclass defaults above.
+RECIPES: dict[str, dict[str, Any]] = {
+    # The notes' full-training chapter, as written: tudui, SGD(lr=0.01), batch 64, 10 epochs,
+    # cross-entropy, no augmentation. precision stays "auto" (bf16 on CPUs/GPUs that do it fast):
+    # weights and the optimiser stay fp32, only the convolutions run in bf16.
+    "tutorial": dict(model="tudui"),
+    # ResNet-18 (CIFAR stem) with the classic recipe; slow on a CPU, a GPU baseline.
+    "resnet18": dict(model="resnet18", epochs=30, batch_size=128, lr=0.1, momentum=0.9,
+                     nesterov=True, weight_decay=5e-4, schedule="onecycle", warmup_epochs=2,
+                     flip=True, crop_pad=4, label_smoothing=0.1),
+    # Speed run tuned for CPU FLOPs; see docs/benchmarks.md for its measured accuracy and time.
+    "fast": dict(model="fast", model_args={"widths": [64, 256, 256]},
+                 epochs=10, batch_size=1024,   # images per step
+                 optimizer="sgd", lr=0.2,      # peak lr per step (SGD, Nesterov)
+                 momentum=0.85, nesterov=True,
+                 weight_decay=5e-4,            # L2 coefficient
+                 schedule="linear", warmup_epochs=0.5,  # warm-up then linear decay to 0
+                 label_smoothing=0.2, flip=True, crop_pad=2,  # translate by up to 2 px
+                 ema=0.0, tta="flip_translate"),
+}
+
+
+def list_recipes() -> list[str]:
+    return sorted(RECIPES)
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Check a YAML/flag value against the dataclass field type; ints become floats where needed."""
+    ftype = {f.name: f.type for f in fields(TrainConfig)}[key]
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "str | None": value is None or isinstance(value, str),
+        "dict": isinstance(value, dict),
+    }.get(ftype, True)
+    if not ok:
+        raise CifarkitError(f"{source}: {key} should be {ftype}, got {value!r}",
+                            "fix the value and run again", exit_code=2)
+    return float(value) if ftype == "float" else value
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CifarkitError(f"config file {path} does not exist", "check the --config path", 2)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CifarkitError(f"cannot read config file {path}: {first}",
+                            "it must be a YAML mapping like the config.yaml of a run folder", 2)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CifarkitError(f"config file {path} is not a YAML mapping",
+                            "write one key: value per line, as in a run's config.yaml", 2)
+    return data
+
+
+def resolve(recipe: str = "tutorial", config_file: str | None = None,
+            overrides: dict | None = None) -> TrainConfig:
+    """defaults < recipe < YAML file < overrides (flags); returns a validated TrainConfig."""
+    valid = {f.name for f in fields(TrainConfig)}
+    layers: list[tuple[str, dict]] = []
+    file_values = load_yaml(config_file) if config_file else {}
+    recipe = (overrides or {}).get("recipe") or file_values.get("recipe") or recipe
+    if recipe not in RECIPES:
+        raise CifarkitError(f"unknown recipe {recipe!r}",
+                            f"{closest(recipe, RECIPES)}choose one of: {', '.join(list_recipes())}", 2)
+    layers.append((f"recipe {recipe}", {**RECIPES[recipe], "recipe": recipe}))
+    if config_file:
+        layers.append((str(config_file), file_values))
+    layers.append(("command line", {k: v for k, v in (overrides or {}).items() if v is not None}))
+    values: dict[str, Any] = {}
+    for source, layer in layers:
+        for key, value in layer.items():
+            if key not in valid:
+                raise CifarkitError(f"{source}: unknown setting {key!r}",
+                                    f"{closest(key, valid)}see `cifarkit train --help`", 2)
+            values[key] = _coerce(key, value, source)
+    return TrainConfig(**values).validate()
+
+
+def save_yaml(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    import yaml
+
+    from .checkpoint import atomic_write_bytes
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    atomic_write_bytes(Path(path), text.encode("utf-8"))

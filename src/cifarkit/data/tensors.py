@@ -1,0 +1,80 @@
+"""In-memory uint8 image tensors: splits, channel statistics, batches."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CifarkitError
+
+
+@dataclass
+class TensorSplit:
+    x: torch.Tensor  # (N, 3, H, W) uint8
+    y: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, idx: torch.Tensor) -> "TensorSplit":
+        return TensorSplit(self.x[idx], self.y[idx])
+
+    def to(self, device) -> "TensorSplit":
+        return TensorSplit(self.x.to(device), self.y.to(device))
+
+    def resized(self, size: int) -> "TensorSplit":
+        if self.x.shape[-1] == size and self.x.shape[-2] == size:
+            return self
+        x = F.interpolate(self.x.float(), size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False)
+        return TensorSplit(x.round().clamp(0, 255).to(torch.uint8), self.y)
+
+
+def stratified_split(y: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, val): ``val_size`` images held out, proportionally per class, fixed by seed."""
+    n = len(y)
+    if val_size == 0:
+        return torch.arange(n), torch.arange(0)
+    if val_size >= n:
+        raise CifarkitError(f"--val-size {val_size} leaves no training images (the data has {n})",
+                            "use a smaller --val-size, or add a val/ folder beside train/")
+    g = torch.Generator().manual_seed(seed)
+    classes, counts = torch.unique(y, return_counts=True)
+    # Largest-remainder apportionment so the per-class shares add up to exactly val_size.
+    exact = counts.double() * val_size / n
+    take = exact.floor().long()
+    rest = val_size - int(take.sum())
+    take[torch.argsort(exact - take, descending=True)[:rest]] += 1
+    val_parts, train_parts = [], []
+    for c, k in zip(classes.tolist(), take.tolist()):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        val_parts.append(idx[:k])
+        train_parts.append(idx[k:])
+    return torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
+
+
+def channel_stats(x: torch.Tensor, chunk: int = 8192) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images, on the [0, 1] scale (computed in chunks, float64)."""
+    c = x.shape[1]
+    s = torch.zeros(c, dtype=torch.float64)
+    s2 = torch.zeros(c, dtype=torch.float64)
+    for i in range(0, len(x), chunk):
+        b = x[i:i + chunk].to(torch.float64) / 255.0
+        s += b.sum(dim=(0, 2, 3))
+        s2 += (b * b).sum(dim=(0, 2, 3))
+    count = len(x) * x.shape[2] * x.shape[3]
+    mean = s / count
+    std = (s2 / count - mean * mean).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def normalize(x: torch.Tensor, mean, std, dtype=torch.float32, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (N,3,H,W) -> normalised float, in one pass: (x/255 - mean)/std = (x - 255m) / (255s)."""
+    m = torch.as_tensor(mean, dtype=dtype, device=x.device).view(1, -1, 1, 1) * 255
+    s = torch.as_tensor(std, dtype=dtype, device=x.device).view(1, -1, 1, 1) * 255
+    out = x.to(dtype)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out.sub_(m).div_(s)

@@ -1,0 +1,128 @@
+"""Accuracy, loss, per-class accuracy and the confusion matrix, with optional test-time augmentation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data.tensors import TensorSplit, normalize
+from .device import autocast
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    loss: float
+    n: int
+    per_class: dict
+    confusion: list  # confusion[true][pred] counts
+    probs: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+    def to_json(self) -> dict:
+        return {"accuracy": self.accuracy, "loss": self.loss, "n": self.n,
+                "per_class": self.per_class, "confusion": self.confusion}
+
+
+def _translate(x: torch.Tensor, dx: int) -> torch.Tensor:
+    """Shift images by dx pixels horizontally and vertically, reflect-padding the border."""
+    p = abs(dx)
+    padded = F.pad(x, (p, p, p, p), mode="reflect")
+    h, w = x.shape[-2:]
+    o = p + dx
+    return padded[..., o:o + h, o:o + w]
+
+
+@torch.no_grad()
+def logits_tta(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Model logits averaged over test-time views (mirror; mirror + 1-pixel shifts)."""
+    out = model(x).float()
+    if tta == "none":
+        return out
+    out = 0.5 * out + 0.5 * model(x.flip(3)).float()
+    if tta == "flip_translate":
+        shifted = 0.5 * model(_translate(x, 1)).float() + 0.5 * model(_translate(x, -1).flip(3)).float()
+        out = 0.5 * out + 0.5 * shifted
+    return out
+
+
+@torch.no_grad()
+def predict_tensors(model: nn.Module, x_uint8: torch.Tensor, mean, std, device, precision="fp32",
+                    batch_size: int = 1000, tta: str = "none", channels_last: bool = True) -> torch.Tensor:
+    """Logits (float32, on CPU) for uint8 images, batch by batch on ``device``."""
+    model.eval()
+    outs = []
+    for i in range(0, len(x_uint8), batch_size):
+        xb = normalize(x_uint8[i:i + batch_size].to(device, non_blocking=True), mean, std,
+                       channels_last=channels_last and device.type != "mps")
+        with autocast(device, precision):
+            outs.append(logits_tta(model, xb, tta).float().cpu())
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+def evaluate(model: nn.Module, split: TensorSplit, classes: list, mean, std, device,
+             precision: str = "fp32", batch_size: int = 1000, tta: str = "none",
+             keep_probs: bool = False) -> EvalResult:
+    logits = predict_tensors(model, split.x, mean, std, device, precision, batch_size, tta)
+    y = split.y.cpu()
+    n = len(y)
+    if n == 0:
+        return EvalResult(float("nan"), float("nan"), 0, {}, [])
+    loss = F.cross_entropy(logits, y).item()
+    pred = logits.argmax(1)
+    k = len(classes)
+    confusion = torch.bincount(y * k + pred, minlength=k * k).view(k, k)
+    totals = confusion.sum(1)
+    per_class = {c: (confusion[i, i].item() / totals[i].item()) if totals[i] else None
+                 for i, c in enumerate(classes)}
+    return EvalResult((pred == y).double().mean().item(), loss, n, per_class, confusion.tolist(),
+                      logits.softmax(1) if keep_probs else None, y if keep_probs else None)
+
+
+def split_for_checkpoint(ckpt, data: str | None, split: str = "val", data_root: str | None = None,
+                         download: bool = True, progress: bool = True):
+    """Rebuild the split a checkpoint was validated on (same data, val size and seed)."""
+    from .data import load_data, stratified_split
+    from .errors import CifarkitError
+
+    cfg = ckpt.config or {}
+    data = data or cfg.get("data") or "cifar10"
+    size = int(ckpt.preprocess.get("size", 32))
+    bundle = load_data(data, data_root or cfg.get("data_root"), download, size, progress)
+    if bundle.classes != list(ckpt.classes):
+        if len(bundle.classes) != len(ckpt.classes):
+            raise CifarkitError(f"{data} has {len(bundle.classes)} classes but the model was trained on "
+                                f"{len(ckpt.classes)} ({', '.join(ckpt.classes[:5])}...)",
+                                "evaluate on data with the model's classes")
+        if ckpt.source == "cifarkit":
+            raise CifarkitError(f"the class names of {data} ({', '.join(bundle.classes[:4])}...) differ "
+                                f"from the model's ({', '.join(ckpt.classes[:4])}...)",
+                                "use data with the same class folders")
+    if split in bundle.splits:
+        return bundle.splits[split], bundle.classes
+    if split == "test":
+        raise CifarkitError(f"{data} has no test split", "add DIR/test/<class>/ or use --split val")
+    if split in ("val", "train") and "val" not in bundle.splits:
+        tr, va = stratified_split(bundle.train.y, int(cfg.get("val_size", 5000)), int(cfg.get("seed", 0)))
+        return bundle.train.subset(va if split == "val" else tr), bundle.classes
+    if split == "train":
+        return bundle.train, bundle.classes
+    raise CifarkitError(f"unknown split {split!r}", "use val, test or train", exit_code=2)
+
+
+def evaluate_checkpoint(ckpt, data: str | None = None, split: str = "val", device: str = "auto",
+                        precision: str = "auto", tta: str | None = None, batch_size: int = 1000,
+                        data_root: str | None = None, keep_probs: bool = False, progress: bool = True):
+    from .device import resolve_device, resolve_precision
+
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    s, classes = split_for_checkpoint(ckpt, data, split, data_root, progress=progress)
+    model = ckpt.build_model(dev)
+    if dev.type != "mps":
+        model = model.to(memory_format=torch.channels_last)
+    tta = tta if tta is not None else (ckpt.config or {}).get("tta", "none")
+    return evaluate(model, s.to(dev), list(ckpt.classes), ckpt.preprocess["mean"], ckpt.preprocess["std"],
+                    dev, prec, batch_size, tta, keep_probs), s

@@ -1,0 +1,72 @@
+"""Image files -> tensors with the checkpoint's preprocessing -> top-k classes."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint
+from .data.sources import is_image_file, read_image
+from .errors import CifarkitError
+from .evaluate import predict_tensors
+
+
+def collect_images(paths) -> list[Path]:
+    """Files as given, folders searched recursively (hidden entries and non-images skipped)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                out += [Path(dirpath, f) for f in sorted(filenames) if is_image_file(Path(f))]
+        else:
+            out.append(p)  # named explicitly: try it whatever its extension, report if unreadable
+    return out
+
+
+def top_k(probs: torch.Tensor, classes: list, k: int) -> list[list[dict]]:
+    k = max(1, min(k, probs.shape[1]))
+    p, i = probs.topk(k, dim=1)
+    return [[{"class": classes[j], "prob": round(float(q), 6)} for q, j in zip(pr, ix)]
+            for pr, ix in zip(p.tolist(), i.tolist())]
+
+
+class Predictor:
+    """A loaded model plus its preprocessing; used by `predict`, `serve` and the API."""
+
+    def __init__(self, ckpt: Checkpoint, device="cpu", precision: str = "fp32"):
+        self.ckpt = ckpt
+        self.device = torch.device(device)
+        self.precision = precision
+        self.model = ckpt.build_model(self.device)
+        self.size = int(ckpt.preprocess.get("size", 32))
+        self.mean, self.std = ckpt.preprocess["mean"], ckpt.preprocess["std"]
+
+    def probs(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        if not arrays:
+            return torch.zeros(0, self.ckpt.num_classes)
+        x = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
+        logits = predict_tensors(self.model, x, self.mean, self.std, self.device, self.precision,
+                                 channels_last=False)
+        return logits.softmax(1)
+
+    def predict_bytes(self, data: bytes, k: int = 3) -> list[dict]:
+        return top_k(self.probs([read_image(data, self.size)]), self.ckpt.classes, k)[0]
+
+    def predict_paths(self, paths, k: int = 3) -> tuple[list[dict], list[str]]:
+        """([{"path", "top"}], [error lines]); unreadable files are reported, others predicted."""
+        files = collect_images(paths)
+        arrays, ok, errors = [], [], []
+        for f in files:
+            try:
+                arrays.append(read_image(f, self.size))
+                ok.append(f)
+            except CifarkitError as exc:
+                errors.append(str(exc))
+        results = []
+        if arrays:
+            tops = top_k(self.probs(arrays), self.ckpt.classes, k)
+            results = [{"path": str(f), "top": t} for f, t in zip(ok, tops)]
+        return results, errors

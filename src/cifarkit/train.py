@@ -1,0 +1,447 @@
+"""The training loop: the notes' forward / loss / zero_grad / backward / step, made real.
+
+Read top to bottom: prepare (device, data, model, optimiser) -> for each epoch: batches from the
+in-memory uint8 tensor -> augment the whole batch -> forward/loss -> backward/step -> metrics ->
+validate -> checkpoint. Everything a resume needs (weights, optimiser, schedule, RNG and data
+order, history) goes into last.ckpt, written atomically every epoch and on Ctrl-C.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt_mod
+from .config import TrainConfig, save_yaml
+from .data import load_data, stratified_split, channel_stats
+from .data.augment import augment
+from .data.tensors import TensorSplit, normalize
+from .device import autocast, resolve_device, resolve_precision, set_threads
+from .errors import CifarkitError, TrainingInterrupted
+from .evaluate import evaluate
+from .models import create_model, count_parameters
+from .progress import Progress
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def make_loss(cfg: TrainConfig, num_classes: int):
+    """ce: cross-entropy on logits; mse/l1 (the notes' other losses): on softmax vs one-hot."""
+    if cfg.loss == "ce":
+        return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    base = nn.MSELoss() if cfg.loss == "mse" else nn.L1Loss()
+
+    def loss_fn(logits, y):
+        target = F.one_hot(y, num_classes).to(logits.dtype)
+        if cfg.label_smoothing:
+            target = target * (1 - cfg.label_smoothing) + cfg.label_smoothing / num_classes
+        return base(logits.float().softmax(1), target.float())
+    return loss_fn
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm weights (1-D tensors): decaying them only hurts.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                           nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+def lr_factor(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Multiplier on cfg.lr at a given step: linear warm-up, then the chosen schedule."""
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, total_steps - warm)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "linear":
+        return max(0.0, 1 - progress)
+    # onecycle: cosine up over the warm-up (or 30 % when none), cosine down to ~0.
+    if warm == 0:
+        up = max(1, int(0.3 * total_steps))
+        if step < up:
+            return 0.04 + 0.96 * 0.5 * (1 - math.cos(math.pi * step / up))
+        progress = (step - up) / max(1, total_steps - up)
+    return 0.5 * (1 + math.cos(math.pi * progress)) * (1 - 1e-4) + 1e-4
+
+
+@dataclass
+class Prepared:
+    """What the loop needs; also what tests and benchmarks reuse."""
+    cfg: TrainConfig
+    device: torch.device
+    precision: str
+    train: TensorSplit
+    val: TensorSplit
+    classes: list
+    mean: list
+    std: list
+    model: nn.Module
+    extra_splits: dict = field(default_factory=dict)
+
+
+def prepare(cfg: TrainConfig, progress: bool = True, log=print) -> Prepared:
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    if device.type == "cpu":
+        set_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
+
+    t0 = time.perf_counter()
+    bundle = load_data(cfg.data, cfg.data_root, cfg.download, cfg.image_size, progress)
+    if "val" in bundle.splits:
+        train, val = bundle.train, bundle.splits["val"]
+    else:
+        tr_idx, va_idx = stratified_split(bundle.train.y, cfg.val_size, cfg.seed)
+        train, val = bundle.train.subset(tr_idx), bundle.train.subset(va_idx)
+    if len(train) == 0:
+        raise CifarkitError(f"no training images in {cfg.data}", "add images to DIR/train/<class>/")
+    if len(bundle.classes) < 2:
+        raise CifarkitError(f"{cfg.data} has only one class ({bundle.classes[0]!r}): nothing to learn",
+                            "a classifier needs at least two class folders")
+    if cfg.batch_size > len(train):
+        raise CifarkitError(f"--batch-size {cfg.batch_size} is larger than the training set "
+                            f"({len(train)} images)", f"use --batch-size {len(train)} or less", 2)
+    mean, std = channel_stats(train.x)
+    log(f"data: {len(train)} train / {len(val)} val images, {len(bundle.classes)} classes, "
+        f"{cfg.image_size}x{cfg.image_size} ({bundle.source}, {time.perf_counter() - t0:.1f}s)")
+
+    model = create_model(cfg.model, len(bundle.classes), **cfg.model_args)
+    if hasattr(model, "init_whitening"):
+        g = torch.Generator().manual_seed(cfg.seed)
+        sample = train.x[torch.randperm(len(train), generator=g)[:5000]]
+        model.init_whitening(normalize(sample, mean, std))
+    model = model.to(device)
+    if cfg.channels_last and device.type != "mps":
+        model = model.to(memory_format=torch.channels_last)
+    # The whole data set lives on the training device as uint8 (150 MB for CIFAR-10).
+    return Prepared(cfg, device, precision, train.to(device), val.to(device), bundle.classes,
+                    mean, std, model, {k: v for k, v in bundle.splits.items() if k != "val"})
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    return Path("runs") / f"{cfg.recipe}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: bool = True,
+          log=print, stop_after_steps: int | None = None, epochs: int | None = None) -> dict:
+    """Train per ``cfg`` (or continue the run in ``resume``); returns the summary dict.
+
+    On resume the run's own config is used; ``epochs`` may extend it. ``stop_after_steps``
+    simulates a Ctrl-C after that many optimiser steps (tests).
+    """
+    state = None
+    if resume:
+        rpath = Path(resume)
+        rpath = rpath / "last.ckpt" if rpath.is_dir() else rpath
+        old = ckpt_mod.load_checkpoint(rpath)
+        if "train_state" not in old.extra:
+            raise CifarkitError(f"{rpath} has no training state to resume from",
+                                "resume from a run folder's last.ckpt")
+        cfg = TrainConfig(**old.config)
+        if epochs:  # extending a finished run is the one change a resume accepts
+            cfg.epochs = epochs
+        cfg.out = str(rpath.parent)
+        state = old
+        log(f"resuming {rpath} at epoch {old.extra['train_state']['epoch'] + 1}, "
+            f"step {old.extra['train_state']['step_in_epoch']}")
+
+    if cfg is None:
+        raise CifarkitError("train() needs a config or a run to resume")
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    cfg.out = str(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CifarkitError(f"cannot create run folder {run_dir}: {exc.strerror or exc}",
+                            "pass a writable --out folder")
+    if not os.access(run_dir, os.W_OK):
+        raise CifarkitError(f"run folder {run_dir} is not writable", "pass a writable --out folder")
+
+    p = prepare(cfg, progress, log)
+    model, device, precision = p.model, p.device, p.precision
+    num_classes = len(p.classes)
+    save_yaml(cfg, run_dir / "config.yaml")
+
+    opt = make_optimizer(cfg, model)
+    n_train = len(p.train)
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(cfg, s, total_steps, steps_per_epoch))
+    loss_fn = make_loss(cfg, num_classes)
+    ema = None
+    if cfg.ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+
+    # Two generators: one orders the data (reset per epoch from a saved state), one augments.
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    history: list[dict] = []
+    best_acc, start_epoch, start_step = -1.0, 0, 0
+    sums = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+    if state is not None:
+        raw = state.extra.get("model_raw") or state.state_dict
+        ckpt_mod.load_weights(model, raw, "resume checkpoint")
+        opt.load_state_dict(state.extra["optimizer"])
+        sched.load_state_dict(state.extra["scheduler"])
+        if ema is not None and state.extra.get("ema") is not None:
+            ema.load_state_dict(state.extra["ema"])
+        ts = state.extra["train_state"]
+        data_gen.set_state(ts["data_gen_epoch_start"])
+        aug_gen.set_state(ts["aug_gen"])
+        torch.set_rng_state(ts["torch_rng"])
+        start_epoch, start_step = ts["epoch"], ts["step_in_epoch"]
+        sums = dict(ts["sums"])
+        history = list(state.extra.get("history", []))
+        best_acc = max([h["val_acc"] for h in history if h.get("val_acc") is not None] or [-1.0])
+
+    step_model = model
+    if cfg.compile:
+        try:
+            step_model = torch.compile(model)
+        except Exception as exc:  # noqa: BLE001 - fall back with one warning, whatever the reason
+            warnings.warn(f"torch.compile unavailable ({type(exc).__name__}); running eagerly")
+
+    writer = _tensorboard(run_dir, cfg, start_epoch)
+    log(f"model {cfg.model}: {count_parameters(model):,} parameters | device {device} | "
+        f"precision {precision} | {cfg.epochs} epochs x {steps_per_epoch} steps of {cfg.batch_size}")
+
+    def snapshot(epoch: int, step_in_epoch: int, data_state, metrics: dict, sums_now: dict):
+        extra = {
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "history": list(history),
+            "train_state": {"epoch": epoch, "step_in_epoch": step_in_epoch,
+                            "data_gen_epoch_start": data_state, "aug_gen": aug_gen.get_state().cpu(),
+                            "torch_rng": torch.get_rng_state(), "sums": dict(sums_now)},
+        }
+        weights = model.state_dict()
+        if ema is not None:  # what we evaluate and ship is the averaged model; keep the raw one
+            extra["model_raw"] = {k: v.detach().cpu() for k, v in weights.items()}
+            weights = _ema_state(ema)
+        return ckpt_mod.Checkpoint(cfg.model, dict(cfg.model_args), num_classes, weights,
+                                   list(p.classes),
+                                   {"mean": p.mean, "std": p.std, "size": cfg.image_size},
+                                   cfg.to_dict(), metrics, epoch, extra)
+
+    wall0 = time.perf_counter()
+    steps_done = 0
+    epoch, pos, in_steps, bar = start_epoch, start_step, False, None
+    epoch_data_state = data_gen.get_state()
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            epoch_data_state = data_gen.get_state()
+            perm = torch.randperm(n_train, generator=data_gen).to(device)
+            pos = start_step if epoch == start_epoch else 0
+            if pos == 0:
+                sums = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+            model.train()
+            bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", "step", progress)
+            bar.update(pos)
+            # Running totals stay tensors on the device: no .item() sync, and .detach() means no
+            # autograd graph is kept alive (the notes' `running_loss += loss` pitfall).
+            loss_acc = torch.zeros((), device=device)
+            correct_acc = torch.zeros((), device=device, dtype=torch.int64)
+            seen = 0
+            t_epoch = time.perf_counter()
+            in_steps = True
+            for step in range(pos, steps_per_epoch):
+                idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                xb, yb = p.train.x[idx], p.train.y[idx]
+                xb = augment(xb, aug_gen, cfg.flip, cfg.crop_pad, cfg.cutout)
+                xb = normalize(xb, p.mean, p.std, channels_last=cfg.channels_last and device.type != "mps")
+                with autocast(device, precision):
+                    out = step_model(xb)
+                    loss = loss_fn(out, yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+                bs = len(yb)
+                loss_acc += loss.detach().float() * bs
+                correct_acc += (out.detach().argmax(1) == yb).sum()
+                seen += bs
+                pos = step + 1
+                steps_done += 1
+                global_step = epoch * steps_per_epoch + pos
+                # On the CPU .item() costs nothing, so every step is checked; on a GPU every 25.
+                if device.type == "cpu" or step % 25 == 0 or pos == steps_per_epoch:
+                    lv = loss.item()
+                    if not math.isfinite(lv):
+                        raise _NonFinite(global_step, lv)
+                if progress and (step % 10 == 0 or pos == steps_per_epoch):
+                    dt = time.perf_counter() - t_epoch
+                    bar.set_postfix(f"loss {loss_acc.item() / max(seen, 1):.3f} "
+                                    f"acc {correct_acc.item() / max(seen, 1):.3f} "
+                                    f"{seen / max(dt, 1e-9):,.0f} img/s")
+                bar.update(1)
+                if stop_after_steps is not None and steps_done >= stop_after_steps:
+                    raise KeyboardInterrupt
+            in_steps = False
+            bar.close()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            sums = _add(sums, loss_acc, correct_acc, seen, time.perf_counter() - t_epoch)
+            metrics = _end_epoch(epoch, cfg, p, ema, sums, opt, history)
+            is_best = metrics.get("val_acc") is not None and metrics["val_acc"] > best_acc
+            best_acc = max(best_acc, metrics.get("val_acc") or -1.0)
+            _write_metrics(run_dir, history)
+            if writer is not None:
+                for k, v in metrics.items():
+                    if isinstance(v, (int, float)) and k != "epoch":
+                        writer.add_scalar(k, v, epoch + 1)
+                writer.flush()
+            log(_epoch_line(metrics, cfg.epochs))
+            snap = snapshot(epoch + 1, 0, data_gen.get_state(), metrics, {})
+            if is_best:
+                ckpt_mod.save_checkpoint(snap, run_dir / "best.ckpt", with_training_state=False)
+            ckpt_mod.save_checkpoint(snap, run_dir / "last.ckpt")
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        last = run_dir / "last.ckpt"
+        if in_steps:
+            # Save exactly where we are: weights after step `pos`, this epoch's data order and
+            # partial sums, so the resumed run continues as if never stopped.
+            partial = _add(sums, loss_acc, correct_acc, seen, time.perf_counter() - t_epoch)
+            ckpt_mod.save_checkpoint(snapshot(epoch, pos, epoch_data_state,
+                                              {"interrupted_at_step": epoch * steps_per_epoch + pos},
+                                              partial), last)
+            where = f"epoch {epoch + 1}, step {pos}"
+        else:  # between epochs (validating, saving): the last complete checkpoint stands
+            where = f"epoch {epoch + 1} (after its training steps)"
+        _close(writer)
+        if not last.exists():
+            raise TrainingInterrupted(f"interrupted at {where}; no checkpoint was written yet",
+                                      "start the run again")
+        raise TrainingInterrupted(f"interrupted at {where}; saved {last}",
+                                  f"continue with: cifarkit train --resume {run_dir}")
+    except _NonFinite as exc:
+        if bar is not None:
+            bar.close()
+        _close(writer)
+        raise CifarkitError(
+            f"training stopped: the loss became {exc.value} at step {exc.step} (epoch {epoch + 1})",
+            f"the learning rate ({cfg.lr:g}) is probably too high; try --lr {cfg.lr / 10:g}. "
+            f"The last good checkpoint ({run_dir / 'last.ckpt'}) is untouched")
+
+    _close(writer)
+    summary = _summary(cfg, p, history, time.perf_counter() - wall0, run_dir, precision)
+    ckpt_mod.atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    try:
+        from .plots import plot_curves
+        plot_curves(history, run_dir / "curves.png")
+    except Exception as exc:  # a plotting problem must never lose a finished run
+        warnings.warn(f"could not draw curves.png: {exc}")
+    log(f"best val accuracy {summary['best_val_acc']:.4f} | {summary['train_images_per_s']:,.0f} "
+        f"train images/s | run folder {run_dir}")
+    return summary
+
+
+class _NonFinite(Exception):
+    def __init__(self, step: int, value: float):
+        self.step, self.value = step, value
+
+
+def _ema_state(ema) -> dict:
+    return {k: v.detach().cpu() for k, v in ema.module.state_dict().items()}
+
+
+def _add(sums: dict, loss_acc, correct_acc, seen: int, seconds: float) -> dict:
+    return {"loss": sums["loss"] + loss_acc.item(), "correct": sums["correct"] + int(correct_acc.item()),
+            "seen": sums["seen"] + seen, "seconds": sums["seconds"] + seconds}
+
+
+def _end_epoch(epoch, cfg, p: Prepared, ema, sums, opt, history) -> dict:
+    last = epoch + 1 == cfg.epochs
+    metrics = {"epoch": epoch + 1,
+               "train_loss": sums["loss"] / max(sums["seen"], 1),
+               "train_acc": sums["correct"] / max(sums["seen"], 1),
+               "val_loss": None, "val_acc": None,
+               "lr": opt.param_groups[0]["lr"],
+               "seconds": sums["seconds"],
+               "images_per_s": sums["seen"] / max(sums["seconds"], 1e-9)}
+    if len(p.val) and (last or (epoch + 1) % max(cfg.eval_every, 1) == 0):
+        net = ema.module if ema is not None else p.model
+        r = evaluate(net, p.val, p.classes, p.mean, p.std, p.device, p.precision, tta=cfg.tta)
+        metrics["val_loss"], metrics["val_acc"] = r.loss, r.accuracy
+    history.append(metrics)
+    return metrics
+
+
+def _epoch_line(m: dict, epochs: int) -> str:
+    val = (f"val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}" if m["val_acc"] is not None
+           else "val -")
+    return (f"epoch {m['epoch']:>3}/{epochs} | train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}"
+            f" | {val} | lr {m['lr']:.4g} | {m['seconds']:.1f}s {m['images_per_s']:,.0f} img/s")
+
+
+def _write_metrics(run_dir: Path, history: list) -> None:
+    # Rewritten whole from the history each epoch (atomically), so a kill never leaves half a line
+    # and a resume never duplicates one.
+    text = "".join(json.dumps(h) + "\n" for h in history)
+    ckpt_mod.atomic_write_bytes(run_dir / "metrics.jsonl", text.encode())
+
+
+def _tensorboard(run_dir: Path, cfg: TrainConfig, start_epoch: int):
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warnings.warn("tensorboard is not installed: no TensorBoard events written")
+        return None
+    return SummaryWriter(str(run_dir / "tb"), purge_step=start_epoch + 1 if start_epoch else None)
+
+
+def _close(writer) -> None:
+    if writer is not None:
+        writer.close()
+
+
+def _summary(cfg, p: Prepared, history, wall, run_dir, precision) -> dict:
+    vals = [h["val_acc"] for h in history if h["val_acc"] is not None]
+    seconds = sum(h["seconds"] for h in history)
+    seen = sum(h["images_per_s"] * h["seconds"] for h in history)
+    return {
+        "recipe": cfg.recipe, "model": cfg.model,
+        "best_val_acc": max(vals) if vals else None,
+        "final_val_acc": vals[-1] if vals else None,
+        "epochs": len(history),
+        "train_seconds": seconds,
+        "wall_seconds": wall,
+        "train_images_per_s": seen / max(seconds, 1e-9),
+        "device": str(p.device) if p.device.type != "cuda" else torch.cuda.get_device_name(p.device),
+        "precision": precision,
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "n_train": len(p.train), "n_val": len(p.val),
+        "run_dir": str(run_dir),
+    }
