@@ -125,7 +125,7 @@ class Checkpoint:
             "state_dict": self.state_dict, "classes": list(self.classes),
             "preprocess": self.preprocess, "config": self.config, "metrics": self.metrics,
             "epoch": self.epoch, "created": _dt.datetime.now().isoformat(timespec="seconds"),
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
         }
         if with_training_state:
             d.update(self.extra)
@@ -199,7 +199,7 @@ def _torch_load(path: Path, trust_pickle: bool, map_location="cpu"):
         text = str(exc)
         if "weights_only" in text or "Unsupported global" in text or "Unsupported operand" in text:
             raise CifarkitError(
-                f"{path} holds pickled Python objects (a whole model saved with torch.save(model)), "
+                f"{path} holds pickled Python objects (such as a whole model saved with torch.save(model)), "
                 "and unpickling can run arbitrary code, so it was not loaded",
                 f"if you trust its source: cifarkit convert {path} --trust-pickle --out safe.ckpt")
         raise CifarkitError(f"{path} is not a readable checkpoint ({text.splitlines()[0][:120]})",

@@ -203,7 +203,7 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: b
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     history: list[dict] = []
     best_acc, start_epoch, start_step = -1.0, 0, 0
-    sums = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+    resumed_sums = None  # the partial epoch's running totals, restored exactly (bit-exact resume)
     if state is not None:
         raw = state.extra.get("model_raw") or state.state_dict
         ckpt_mod.load_weights(model, raw, "resume checkpoint")
@@ -216,7 +216,7 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: b
         aug_gen.set_state(ts["aug_gen"])
         torch.set_rng_state(ts["torch_rng"])
         start_epoch, start_step = ts["epoch"], ts["step_in_epoch"]
-        sums = dict(ts["sums"])
+        resumed_sums = ts["sums"] or None
         history = list(state.extra.get("history", []))
         best_acc = max([h["val_acc"] for h in history if h.get("val_acc") is not None] or [-1.0])
 
@@ -258,8 +258,6 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: b
             epoch_data_state = data_gen.get_state()
             perm = torch.randperm(n_train, generator=data_gen).to(device)
             pos = start_step if epoch == start_epoch else 0
-            if pos == 0:
-                sums = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
             model.train()
             bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", "step", progress)
             bar.update(pos)
@@ -267,7 +265,11 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: b
             # autograd graph is kept alive (the notes' `running_loss += loss` pitfall).
             loss_acc = torch.zeros((), device=device)
             correct_acc = torch.zeros((), device=device, dtype=torch.int64)
-            seen = 0
+            seen, seconds_before = 0, 0.0
+            if pos and resumed_sums:
+                loss_acc += resumed_sums["loss"].to(device)
+                correct_acc += resumed_sums["correct"].to(device)
+                seen, seconds_before = resumed_sums["seen"], resumed_sums["seconds"]
             t_epoch = time.perf_counter()
             in_steps = True
             for step in range(pos, steps_per_epoch):
@@ -308,7 +310,7 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: b
             bar.close()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            sums = _add(sums, loss_acc, correct_acc, seen, time.perf_counter() - t_epoch)
+            sums = _sums(loss_acc, correct_acc, seen, seconds_before + time.perf_counter() - t_epoch)
             metrics = _end_epoch(epoch, cfg, p, ema, sums, opt, history)
             is_best = metrics.get("val_acc") is not None and metrics["val_acc"] > best_acc
             best_acc = max(best_acc, metrics.get("val_acc") or -1.0)
@@ -330,7 +332,8 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: b
         if in_steps:
             # Save exactly where we are: weights after step `pos`, this epoch's data order and
             # partial sums, so the resumed run continues as if never stopped.
-            partial = _add(sums, loss_acc, correct_acc, seen, time.perf_counter() - t_epoch)
+            partial = {"loss": loss_acc.detach().cpu(), "correct": correct_acc.cpu(), "seen": seen,
+                       "seconds": seconds_before + time.perf_counter() - t_epoch}
             ckpt_mod.save_checkpoint(snapshot(epoch, pos, epoch_data_state,
                                               {"interrupted_at_step": epoch * steps_per_epoch + pos},
                                               partial), last)
@@ -374,9 +377,8 @@ def _ema_state(ema) -> dict:
     return {k: v.detach().cpu() for k, v in ema.module.state_dict().items()}
 
 
-def _add(sums: dict, loss_acc, correct_acc, seen: int, seconds: float) -> dict:
-    return {"loss": sums["loss"] + loss_acc.item(), "correct": sums["correct"] + int(correct_acc.item()),
-            "seen": sums["seen"] + seen, "seconds": sums["seconds"] + seconds}
+def _sums(loss_acc, correct_acc, seen: int, seconds: float) -> dict:
+    return {"loss": loss_acc.item(), "correct": int(correct_acc.item()), "seen": seen, "seconds": seconds}
 
 
 def _end_epoch(epoch, cfg, p: Prepared, ema, sums, opt, history) -> dict:
@@ -441,7 +443,7 @@ def _summary(cfg, p: Prepared, history, wall, run_dir, precision) -> dict:
         "device": str(p.device) if p.device.type != "cuda" else torch.cuda.get_device_name(p.device),
         "precision": precision,
         "threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "n_train": len(p.train), "n_val": len(p.val),
         "run_dir": str(run_dir),
     }

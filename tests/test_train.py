@@ -1,0 +1,167 @@
+import json
+import math
+
+import pytest
+import torch
+
+from cifarkit import CifarkitError, TrainConfig, load_checkpoint, resolve_config, train
+from cifarkit.errors import TrainingInterrupted
+from cifarkit.train import lr_factor, make_loss
+
+
+def _cfg(folder, out, **kw):
+    base = dict(data=str(folder), out=str(out), val_size=24, epochs=3, batch_size=16,
+                model="tudui_relu", optimizer="adamw", lr=3e-3, tensorboard=False, precision="fp32")
+    base.update(kw)
+    return resolve_config("tutorial", overrides=base)
+
+
+def test_resolution_order_defaults_recipe_yaml_flags(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("epochs: 4\nlr: 0.5\nbatch_size: 32\n")
+    cfg = resolve_config("resnet18", str(y), {"lr": 0.2})
+    assert cfg.model == "resnet18"      # recipe
+    assert cfg.epochs == 4              # yaml over recipe
+    assert cfg.lr == 0.2                # flag over yaml
+    assert cfg.batch_size == 32
+    assert cfg.seed == 0                # default
+
+
+def test_unknown_keys_and_bad_values_are_clear(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("epochz: 4\n")
+    with pytest.raises(CifarkitError, match="epochs"):
+        resolve_config("tutorial", str(y))
+    with pytest.raises(CifarkitError, match="recipe"):
+        resolve_config("tutorail")
+    with pytest.raises(CifarkitError, match="batch-size"):
+        resolve_config("tutorial", overrides={"batch_size": 0})
+    y.write_text("lr: fast\n")
+    with pytest.raises(CifarkitError, match="lr"):
+        resolve_config("tutorial", str(y))
+
+
+def test_tutorial_recipe_is_the_notes_setup():
+    cfg = resolve_config("tutorial")
+    assert (cfg.model, cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs, cfg.loss) == \
+        ("tudui", "sgd", 0.01, 64, 10, "ce")
+    assert cfg.momentum == 0 and not cfg.flip and cfg.crop_pad == 0 and cfg.schedule == "constant"
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear", "onecycle"])
+def test_lr_schedules_warm_up_and_end_low(schedule):
+    cfg = TrainConfig(schedule=schedule, warmup_epochs=1)
+    f = [lr_factor(cfg, s, 100, 10) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and max(f) <= 1.0 + 1e-9
+    assert all(b >= a for a, b in zip(f[:10], f[1:10]))   # warm-up rises
+    if schedule != "constant":
+        assert f[-1] < 0.05
+
+
+def test_losses_match_definitions():
+    logits = torch.tensor([[0.1, 0.2, 0.3]])
+    y = torch.tensor([1])
+    ce = make_loss(TrainConfig(loss="ce"), 3)(logits, y)
+    assert ce.item() == pytest.approx(1.1019, abs=1e-4)           # the notes' number
+    p = logits.softmax(1)
+    onehot = torch.tensor([[0.0, 1.0, 0.0]])
+    assert make_loss(TrainConfig(loss="mse"), 3)(logits, y).item() == pytest.approx(((p - onehot) ** 2).mean().item())
+    assert make_loss(TrainConfig(loss="l1"), 3)(logits, y).item() == pytest.approx((p - onehot).abs().mean().item())
+
+
+def test_short_run_learns_and_writes_run_folder(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    summary = train(_cfg(tiny_folder, out, epochs=4, tensorboard=True), progress=False, log=lambda *a: None)
+    assert summary["best_val_acc"] >= 0.9      # 3 easy classes: chance is 0.33
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "curves.png", "last.ckpt", "best.ckpt"):
+        assert (out / name).stat().st_size > 0, name
+    assert any((out / "tb").iterdir())
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2, 3, 4]
+    assert set(lines[0]) >= {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"}
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+    s = json.loads((out / "summary.json").read_text())
+    assert {"best_val_acc", "final_val_acc", "wall_seconds", "train_images_per_s", "device", "torch_version"} <= set(s)
+    ck = load_checkpoint(out / "best.ckpt")
+    assert ck.classes == ["cat", "dog", "ship"] and ck.config["model"] == "tudui_relu"
+    assert len(ck.preprocess["mean"]) == 3 and ck.preprocess["size"] == 32
+
+
+def test_bf16_and_augmentation_and_ema_run(tiny_folder, tmp_path):
+    s = train(_cfg(tiny_folder, tmp_path / "r", precision="bf16", flip=True, crop_pad=2, cutout=4,
+                   ema=0.9, tta="flip_translate", schedule="onecycle", model="fast",
+                   optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, label_smoothing=0.1,
+                   batch_size=32, epochs=3),
+              progress=False, log=lambda *a: None)
+    assert s["best_val_acc"] >= 0.6 and s["precision"] == "bf16"
+    ck = load_checkpoint(tmp_path / "r" / "last.ckpt")
+    assert ck.extra["model_raw"] is not None   # EMA run keeps the raw weights for resuming
+
+
+def test_interrupt_then_resume_is_bit_exact(tiny_folder, tmp_path):
+    kw = dict(epochs=3, deterministic=True, flip=True, crop_pad=2)
+    full = train(_cfg(tiny_folder, tmp_path / "full", **kw), progress=False, log=lambda *a: None)
+    with pytest.raises(TrainingInterrupted) as e:
+        train(_cfg(tiny_folder, tmp_path / "cut", **kw), progress=False, log=lambda *a: None,
+              stop_after_steps=9)   # mid-epoch 2 (6 steps per epoch)
+    assert "--resume" in str(e.value)
+    resumed = train(None, resume=str(tmp_path / "cut"), progress=False, log=lambda *a: None)
+    a = load_checkpoint(tmp_path / "full" / "last.ckpt").state_dict
+    b = load_checkpoint(tmp_path / "cut" / "last.ckpt").state_dict
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fm = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    cm = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda l: {k: v for k, v in json.loads(l).items() if k not in ("seconds", "images_per_s")}
+    assert [strip(l) for l in fm] == [strip(l) for l in cm]
+    assert full["best_val_acc"] == resumed["best_val_acc"]
+
+
+def test_resume_can_extend_epochs(tiny_folder, tmp_path):
+    train(_cfg(tiny_folder, tmp_path / "r", epochs=1), progress=False, log=lambda *a: None)
+    s = train(None, resume=str(tmp_path / "r"), epochs=2, progress=False, log=lambda *a: None)
+    assert s["epochs"] == 2
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_folder, tmp_path):
+    out = tmp_path / "r"
+    train(_cfg(tiny_folder, out, epochs=1), progress=False, log=lambda *a: None)
+    before = (out / "last.ckpt").read_bytes()
+    with pytest.raises(CifarkitError) as e:
+        train(_cfg(tiny_folder, out, epochs=2, lr=1e6, optimizer="sgd", model="tudui"),
+              progress=False, log=lambda *a: None)
+    assert "step" in str(e.value) and "learning rate" in str(e.value)
+    assert (out / "last.ckpt").read_bytes() == before
+
+
+def test_batch_larger_than_data_is_clear(tiny_folder, tmp_path):
+    with pytest.raises(CifarkitError, match="batch-size"):
+        train(_cfg(tiny_folder, tmp_path / "r", batch_size=10_000), progress=False, log=lambda *a: None)
+
+
+def test_single_class_is_clear(tmp_path):
+    from conftest import make_folder
+    root = make_folder(tmp_path / "one", classes=("only",), n_per_class=10)
+    with pytest.raises(CifarkitError, match="one class"):
+        train(_cfg(root, tmp_path / "r", val_size=2), progress=False, log=lambda *a: None)
+
+
+def test_running_loss_keeps_no_graph(tiny_folder, tmp_path, monkeypatch):
+    """The notes' `running_loss += loss` keeps every step's graph (and its activations) alive."""
+    import weakref
+    import importlib
+    T = importlib.import_module("cifarkit.train")
+    refs, leaked = [], []
+    real_create = T.create_model
+
+    def create(*a, **k):
+        m = real_create(*a, **k)
+        def hook(mod, inp, out):
+            if mod.training:
+                # two steps ago: nothing may still hold that step's activations
+                leaked.extend(r for r in refs[:-1] if r() is not None)
+                refs.append(weakref.ref(out))
+        m[1].register_forward_hook(hook)   # the first MaxPool's output is saved for backward
+        return m
+    monkeypatch.setattr(T, "create_model", create)
+    train(_cfg(tiny_folder, tmp_path / "r", epochs=2), progress=False, log=lambda *a: None)
+    assert len(refs) > 5 and not leaked
