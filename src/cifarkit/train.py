@@ -228,6 +228,12 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: b
             warnings.warn(f"torch.compile unavailable ({type(exc).__name__}); running eagerly")
 
     writer = _tensorboard(run_dir, cfg, start_epoch)
+    if writer is not None and start_epoch == 0 and start_step == 0:
+        # What the network sees: a few training images after augmentation (own generator, so the
+        # training stream is unchanged).
+        g = torch.Generator(device=device).manual_seed(cfg.seed + 2)
+        sample = augment(p.train.x[:32], g, cfg.flip, cfg.crop_pad, cfg.cutout)
+        writer.add_images("train_samples_augmented", sample.cpu(), 0, dataformats="NCHW")
     log(f"model {cfg.model}: {count_parameters(model):,} parameters | device {device} | "
         f"precision {precision} | {cfg.epochs} epochs x {steps_per_epoch} steps of {cfg.batch_size}")
 
@@ -287,8 +293,7 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: b
                 if ema is not None:
                     ema.update_parameters(model)
                 bs = len(yb)
-                loss_acc += loss.detach().float() * bs
-                correct_acc += (out.detach().argmax(1) == yb).sum()
+                _accumulate(loss_acc, correct_acc, loss, out, yb)
                 seen += bs
                 pos = step + 1
                 steps_done += 1
@@ -375,6 +380,12 @@ class _NonFinite(Exception):
 
 def _ema_state(ema) -> dict:
     return {k: v.detach().cpu() for k, v in ema.module.state_dict().items()}
+
+
+def _accumulate(loss_acc: torch.Tensor, correct_acc: torch.Tensor, loss, out, yb) -> None:
+    """Add a batch's summed loss and correct count in place; detached, so no graph is kept."""
+    loss_acc += loss.detach().float() * len(yb)
+    correct_acc += (out.detach().argmax(1) == yb).sum()
 
 
 def _sums(loss_acc, correct_acc, seen: int, seconds: float) -> dict:

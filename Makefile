@@ -1,0 +1,35 @@
+# Two commands a newcomer needs (both set up .venv first, idempotently):
+#   make train [DATA=cifar10|DIR] [ARGS="--epochs 2"]   train the tutorial recipe
+#   make test                                          run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DATA   ?= cifar10
+RECIPE ?= tutorial
+ARGS   ?=
+# The real-data tests read the shared CIFAR-10 JPEG folder when it is there.
+REAL_DATA ?= $(abspath ../shared/data/cifar10-jpeg)
+PYTEST_ARGS ?=
+
+.PHONY: setup train test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/cifarkit train --recipe $(RECIPE) --data $(DATA) $(ARGS)
+
+test: $(STAMP)
+	CIFARKIT_REAL_DATA=$(REAL_DATA) $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/throughput.py --data $(REAL_DATA)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

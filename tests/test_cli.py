@@ -1,0 +1,139 @@
+"""The CLI end to end, in-process (fast) plus one real subprocess for `python -m cifarkit`."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifarkit.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One small real training run through the CLI, shared by the tests below."""
+    from conftest import make_folder
+    import os
+    tmp = tmp_path_factory.mktemp("cli")
+    os.environ["CIFARKIT_CACHE"] = str(tmp / "cache")
+    data = make_folder(tmp / "data", classes=("cat", "dog", "ship"), n_per_class=40)
+    out = tmp / "run"
+    rc = main(["train", "--data", str(data), "--out", str(out), "--epochs", "3", "--batch-size", "16",
+               "--model", "tudui_relu", "--optimizer", "adamw", "--lr", "0.003", "--val-size", "24",
+               "--quiet", "--no-tensorboard"])
+    assert rc == 0
+    return data, out
+
+
+def run(argv, capsys):
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_models_lists_parameter_counts(capsys):
+    rc, out, _ = run(["models"], capsys)
+    assert rc == 0 and "tudui" in out and "145,578" in out
+    rc, out, _ = run(["models", "--json"], capsys)
+    rows = {r["name"]: r["parameters"] for r in json.loads(out)}
+    assert rows["tudui"] == 145_578 and "resnet18" in rows
+
+
+def test_eval_table_and_json(trained, capsys):
+    data, run_dir = trained
+    rc, out, _ = run(["eval", str(run_dir / "best.ckpt"), "--data", str(data), "--json"], capsys)
+    r = json.loads(out)
+    assert rc == 0 and set(r) == {"accuracy", "loss", "n", "per_class", "confusion"}
+    assert r["n"] == 24 and r["accuracy"] > 0.8
+    assert sum(map(sum, r["confusion"])) == 24 and set(r["per_class"]) == {"cat", "dog", "ship"}
+    rc, out, _ = run(["eval", str(run_dir / "best.ckpt"), "--split", "train", "--json"], capsys)
+    assert json.loads(out)["n"] == 96          # default data: what the model was trained on
+    rc, out, _ = run(["eval", str(run_dir / "best.ckpt"), "--data", str(data)], capsys)
+    assert "val accuracy" in out and "confusion" in out and "ship" in out
+
+
+def test_predict_files_folders_modes_and_bad_file(trained, tmp_path, capsys):
+    data, run_dir = trained
+    imgs = tmp_path / "imgs"
+    (imgs / "sub").mkdir(parents=True)
+    src = sorted((data / "train" / "ship").iterdir())[0]
+    rgb = Image.open(src).convert("RGB")
+    rgb.convert("RGBA").save(imgs / "a.png")
+    rgb.convert("P").save(imgs / "sub" / "b.PNG")
+    rgb.resize((97, 61)).save(imgs / "c.jpg")
+    rgb.convert("CMYK").save(imgs / "d.jpg")
+    (imgs / "broken.jpg").write_bytes(b"<html>oops</html>")
+    rc, out, err = run(["predict", str(run_dir / "best.ckpt"), str(imgs), "--top-k", "2", "--json"], capsys)
+    assert rc == 1                                  # one file was unreadable
+    assert "broken.jpg" in err and err.count("\n") == 1 and "Traceback" not in err
+    res = json.loads(out)
+    assert len(res) == 4 and all(len(r["top"]) == 2 for r in res)
+    assert all(r["top"][0]["class"] == "ship" for r in res)
+    assert all(abs(sum(t["prob"] for t in r["top"]) - 1) < 0.5 for r in res)
+    rc, out, _ = run(["predict", str(run_dir / "best.ckpt"), str(imgs / "a.png")], capsys)
+    assert rc == 0 and out.startswith(str(imgs / "a.png") + ": ship")
+
+
+def test_export_and_convert_cycle(trained, tmp_path, capsys):
+    data, run_dir = trained
+    best = str(run_dir / "best.ckpt")
+    st = tmp_path / "m.safetensors"
+    assert run(["export", best, "--format", "safetensors", "--out", str(st)], capsys)[0] == 0
+    pk = tmp_path / "whole.pth"
+    assert run(["export", best, "--format", "pickle", "--out", str(pk)], capsys)[0] == 0
+    rc, _, err = run(["convert", str(pk), "--out", str(tmp_path / "x.ckpt")], capsys)
+    assert rc == 1 and "--trust-pickle" in err and not (tmp_path / "x.ckpt").exists()
+    rc, out, _ = run(["convert", str(pk), "--trust-pickle", "--out", str(tmp_path / "x.ckpt")], capsys)
+    assert rc == 0 and "tudui_relu" in out
+    # the notes' method 2: a bare state_dict + --model
+    sd = tmp_path / "sd.pth"
+    torch.save(torch.load(best, weights_only=True)["state_dict"], sd)
+    rc, _, err = run(["predict", str(sd), str(data / "train" / "cat")], capsys)
+    assert rc == 1 and "--model" in err
+    results = {}
+    for f in (best, str(st), str(tmp_path / "x.ckpt")):
+        rc, out, _ = run(["predict", f, str(data / "train" / "dog"), "--json", "--model", "tudui_relu"], capsys)
+        results[f] = [r["top"][0]["class"] for r in json.loads(out)]
+    assert results[best] == results[str(st)]
+    assert len(set(map(tuple, results.values()))) >= 1
+
+
+def test_resume_continues_from_cli(trained, tmp_path, capsys):
+    data, run_dir = trained
+    rc, out, _ = run(["train", "--resume", str(run_dir), "--epochs", "4", "--quiet"], capsys)
+    assert rc == 0 and "resuming" in out and "epoch   4/4" in out
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--model", "resnet81", "--data", "x"], "resnet18"),
+    (["train", "--recipe", "fastt"], "fast"),
+    (["train", "--epochs", "0"], "epochs"),
+    (["train", "--batch-size", "-3"], "batch-size"),
+    (["train", "--device", "cuda"], "cuda"),
+    (["train", "--precision", "fp16", "--device", "cpu", "--data", "nowhere"], "fp16"),
+    (["train", "--data", "/does/not/exist"], "does not exist"),
+    (["eval", "/no/such.ckpt"], "does not exist"),
+    (["predict", "/no/such.ckpt", "x.png"], "does not exist"),
+    (["train", "--lr", "abc"], "--lr"),
+])
+def test_bad_arguments_one_line_no_traceback(argv, needle, capsys, tmp_path):
+    if "--device" in argv and "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    argv = argv + (["--out", str(tmp_path / "o")] if argv[0] == "train" else [])
+    try:
+        rc = main(argv)
+    except SystemExit as e:   # argparse errors
+        rc = e.code
+    _, err = capsys.readouterr()
+    assert rc != 0 and needle in err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+
+
+def test_python_dash_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "cifarkit", "models"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "vgg16" in r.stdout
