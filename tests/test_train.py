@@ -90,8 +90,7 @@ def test_short_run_learns_and_writes_run_folder(tiny_folder, tmp_path):
 def test_bf16_and_augmentation_and_ema_run(tiny_folder, tmp_path):
     s = train(_cfg(tiny_folder, tmp_path / "r", precision="bf16", flip=True, crop_pad=2, cutout=4,
                    ema=0.9, tta="flip_translate", schedule="onecycle", model="fast",
-                   optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, label_smoothing=0.1,
-                   batch_size=32, epochs=3),
+                   optimizer="muon", lr=0.24, label_smoothing=0.1, batch_size=32, epochs=4),
               progress=False, log=lambda *a: None)
     assert s["best_val_acc"] >= 0.6 and s["precision"] == "bf16"
     ck = load_checkpoint(tmp_path / "r" / "last.ckpt")

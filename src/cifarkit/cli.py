@@ -76,7 +76,7 @@ def _add_train(sub):
     p.add_argument("--num-classes", type=int, help=argparse.SUPPRESS)  # follows the data
     types = {"int": int, "float": float, "str": str, "str | None": str}
     for f in fields(TrainConfig):
-        if f.name in ("recipe", "model_args"):
+        if f.name in ("recipe", "model_args", "optimizer_args"):
             continue
         flag = "--" + f.name.replace("_", "-")
         kw = {"default": None, "help": _TRAIN_HELP.get(f.name, "")}
@@ -94,7 +94,7 @@ def cmd_train(a) -> int:
     from .train import train
 
     overrides = {f.name: getattr(a, f.name) for f in fields(TrainConfig)
-                 if f.name not in ("model_args",) and getattr(a, f.name, None) is not None}
+                 if f.name not in ("model_args", "optimizer_args") and getattr(a, f.name, None) is not None}
     if a.resume:
         train(None, resume=a.resume, progress=not a.quiet, epochs=a.epochs)
         return 0

@@ -15,7 +15,7 @@ from typing import Any
 from .errors import CifarkitError, closest
 
 CHOICES = {
-    "optimizer": ("sgd", "adamw"),
+    "optimizer": ("sgd", "adamw", "muon"),
     "schedule": ("constant", "onecycle", "cosine", "linear"),
     "loss": ("ce", "mse", "l1"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
@@ -40,8 +40,9 @@ class TrainConfig:
     # optimisation
     epochs: int = 10
     batch_size: int = 64             # images per step (global, summed over devices)
-    optimizer: str = "sgd"
-    lr: float = 0.01                 # peak learning rate
+    optimizer: str = "sgd"           # muon: orthogonalised updates for conv filters (optim.py)
+    optimizer_args: dict = field(default_factory=dict)  # muon: bias_lr, head_lr, ... (see train.py)
+    lr: float = 0.01                 # peak learning rate (of the conv filters under muon)
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0        # decoupled for adamw; L2 for sgd
@@ -110,14 +111,21 @@ RECIPES: dict[str, dict[str, Any]] = {
                      nesterov=True, weight_decay=5e-4, schedule="onecycle", warmup_epochs=2,
                      flip=True, crop_pad=4, label_smoothing=0.1),
     # Speed run tuned for CPU FLOPs; see docs/benchmarks.md for its measured accuracy and time.
-    "fast": dict(model="fast", model_args={"widths": [64, 256, 256]},
-                 epochs=10, batch_size=1024,   # images per step
-                 optimizer="sgd", lr=0.2,      # peak lr per step (SGD, Nesterov)
-                 momentum=0.85, nesterov=True,
-                 weight_decay=5e-4,            # L2 coefficient
-                 schedule="linear", warmup_epochs=0.5,  # warm-up then linear decay to 0
-                 label_smoothing=0.2, flip=True, crop_pad=2,  # translate by up to 2 px
-                 ema=0.0, tta="flip_translate"),
+    "fast": dict(
+        model="fast", model_args={"widths": [64, 256, 256]},
+        epochs=8, batch_size=2000,            # images per step
+        optimizer="muon", lr=0.24,            # Muon step size for conv filters (scale-free)
+        optimizer_args={
+            "muon_momentum": 0.6,
+            "sgd_momentum": 0.85,             # Nesterov SGD for biases and the head
+            "bias_lr": 0.053,                 # per image: x batch size, since the loss is a mean
+            "head_lr": 0.67,                  # per image
+            "decay": 2e-6,                    # per image and step: weight shrink of decay x batch
+            "whiten_bias_epochs": 3,          # the whitening layer's bias trains this long
+        },
+        schedule="linear", warmup_epochs=0,   # linear decay to 0
+        label_smoothing=0.2, flip=True, crop_pad=2,  # translate by up to 2 px (reflect)
+        tta="flip_translate"),
 }
 
 

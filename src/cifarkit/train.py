@@ -49,6 +49,8 @@ def make_loss(cfg: TrainConfig, num_classes: int):
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "muon":
+        return _make_muon(cfg, model)
     # No weight decay on biases and norm weights (1-D tensors): decaying them only hurts.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
@@ -58,6 +60,57 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                            nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+MUON_DEFAULTS = {"muon_momentum": 0.6, "sgd_momentum": 0.85, "bias_lr": 0.053, "head_lr": 0.67,
+                 "decay": 2e-6, "whiten_bias_epochs": 3}
+
+
+def _make_muon(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Muon for conv filters; Nesterov SGD for the rest. Per-image rates are scaled by the batch
+    size because the loss is a batch mean (the published values are for a summed loss)."""
+    from .optim import Muon
+
+    unknown = set(cfg.optimizer_args) - set(MUON_DEFAULTS)
+    if unknown:
+        raise CifarkitError(f"unknown optimizer_args for muon: {', '.join(sorted(unknown))}",
+                            f"known: {', '.join(MUON_DEFAULTS)}", 2)
+    a = {**MUON_DEFAULTS, **cfg.optimizer_args}
+    bs = cfg.batch_size
+    filters, whiten_bias, biases, head = [], [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim == 4:
+            filters.append(p)
+        elif name.endswith("whiten.bias"):
+            whiten_bias.append(p)
+        elif p.ndim >= 2:
+            head.append(p)
+        else:
+            biases.append(p)
+    shrink = a["decay"] * bs   # per step; SGD's coupled decay multiplies weight_decay by lr
+    groups = [{"params": filters, "kind": "muon", "lr": cfg.lr, "momentum": a["muon_momentum"],
+               "weight_decay": 0.0}]
+    for params, lr, tag in ((whiten_bias, a["bias_lr"] * bs, "whiten_bias"),
+                            (biases, a["bias_lr"] * bs, "bias"), (head, a["head_lr"] * bs, "head")):
+        if params:
+            groups.append({"params": params, "kind": "sgd", "lr": lr, "momentum": a["sgd_momentum"],
+                           "weight_decay": shrink / lr, "tag": tag})
+    return Muon(groups)
+
+
+def lr_lambdas(cfg: TrainConfig, opt, total_steps: int, steps_per_epoch: int):
+    """One multiplier function per param group; the whitening bias stops after a few epochs."""
+    main = lambda s: lr_factor(cfg, s, total_steps, steps_per_epoch)
+    out = []
+    for g in opt.param_groups:
+        if g.get("tag") == "whiten_bias":
+            stop = max(1, int({**MUON_DEFAULTS, **cfg.optimizer_args}["whiten_bias_epochs"] * steps_per_epoch))
+            out.append(lambda s, stop=stop: max(0.0, 1 - s / stop))
+        else:
+            out.append(main)
+    return out
 
 
 def lr_factor(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
@@ -102,6 +155,8 @@ def prepare(cfg: TrainConfig, progress: bool = True, log=print) -> Prepared:
     if device.type == "cpu":
         set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    if device.type == "cuda" and not cfg.deterministic:
+        torch.backends.cudnn.benchmark = True   # fixed shapes: let cuDNN pick the fastest kernels
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         if device.type == "cuda":
@@ -190,8 +245,7 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: b
     n_train = len(p.train)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(cfg, s, total_steps, steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(cfg, opt, total_steps, steps_per_epoch))
     loss_fn = make_loss(cfg, num_classes)
     ema = None
     if cfg.ema:

@@ -1,38 +1,48 @@
 """A small, fast CIFAR network in the spirit of the speed-run literature (airbench, hlb-cifar10).
 
-Ideas used (re-implemented here, not copied): a frozen-ish 2x2 patch-whitening first layer,
-conv-pool-BN-GELU groups, a scaled linear head. Widths are arguments so the recipe can trade
-accuracy for CPU FLOPs.
+Ideas used (re-implemented here): a frozen 2x2 patch-whitening first layer whose bias trains only
+early on, conv-pool-BN-GELU groups with identity-initialised convolutions, batch norms with a fixed
+scale, a max-pooled scaled linear head. Widths are arguments so a recipe can trade accuracy for
+CPU FLOPs.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import register_model
 
 
+class FrozenScaleBN(nn.BatchNorm2d):
+    """BatchNorm with its scale fixed at 1 (only the shift trains) and fast-moving statistics.
+
+    The default running-stat momentum of 0.1 lags badly in a ~10-epoch run; 0.4 (PyTorch's
+    convention: weight of the new batch) tracks the quickly changing weights.
+    """
+
+    def __init__(self, c: int, momentum: float = 0.4, eps: float = 1e-12):
+        super().__init__(c, eps=eps, momentum=momentum)
+        self.weight.requires_grad_(False)
+
+
 class ConvGroup(nn.Sequential):
-    def __init__(self, c_in: int, c_out: int, momentum: float = 0.6):
-        # BatchNorm's default momentum 0.1 lags badly in a ~10-epoch run; 0.6 (PyTorch convention:
-        # weight of the new batch) tracks the fast-moving weights.
+    def __init__(self, c_in: int, c_out: int):
         super().__init__(
             nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
             nn.MaxPool2d(2),
-            nn.BatchNorm2d(c_out, momentum=momentum),
+            FrozenScaleBN(c_out),
             nn.GELU(),
             nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c_out, momentum=momentum),
+            FrozenScaleBN(c_out),
             nn.GELU(),
         )
 
 
 class FastNet(nn.Module):
-    def __init__(self, num_classes: int = 10, widths=(64, 256, 256), whiten_width: int = 24,
-                 scale: float = 1 / 9):
+    def __init__(self, num_classes: int = 10, widths=(64, 256, 256), whiten_width: int = 24):
         super().__init__()
         self.whiten = nn.Conv2d(3, whiten_width, 2, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)   # set from the data by init_whitening
         self.layers = nn.Sequential(
             nn.GELU(),
             ConvGroup(whiten_width, widths[0]),
@@ -42,19 +52,19 @@ class FastNet(nn.Module):
             nn.Flatten(),
         )
         self.head = nn.Linear(widths[2], num_classes, bias=False)
-        self.scale = scale
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d) and m is not self.whiten:
-                # Dirac (identity) init on the first in-channels keeps signal flowing early on.
-                w = m.weight.data
-                torch.nn.init.kaiming_normal_(w, nonlinearity="relu")
-                torch.nn.init.dirac_(w[: w.size(1)])
+        self.head_scale = 1.0 / widths[2]   # logits = head(x) / width, with a unit-std head init
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d) and m is not self.whiten:
+                    # Identity (Dirac) on the first in-channels: each block starts near a pass-through.
+                    torch.nn.init.dirac_(m.weight[: m.weight.size(1)])
+            self.head.weight.div_(self.head.weight.std())
 
     @torch.no_grad()
     def init_whitening(self, x: torch.Tensor, eps: float = 5e-4) -> None:
         """Set the 2x2 first layer to whiten the patches of ``x`` (normalised float images).
 
-        Each output channel pair is +/- an eigenvector of the patch covariance scaled by
+        Output channel pairs are +/- the eigenvectors of the patch covariance scaled by
         1/sqrt(eigenvalue), so the layer's outputs start decorrelated with unit variance.
         """
         c, k = x.shape[1], self.whiten.kernel_size[0]
@@ -63,16 +73,14 @@ class FastNet(nn.Module):
         patches = patches - patches.mean(0)
         cov = patches.T @ patches / len(patches)
         eigval, eigvec = torch.linalg.eigh(cov)
-        eigval, eigvec = eigval.flip(0), eigvec.T.flip(0)              # largest first
-        w = eigvec / torch.sqrt(eigval + eps)[:, None]
+        w = eigvec.T / torch.sqrt(eigval + eps)[:, None]
         half = self.whiten.out_channels // 2
-        w = torch.cat([w[:half], -w[:half]]).view(-1, c, k, k)
+        w = torch.cat([w[-half:], -w[-half:]]).view(-1, c, k, k)      # the largest `half` directions
         self.whiten.weight.copy_(w.to(self.whiten.weight.dtype))
         self.whiten.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers(self.whiten(x))
-        return self.head(x) * self.scale
+        return self.head(self.layers(self.whiten(x))) * self.head_scale
 
 
 @register_model

@@ -1,0 +1,143 @@
+"""Time-to-accuracy of `--recipe fast`, airbench-style: mean ± std over seeds.
+
+Counted like airbench: training seconds plus the final (test-time-augmented) evaluation; the
+one-time JPEG decode and data load are reported separately. FLOPs of one training step are
+counted with torch.utils.flop_counter and scaled to the whole run; on the CPU a bf16 matmul peak
+is measured in the same run for comparison.
+
+    python benchmarks/fast_recipe.py --data ../shared/data/cifar10-jpeg --seeds 3 [--json out.json]
+    python benchmarks/fast_recipe.py --data DIR --grid '[{"epochs": 8}, {"epochs": 10}]' --seeds 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def matmul_peak_gflops(device: torch.device, dtype=torch.bfloat16, n: int = 4096, reps: int = 10) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def train_step_flops(cfg) -> float:
+    """FLOPs of one forward+backward of one image of the recipe's model (flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cifarkit import create_model
+    model = create_model(cfg.model, 10, **cfg.model_args)
+    x = torch.randn(8, 3, cfg.image_size, cfg.image_size)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), torch.zeros(8, dtype=torch.long)).backward()
+    return counter.get_total_flops() / 8
+
+
+def run_once(data: str, seed: int, overrides: dict) -> dict:
+    from cifarkit import evaluate_checkpoint, load_checkpoint, resolve_config, train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = {"data": data, "seed": seed, "out": tmp, "tensorboard": False}
+        cfg = resolve_config("fast", overrides={**base, **overrides, "eval_every": 10_000})
+        t0 = time.perf_counter()
+        s = train(cfg, progress=False, log=lambda *a: None)
+        wall = time.perf_counter() - t0
+        ck = load_checkpoint(Path(tmp) / "last.ckpt")
+        t1 = time.perf_counter()
+        r, _ = evaluate_checkpoint(ck, split="val", progress=False)   # with the recipe's TTA
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        eval_s = time.perf_counter() - t1
+    return {"seed": seed, "val_acc": r.accuracy, "train_seconds": s["train_seconds"],
+            "eval_seconds": eval_s, "seconds": s["train_seconds"] + eval_s,
+            "images_per_s": s["train_images_per_s"], "wall_seconds": wall,
+            "n_train": s["n_train"], "epochs": s["epochs"], "device": s["device"],
+            "precision": s["precision"], "cfg": cfg}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--grid", default="[{}]", help="JSON list of override dicts to compare")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    grid = json.loads(a.grid)
+
+    from cifarkit.data import load_data
+    t0 = time.perf_counter()
+    load_data(a.data, progress=False)          # decode once (cached); reported, not counted
+    decode_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    load_data(a.data, progress=False)
+    load_s = time.perf_counter() - t0
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        from cifarkit.device import set_threads
+        set_threads(0)
+    peak = matmul_peak_gflops(device)
+    report = {"machine": _machine(device), "torch": str(torch.__version__),
+              "threads": torch.get_num_threads(), "bf16_matmul_peak_gflops": peak,
+              "decode_seconds_once": decode_s, "cached_load_seconds": load_s, "configs": []}
+    print(f"# {report['machine']} | torch {report['torch']} | bf16 matmul peak {peak:,.0f} GFLOP/s | "
+          f"first decode {decode_s:.1f}s, cached load {load_s:.1f}s", flush=True)
+    for overrides in grid:
+        runs = []
+        for seed in range(a.seeds):
+            r = run_once(a.data, seed, overrides)
+            cfg = r.pop("cfg")
+            flops = train_step_flops(cfg) * r["n_train"] * r["epochs"]
+            r["achieved_gflops"] = flops / r["train_seconds"] / 1e9
+            runs.append(r)
+            print(f"{json.dumps(overrides)} seed {seed}: val {r['val_acc']:.4f} | train {r['train_seconds']:.1f}s "
+                  f"+ eval {r['eval_seconds']:.1f}s | {r['images_per_s']:,.0f} img/s | "
+                  f"{r['achieved_gflops']:,.0f} GFLOP/s", flush=True)
+        accs = [r["val_acc"] for r in runs]
+        secs = [r["seconds"] for r in runs]
+        summary = {"overrides": overrides, "runs": runs,
+                   "val_acc_mean": statistics.mean(accs),
+                   "val_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                   "seconds_mean": statistics.mean(secs),
+                   "seconds_median": statistics.median(secs),
+                   "achieved_gflops_median": statistics.median(r["achieved_gflops"] for r in runs)}
+        report["configs"].append(summary)
+        if a.json:  # after every config, so a run cut short still leaves its results
+            a.json.write_text(json.dumps(report, indent=2))
+        print(f"== {json.dumps(overrides)}: val acc {summary['val_acc_mean']:.4f} ± {summary['val_acc_std']:.4f} "
+              f"(n={len(runs)}) | {summary['seconds_mean']:.1f}s train+eval | "
+              f"{summary['achieved_gflops_median']:,.0f} GFLOP/s", flush=True)
+    return 0
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({len(os.sched_getaffinity(0))} cores)"
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
