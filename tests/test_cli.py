@@ -15,7 +15,7 @@ from cifarkit.cli import main
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One small real training run through the CLI, shared by the tests below."""
-    from conftest import make_folder
+    from helpers import make_folder
     import os
     tmp = tmp_path_factory.mktemp("cli")
     os.environ["CIFARKIT_CACHE"] = str(tmp / "cache")

@@ -14,7 +14,7 @@ from cifarkit import CifarkitError
 from cifarkit.data import load_data, read_image, stratified_split, channel_stats
 from cifarkit.data.sources import load_cifar10, load_folder
 
-from conftest import make_folder, write_cifar_batches
+from helpers import make_folder, write_cifar_batches
 
 
 # ----------------------------------------------------------------------------- official CIFAR format

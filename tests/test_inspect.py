@@ -134,7 +134,7 @@ def _non_blank_png(path, min_w=200, min_h=100):
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    from conftest import make_folder
+    from helpers import make_folder
     import os
     tmp = tmp_path_factory.mktemp("pics")
     os.environ["CIFARKIT_CACHE"] = str(tmp / "cache")

@@ -138,7 +138,7 @@ def test_batch_larger_than_data_is_clear(tiny_folder, tmp_path):
 
 
 def test_single_class_is_clear(tmp_path):
-    from conftest import make_folder
+    from helpers import make_folder
     root = make_folder(tmp_path / "one", classes=("only",), n_per_class=10)
     with pytest.raises(CifarkitError, match="one class"):
         train(_cfg(root, tmp_path / "r", val_size=2), progress=False, log=lambda *a: None)

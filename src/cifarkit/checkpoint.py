@@ -49,6 +49,9 @@ def _atomic_write(path: Path, write) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        # A process killed mid-write leaves its temp file behind; the next writer sweeps it.
+        for stale in folder.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
         raise CifarkitError(f"cannot write {path}: {exc.strerror or exc}",

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import real_subset
+from helpers import real_subset
 
 
 def test_cli_trains_on_real_images_well_above_chance(real_data, tmp_path):
