@@ -35,7 +35,8 @@ _TRAIN_HELP = {
     "image_size": "side in pixels; other sizes are resized",
     "seed": "seed for the split, initialisation, data order and augmentation",
     "epochs": "passes over the training images",
-    "batch_size": "images per optimiser step (global: the sum over all devices)",
+    "batch_size": "images per optimiser step; GLOBAL under torchrun (split over the processes)",
+    "sync_bn": "torchrun on GPUs: synchronise batch-norm statistics across processes",
     "optimizer": "sgd or adamw",
     "lr": "peak learning rate",
     "momentum": "SGD momentum",
@@ -200,6 +201,12 @@ def cmd_convert(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    from .serve import serve
+    serve(a.checkpoint, a.host, a.port, a.top_k, a.model)
+    return 0
+
+
 def cmd_models(a) -> int:
     from .models import count_parameters, create_model, list_models, model_doc
 
@@ -258,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow unpickling a whole model; a pickle can run code, so only for files you trust")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("serve", help="a web page and JSON API to try a model (FastAPI)")
+    p.add_argument("checkpoint", help="a checkpoint (or an exported .onnx file)")
+    p.add_argument("--model", help="architecture of a bare state_dict")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--top-k", type=int, default=3)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="list registered networks with parameter counts")
     p.add_argument("--num-classes", type=int, default=10)

@@ -61,6 +61,7 @@ class TrainConfig:
     device: str = "auto"
     channels_last: bool = True
     compile: bool = False
+    sync_bn: bool = False            # torchrun: synchronise batch-norm statistics across GPUs
     threads: int = 0                 # 0: one per physical core
     deterministic: bool = False
     eval_every: int = 1              # epochs between val passes (the last epoch is always evaluated)

@@ -43,6 +43,8 @@ class Predictor:
         self.model = ckpt.build_model(self.device)
         self.size = int(ckpt.preprocess.get("size", 32))
         self.mean, self.std = ckpt.preprocess["mean"], ckpt.preprocess["std"]
+        self.classes = list(ckpt.classes)
+        self.card = ckpt.card()
 
     def probs(self, arrays: list[np.ndarray]) -> torch.Tensor:
         if not arrays:
@@ -53,20 +55,25 @@ class Predictor:
         return logits.softmax(1)
 
     def predict_bytes(self, data: bytes, k: int = 3) -> list[dict]:
-        return top_k(self.probs([read_image(data, self.size)]), self.ckpt.classes, k)[0]
+        return top_k(self.probs([read_image(data, self.size)]), self.classes, k)[0]
 
     def predict_paths(self, paths, k: int = 3) -> tuple[list[dict], list[str]]:
-        """([{"path", "top"}], [error lines]); unreadable files are reported, others predicted."""
-        files = collect_images(paths)
-        arrays, ok, errors = [], [], []
-        for f in files:
-            try:
-                arrays.append(read_image(f, self.size))
-                ok.append(f)
-            except CifarkitError as exc:
-                errors.append(str(exc))
-        results = []
-        if arrays:
-            tops = top_k(self.probs(arrays), self.ckpt.classes, k)
-            results = [{"path": str(f), "top": t} for f, t in zip(ok, tops)]
-        return results, errors
+        return predict_paths_with(self, paths, k)
+
+
+def predict_paths_with(predictor, paths, k: int = 3) -> tuple[list[dict], list[str]]:
+    """([{"path", "top"}], [error lines]); unreadable files are reported, the others predicted.
+    Works for any predictor with ``size``, ``classes``-bearing ``probs`` (PyTorch or ONNX)."""
+    files = collect_images(paths)
+    arrays, ok, errors = [], [], []
+    for f in files:
+        try:
+            arrays.append(read_image(f, predictor.size))
+            ok.append(f)
+        except CifarkitError as exc:
+            errors.append(str(exc))
+    results = []
+    if arrays:
+        tops = top_k(predictor.probs(arrays), predictor.classes, k)
+        results = [{"path": str(f), "top": t} for f, t in zip(ok, tops)]
+    return results, errors

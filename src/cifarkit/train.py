@@ -26,6 +26,7 @@ from .data import load_data, stratified_split, channel_stats
 from .data.augment import augment
 from .data.tensors import TensorSplit, normalize
 from .device import autocast, resolve_device, resolve_precision, set_threads
+from .distributed import Dist, local_slice, setup as dist_setup
 from .errors import CifarkitError, TrainingInterrupted
 from .evaluate import evaluate
 from .models import create_model, count_parameters
@@ -149,11 +150,15 @@ class Prepared:
     extra_splits: dict = field(default_factory=dict)
 
 
-def prepare(cfg: TrainConfig, progress: bool = True, log=print) -> Prepared:
+def prepare(cfg: TrainConfig, progress: bool = True, log=print, dist: Dist | None = None) -> Prepared:
+    dist = dist or Dist()
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cpu":
-        set_threads(cfg.threads)
+        # ranks on one machine share its cores
+        set_threads(cfg.threads or max(1, len(os.sched_getaffinity(0)) // dist.local_world))
     torch.manual_seed(cfg.seed)
     if device.type == "cuda" and not cfg.deterministic:
         torch.backends.cudnn.benchmark = True   # fixed shapes: let cuDNN pick the fastest kernels
@@ -164,7 +169,11 @@ def prepare(cfg: TrainConfig, progress: bool = True, log=print) -> Prepared:
             torch.backends.cudnn.benchmark = False
 
     t0 = time.perf_counter()
-    bundle = load_data(cfg.data, cfg.data_root, cfg.download, cfg.image_size, progress)
+    if not dist.is_main:
+        dist.barrier()          # rank 0 downloads / decodes first; the others then read its cache
+    bundle = load_data(cfg.data, cfg.data_root, cfg.download, cfg.image_size, progress and dist.is_main)
+    if dist.is_main:
+        dist.barrier()
     if "val" in bundle.splits:
         train, val = bundle.train, bundle.splits["val"]
     else:
@@ -221,12 +230,30 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: b
             cfg.epochs = epochs
         cfg.out = str(rpath.parent)
         state = old
-        log(f"resuming {rpath} at epoch {old.extra['train_state']['epoch'] + 1}, "
-            f"step {old.extra['train_state']['step_in_epoch']}")
 
     if cfg is None:
         raise CifarkitError("train() needs a config or a run to resume")
+    dist = dist_setup(cfg.device)
+    try:
+        return _train(cfg, state, dist, progress, log, stop_after_steps)
+    finally:
+        dist.close()
+
+
+def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_steps) -> dict:
+    if not dist.is_main:  # one voice: only rank 0 logs, shows progress and writes files
+        log, progress = (lambda *a, **k: None), False
+    if cfg.batch_size < dist.world:
+        raise CifarkitError(f"--batch-size {cfg.batch_size} is smaller than the {dist.world} processes",
+                            "--batch-size is the global batch: use at least one image per process", 2)
+    if state is not None:
+        ts = state.extra["train_state"]
+        log(f"resuming {cfg.out} at epoch {ts['epoch'] + 1}, step {ts['step_in_epoch']}")
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    if dist.enabled:  # the time-stamped default name must be the same on every rank
+        names = [str(run_dir)]
+        torch.distributed.broadcast_object_list(names, src=0)
+        run_dir = Path(names[0])
     cfg.out = str(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -236,10 +263,11 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: b
     if not os.access(run_dir, os.W_OK):
         raise CifarkitError(f"run folder {run_dir} is not writable", "pass a writable --out folder")
 
-    p = prepare(cfg, progress, log)
+    p = prepare(cfg, progress, log, dist)
     model, device, precision = p.model, p.device, p.precision
     num_classes = len(p.classes)
-    save_yaml(cfg, run_dir / "config.yaml")
+    if dist.is_main:
+        save_yaml(cfg, run_dir / "config.yaml")
 
     opt = make_optimizer(cfg, model)
     n_train = len(p.train)
@@ -275,13 +303,20 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: b
         best_acc = max([h["val_acc"] for h in history if h.get("val_acc") is not None] or [-1.0])
 
     step_model = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        if cfg.sync_bn:
+            if device.type != "cuda":
+                raise CifarkitError("--sync-bn needs CUDA devices", "drop --sync-bn on CPUs", 2)
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        step_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         try:
-            step_model = torch.compile(model)
+            step_model = torch.compile(step_model)
         except Exception as exc:  # noqa: BLE001 - fall back with one warning, whatever the reason
             warnings.warn(f"torch.compile unavailable ({type(exc).__name__}); running eagerly")
 
-    writer = _tensorboard(run_dir, cfg, start_epoch)
+    writer = _tensorboard(run_dir, cfg, start_epoch) if dist.is_main else None
     if writer is not None and start_epoch == 0 and start_step == 0:
         # What the network sees: a few training images after augmentation (own generator, so the
         # training stream is unchanged).
@@ -336,12 +371,19 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: b
                 idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 xb, yb = p.train.x[idx], p.train.y[idx]
                 xb = augment(xb, aug_gen, cfg.flip, cfg.crop_pad, cfg.cutout)
+                n_global = len(yb)
+                xb, yb = local_slice(xb, dist), local_slice(yb, dist)
                 xb = normalize(xb, p.mean, p.std, channels_last=cfg.channels_last and device.type != "mps")
                 with autocast(device, precision):
                     out = step_model(xb)
                     loss = loss_fn(out, yb)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if dist.enabled:
+                    # DDP averages gradients over ranks; weighting by this rank's share of the
+                    # global batch makes that average the gradient of the global-batch mean loss.
+                    (loss * (len(yb) * dist.world / n_global)).backward()
+                else:
+                    loss.backward()
                 opt.step()
                 sched.step()
                 if ema is not None:
@@ -355,7 +397,7 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: b
                 # On the CPU .item() costs nothing, so every step is checked; on a GPU every 25.
                 if device.type == "cpu" or step % 25 == 0 or pos == steps_per_epoch:
                     lv = loss.item()
-                    if not math.isfinite(lv):
+                    if dist.all_min(float(math.isfinite(lv))) < 1:   # every rank stops together
                         raise _NonFinite(global_step, lv)
                 if progress and (step % 10 == 0 or pos == steps_per_epoch):
                     dt = time.perf_counter() - t_epoch
@@ -369,26 +411,32 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: b
             bar.close()
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            if dist.enabled:
+                totals = dist.all_sum(torch.stack([loss_acc.double().cpu(), correct_acc.double().cpu(),
+                                                   torch.tensor(float(seen), dtype=torch.float64)]))
+                loss_acc, correct_acc, seen = totals[0].float(), totals[1].long(), int(totals[2])
             sums = _sums(loss_acc, correct_acc, seen, seconds_before + time.perf_counter() - t_epoch)
             metrics = _end_epoch(epoch, cfg, p, ema, sums, opt, history)
             is_best = metrics.get("val_acc") is not None and metrics["val_acc"] > best_acc
             best_acc = max(best_acc, metrics.get("val_acc") or -1.0)
-            _write_metrics(run_dir, history)
+            if dist.is_main:
+                _write_metrics(run_dir, history)
             if writer is not None:
                 for k, v in metrics.items():
                     if isinstance(v, (int, float)) and k != "epoch":
                         writer.add_scalar(k, v, epoch + 1)
                 writer.flush()
             log(_epoch_line(metrics, cfg.epochs))
-            snap = snapshot(epoch + 1, 0, data_gen.get_state(), metrics, {})
-            if is_best:
-                ckpt_mod.save_checkpoint(snap, run_dir / "best.ckpt", with_training_state=False)
-            ckpt_mod.save_checkpoint(snap, run_dir / "last.ckpt")
+            if dist.is_main:
+                snap = snapshot(epoch + 1, 0, data_gen.get_state(), metrics, {})
+                if is_best:
+                    ckpt_mod.save_checkpoint(snap, run_dir / "best.ckpt", with_training_state=False)
+                ckpt_mod.save_checkpoint(snap, run_dir / "last.ckpt")
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
         last = run_dir / "last.ckpt"
-        if in_steps:
+        if in_steps and dist.is_main:
             # Save exactly where we are: weights after step `pos`, this epoch's data order and
             # partial sums, so the resumed run continues as if never stopped.
             partial = {"loss": loss_acc.detach().cpu(), "correct": correct_acc.cpu(), "seen": seen,
@@ -416,6 +464,9 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: b
 
     _close(writer)
     summary = _summary(cfg, p, history, time.perf_counter() - wall0, run_dir, precision)
+    summary["processes"] = dist.world
+    if not dist.is_main:
+        return summary
     ckpt_mod.atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
     try:
         from .plots import plot_curves

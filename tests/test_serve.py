@@ -1,0 +1,159 @@
+"""Issue 6: the web API (in-process), a real server under concurrent load, and a real browser."""
+import io
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifarkit.cli import main
+from helpers import make_folder
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("srv")
+    os.environ["CIFARKIT_CACHE"] = str(tmp / "cache")
+    data = make_folder(tmp / "data", classes=("cat", "dog", "ship"), n_per_class=30)
+    out = tmp / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), "--epochs", "3", "--batch-size", "16",
+                 "--model", "tudui_relu", "--optimizer", "adamw", "--lr", "0.003", "--val-size", "15",
+                 "--quiet", "--no-tensorboard"]) == 0
+    return data, out
+
+
+@pytest.fixture(scope="module")
+def client(run):
+    from fastapi.testclient import TestClient
+    from cifarkit.serve import create_app, load_predictor
+    return TestClient(create_app(load_predictor(str(run[1] / "best.ckpt")), top_k=3, max_bytes=200_000))
+
+
+def _png(data_dir, cls="ship") -> bytes:
+    return next((data_dir / "train" / cls).iterdir()).read_bytes()
+
+
+def test_health_model_page(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    card = client.get("/model").json()
+    assert card["model"] == "tudui_relu" and card["classes"] == ["cat", "dog", "ship"]
+    assert card["val_accuracy"] is not None and card["recipe"] == "tutorial"
+    page = client.get("/")
+    assert page.status_code == 200 and "Model card" in page.text and "http" not in page.text.split("<script>")[1]
+
+
+def test_predict_matches_cli_json(client, run, capsys):
+    data, out = run
+    f = next((data / "train" / "ship").iterdir())
+    r = client.post("/predict", files={"file": (f.name, f.read_bytes(), "image/png")})
+    assert r.status_code == 200
+    main(["predict", str(out / "best.ckpt"), str(f), "--json"])
+    cli = json.loads(capsys.readouterr().out)
+    assert r.json()[0]["top"] == cli[0]["top"] and r.json()[0]["path"] == f.name
+
+
+def test_bad_uploads_get_4xx_and_server_keeps_serving(client, run):
+    r = client.post("/predict", files={"file": ("x.jpg", b"<html>nope</html>", "image/jpeg")})
+    assert r.status_code == 400 and "x.jpg" in r.json()["detail"]
+    r = client.post("/predict", files={"file": ("big.png", b"\x89PNG" + b"0" * 300_000, "image/png")})
+    assert r.status_code == 413
+    r = client.post("/predict", files={"file": ("empty.png", b"", "image/png")})
+    assert r.status_code == 400
+    assert client.post("/predict").status_code == 422
+    ok = client.post("/predict", files={"file": ("a.png", _png(run[0]), "image/png")})
+    assert ok.status_code == 200
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cifarkit", "serve", str(run[1] / "best.ckpt"),
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("server did not start: " + proc.stderr.read().decode()[-500:])
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_concurrent_load_all_answered(server, run):
+    """200 requests from 8 clients against the real server on loopback; p95 latency reported."""
+    body = _png(run[0])
+    latencies = []
+
+    def one(_):
+        with httpx.Client(timeout=30) as c:
+            t = time.perf_counter()
+            r = c.post(server + "/predict", files={"file": ("a.png", body, "image/png")})
+            latencies.append(time.perf_counter() - t)
+            return r.status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(one, range(200)))
+    assert codes == [200] * 200
+    p95 = statistics.quantiles(latencies, n=20)[18]
+    print(f"\nserve: 200 requests, 8 clients, p50 {statistics.median(latencies) * 1000:.1f} ms, "
+          f"p95 {p95 * 1000:.1f} ms")
+    assert p95 < 5.0
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def test_browser_upload_shows_prediction(server, run, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    exe = _chromium()
+    if not exe:
+        pytest.skip("no chromium here (CI installs Debian's chromium)")
+    img = tmp_path / "ship.png"
+    img.write_bytes(_png(run[0], "ship"))
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.goto(server + "/")
+            page.wait_for_selector("#card dt")
+            assert "tudui_relu" in page.inner_text("#card")
+            page.set_input_files("#files", str(img))
+            page.wait_for_selector(".result[data-top]", timeout=20_000)
+            top = page.get_attribute(".result[data-top]", "data-top")
+            assert top == "ship"
+            assert "%" in page.inner_text(".result .bars")
+            page.screenshot(path=str(tmp_path / "page.png"))
+        finally:
+            browser.close()
