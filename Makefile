@@ -30,6 +30,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py --data $(REAL_DATA)
+	$(BIN)/python benchmarks/fast_recipe.py --data $(REAL_DATA) --seeds 3
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

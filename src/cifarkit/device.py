@@ -77,7 +77,7 @@ def tune_malloc() -> None:
     through ctypes because PyTorch exposes no such knob; a no-op where glibc is absent.
     """
     global _MALLOC_TUNED
-    if _MALLOC_TUNED:
+    if _MALLOC_TUNED or os.environ.get("CIFARKIT_MALLOC_TUNE", "1") == "0":
         return
     _MALLOC_TUNED = True
     try:

@@ -1,0 +1,85 @@
+"""Images/s of one training step under implementation variants, each in a fresh process:
+eager vs torch.compile, with and without cifarkit's glibc malloc tuning, for the tutorial
+network (batch 64) and the fast network (batch 2000). `--profile` prints the op breakdown.
+
+    python benchmarks/step_variants.py [--profile]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def child(model_name: str, batch: int, compiled: bool, steps: int, profile: bool) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    from cifarkit import create_model, resolve_config
+    from cifarkit.device import set_threads
+    from cifarkit.train import make_optimizer
+
+    set_threads(0)
+    cfg = resolve_config("fast" if model_name == "fast" else "tutorial")
+    model = create_model(model_name).to(memory_format=torch.channels_last)
+    opt = make_optimizer(cfg, model)
+    x = torch.randn(batch * 4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch * 4,))
+    run = torch.compile(model) if compiled else model
+
+    def step(i):
+        sl = slice((i % 4) * batch, (i % 4 + 1) * batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(run(x[sl]), y[sl])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for i in range(3):
+        step(i)
+    t = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    rate = steps * batch / (time.perf_counter() - t)
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as prof
+        with prof(activities=[ProfilerActivity.CPU]) as p:
+            for i in range(2):
+                step(i)
+        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), file=sys.stderr)
+    return rate
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        name, batch, compiled, steps = a.child
+        print(json.dumps(child(name, int(batch), compiled == "1", int(steps), a.profile)))
+        return 0
+    rows = []
+    for name, batch, steps in (("tudui", 64, 300), ("fast", 2000, 4)):
+        for compiled in ("0", "1"):
+            for malloc in ("1", "0"):
+                if compiled == "1" and malloc == "0":
+                    continue
+                env = {**os.environ, "CIFARKIT_MALLOC_TUNE": malloc}
+                out = subprocess.run([sys.executable, __file__, "--child", name, str(batch), compiled, str(steps)]
+                                     + (["--profile"] if a.profile and compiled == "0" and malloc == "1" else []),
+                                     env=env, capture_output=True, text=True, check=True)
+                if a.profile and out.stderr:
+                    print(out.stderr[-4000:])
+                rate = float(out.stdout.strip().splitlines()[-1])
+                rows.append((name, batch, "compile" if compiled == "1" else "eager", malloc == "1", rate))
+                print(f"{name:6} batch {batch:5}  {rows[-1][2]:8} malloc-tuned={rows[-1][3]!s:5}  {rate:8,.0f} img/s",
+                      flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
