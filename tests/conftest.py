@@ -30,3 +30,22 @@ def real_data() -> Path:
     return Path(path)
 
 
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One small real training run through the CLI (3 easy classes, 40 images each, 24 held out),
+    shared read-only by the CLI, export, serve and reliability tests. Tests that change a run
+    copy it first."""
+    from cifarkit.cli import main
+
+    tmp = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CIFARKIT_CACHE", str(tmp / "cache"))
+        data = make_folder(tmp / "data", classes=("cat", "dog", "ship"), n_per_class=40)
+        out = tmp / "run"
+        rc = main(["train", "--data", str(data), "--out", str(out), "--epochs", "3", "--batch-size", "16",
+                   "--model", "tudui_relu", "--optimizer", "adamw", "--lr", "0.003", "--val-size", "24",
+                   "--quiet", "--no-tensorboard"])
+    assert rc == 0
+    return data, out

@@ -12,22 +12,6 @@ from PIL import Image
 from cifarkit.cli import main
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One small real training run through the CLI, shared by the tests below."""
-    from helpers import make_folder
-    import os
-    tmp = tmp_path_factory.mktemp("cli")
-    os.environ["CIFARKIT_CACHE"] = str(tmp / "cache")
-    data = make_folder(tmp / "data", classes=("cat", "dog", "ship"), n_per_class=40)
-    out = tmp / "run"
-    rc = main(["train", "--data", str(data), "--out", str(out), "--epochs", "3", "--batch-size", "16",
-               "--model", "tudui_relu", "--optimizer", "adamw", "--lr", "0.003", "--val-size", "24",
-               "--quiet", "--no-tensorboard"])
-    assert rc == 0
-    return data, out
-
-
 def run(argv, capsys):
     rc = main(argv)
     out, err = capsys.readouterr()
@@ -42,8 +26,8 @@ def test_models_lists_parameter_counts(capsys):
     assert rows["tudui"] == 145_578 and "resnet18" in rows
 
 
-def test_eval_table_and_json(trained, capsys):
-    data, run_dir = trained
+def test_eval_table_and_json(trained_run, capsys):
+    data, run_dir = trained_run
     rc, out, _ = run(["eval", str(run_dir / "best.ckpt"), "--data", str(data), "--json"], capsys)
     r = json.loads(out)
     assert rc == 0 and set(r) == {"accuracy", "loss", "n", "per_class", "confusion"}
@@ -55,8 +39,8 @@ def test_eval_table_and_json(trained, capsys):
     assert "val accuracy" in out and "confusion" in out and "ship" in out
 
 
-def test_predict_files_folders_modes_and_bad_file(trained, tmp_path, capsys):
-    data, run_dir = trained
+def test_predict_files_folders_modes_and_bad_file(trained_run, tmp_path, capsys):
+    data, run_dir = trained_run
     imgs = tmp_path / "imgs"
     (imgs / "sub").mkdir(parents=True)
     src = sorted((data / "train" / "ship").iterdir())[0]
@@ -77,8 +61,8 @@ def test_predict_files_folders_modes_and_bad_file(trained, tmp_path, capsys):
     assert rc == 0 and out.startswith(str(imgs / "a.png") + ": ship")
 
 
-def test_export_and_convert_cycle(trained, tmp_path, capsys):
-    data, run_dir = trained
+def test_export_and_convert_cycle(trained_run, tmp_path, capsys):
+    data, run_dir = trained_run
     best = str(run_dir / "best.ckpt")
     st = tmp_path / "m.safetensors"
     assert run(["export", best, "--format", "safetensors", "--out", str(st)], capsys)[0] == 0
@@ -101,8 +85,11 @@ def test_export_and_convert_cycle(trained, tmp_path, capsys):
     assert len(set(map(tuple, results.values()))) >= 1
 
 
-def test_resume_continues_from_cli(trained, tmp_path, capsys):
-    data, run_dir = trained
+def test_resume_continues_from_cli(trained_run, tmp_path, capsys):
+    import shutil
+    data, shared = trained_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(shared, run_dir)
     rc, out, _ = run(["train", "--resume", str(run_dir), "--epochs", "4", "--quiet"], capsys)
     assert rc == 0 and "resuming" in out and "epoch   4/4" in out
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()

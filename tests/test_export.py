@@ -12,21 +12,8 @@ from helpers import make_folder
 onnxruntime = pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    import os
-    tmp = tmp_path_factory.mktemp("exp")
-    os.environ["CIFARKIT_CACHE"] = str(tmp / "cache")
-    data = make_folder(tmp / "data", classes=("cat", "dog", "ship"), n_per_class=30)
-    out = tmp / "run"
-    assert main(["train", "--data", str(data), "--out", str(out), "--epochs", "2", "--batch-size", "16",
-                 "--model", "tudui_relu", "--optimizer", "adamw", "--lr", "0.003", "--val-size", "15",
-                 "--quiet", "--no-tensorboard"]) == 0
-    return data, out
-
-
-def test_onnx_export_matches_pytorch_with_dynamic_batch(run, tmp_path, capsys):
-    data, out = run
+def test_onnx_export_matches_pytorch_with_dynamic_batch(trained_run, tmp_path, capsys):
+    data, out = trained_run
     onnx_path = tmp_path / "m.onnx"
     assert main(["export", str(out / "best.ckpt"), "--format", "onnx", "--out", str(onnx_path)]) == 0
     msg = capsys.readouterr().out
@@ -46,8 +33,8 @@ def test_onnx_export_matches_pytorch_with_dynamic_batch(run, tmp_path, capsys):
         assert np.abs(got - model(x).detach().numpy()).max() < 1e-4
 
 
-def test_predict_with_onnx_matches_checkpoint(run, tmp_path, capsys):
-    data, out = run
+def test_predict_with_onnx_matches_checkpoint(trained_run, tmp_path, capsys):
+    data, out = trained_run
     onnx_path = tmp_path / "m.onnx"
     main(["export", str(out / "best.ckpt"), "--format", "onnx", "--out", str(onnx_path)])
     capsys.readouterr()
@@ -62,8 +49,8 @@ def test_predict_with_onnx_matches_checkpoint(run, tmp_path, capsys):
         assert all(abs(x["prob"] - y["prob"]) < 1e-4 for x, y in zip(ra["top"], rb["top"]))
 
 
-def test_torchscript_export_matches(run, tmp_path, capsys):
-    data, out = run
+def test_torchscript_export_matches(trained_run, tmp_path, capsys):
+    data, out = trained_run
     ts = tmp_path / "m.pt"
     assert main(["export", str(out / "best.ckpt"), "--format", "torchscript", "--out", str(ts)]) == 0
     loaded = torch.jit.load(str(ts))

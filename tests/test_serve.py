@@ -24,22 +24,10 @@ httpx = pytest.importorskip("httpx")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("srv")
-    os.environ["CIFARKIT_CACHE"] = str(tmp / "cache")
-    data = make_folder(tmp / "data", classes=("cat", "dog", "ship"), n_per_class=30)
-    out = tmp / "run"
-    assert main(["train", "--data", str(data), "--out", str(out), "--epochs", "3", "--batch-size", "16",
-                 "--model", "tudui_relu", "--optimizer", "adamw", "--lr", "0.003", "--val-size", "15",
-                 "--quiet", "--no-tensorboard"]) == 0
-    return data, out
-
-
-@pytest.fixture(scope="module")
-def client(run):
+def client(trained_run):
     from fastapi.testclient import TestClient
     from cifarkit.serve import create_app, load_predictor
-    return TestClient(create_app(load_predictor(str(run[1] / "best.ckpt")), top_k=3, max_bytes=200_000))
+    return TestClient(create_app(load_predictor(str(trained_run[1] / "best.ckpt")), top_k=3, max_bytes=200_000))
 
 
 def _png(data_dir, cls="ship") -> bytes:
@@ -55,8 +43,8 @@ def test_health_model_page(client):
     assert page.status_code == 200 and "Model card" in page.text and "http" not in page.text.split("<script>")[1]
 
 
-def test_predict_matches_cli_json(client, run, capsys):
-    data, out = run
+def test_predict_matches_cli_json(client, trained_run, capsys):
+    data, out = trained_run
     f = next((data / "train" / "ship").iterdir())
     r = client.post("/predict", files={"file": (f.name, f.read_bytes(), "image/png")})
     assert r.status_code == 200
@@ -65,7 +53,7 @@ def test_predict_matches_cli_json(client, run, capsys):
     assert r.json()[0]["top"] == cli[0]["top"] and r.json()[0]["path"] == f.name
 
 
-def test_bad_uploads_get_4xx_and_server_keeps_serving(client, run):
+def test_bad_uploads_get_4xx_and_server_keeps_serving(client, trained_run):
     r = client.post("/predict", files={"file": ("x.jpg", b"<html>nope</html>", "image/jpeg")})
     assert r.status_code == 400 and "x.jpg" in r.json()["detail"]
     r = client.post("/predict", files={"file": ("big.png", b"\x89PNG" + b"0" * 300_000, "image/png")})
@@ -73,7 +61,7 @@ def test_bad_uploads_get_4xx_and_server_keeps_serving(client, run):
     r = client.post("/predict", files={"file": ("empty.png", b"", "image/png")})
     assert r.status_code == 400
     assert client.post("/predict").status_code == 422
-    ok = client.post("/predict", files={"file": ("a.png", _png(run[0]), "image/png")})
+    ok = client.post("/predict", files={"file": ("a.png", _png(trained_run[0]), "image/png")})
     assert ok.status_code == 200
 
 
@@ -84,10 +72,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(run):
+def server(trained_run):
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "cifarkit", "serve", str(run[1] / "best.ckpt"),
+    proc = subprocess.Popen([sys.executable, "-m", "cifarkit", "serve", str(trained_run[1] / "best.ckpt"),
                              "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):
@@ -104,9 +92,9 @@ def server(run):
     proc.wait(timeout=10)
 
 
-def test_concurrent_load_all_answered(server, run):
+def test_concurrent_load_all_answered(server, trained_run):
     """200 requests from 8 clients against the real server on loopback; p95 latency reported."""
-    body = _png(run[0])
+    body = _png(trained_run[0])
     latencies = []
 
     def one(_):
@@ -133,13 +121,13 @@ def _chromium():
     return None
 
 
-def test_browser_upload_shows_prediction(server, run, tmp_path):
+def test_browser_upload_shows_prediction(server, trained_run, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     exe = _chromium()
     if not exe:
         pytest.skip("no chromium here (CI installs Debian's chromium)")
     img = tmp_path / "ship.png"
-    img.write_bytes(_png(run[0], "ship"))
+    img.write_bytes(_png(trained_run[0], "ship"))
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=exe, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -54,6 +54,16 @@ def _tmp_beside(out: Path, suffix: str) -> str:
     return tmp
 
 
+def _failed(tmp: str, exc: Exception, what: str, hint: str):
+    """Remove the half-made file and raise one line saying what failed."""
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+    if isinstance(exc, CifarkitError):
+        raise exc
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    raise CifarkitError(f"{what} failed: {type(exc).__name__}: {first}", hint) from None
+
+
 def _finish(tmp: str, out: Path, diff: float, what: str) -> float:
     if not diff < TOLERANCE:
         os.unlink(tmp)
@@ -101,14 +111,8 @@ def export_onnx(ckpt: Checkpoint, out, check_images=None, opset: int = 18) -> fl
             ref = model(x).numpy()
         got = np.concatenate([sess.run(None, {name: x[i:i + 3].numpy()})[0] for i in range(0, len(x), 3)])
         diff = float(np.abs(got - ref).max())
-    except CifarkitError:
-        raise
     except Exception as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise CifarkitError(f"ONNX export of {ckpt.model_name} failed: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}",
-                            "try --format torchscript or safetensors")
+        _failed(tmp, exc, f"ONNX export of {ckpt.model_name}", "try --format torchscript or safetensors")
     return _finish(tmp, out, diff, "ONNX")
 
 
@@ -128,11 +132,7 @@ def export_torchscript(ckpt: Checkpoint, out, check_images=None) -> float:
         with torch.no_grad():
             diff = float((loaded(x) - model(x)).abs().max())
     except Exception as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise CifarkitError(f"TorchScript export of {ckpt.model_name} failed: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}",
-                            "try --format onnx or safetensors")
+        _failed(tmp, exc, f"TorchScript export of {ckpt.model_name}", "try --format onnx or safetensors")
     return _finish(tmp, out, diff, "TorchScript")
 
 
