@@ -19,7 +19,7 @@ class Progress:
         if enabled and getattr(self.file, "isatty", lambda: False)():
             from tqdm import tqdm
             self.bar = tqdm(total=total, desc=desc, unit=unit, file=self.file, leave=False,
-                            dynamic_ncols=True, unit_scale=True)
+                            dynamic_ncols=True, unit_scale=(unit == "img"))
 
     def set_postfix(self, text: str) -> None:
         self.postfix = text

@@ -255,15 +255,13 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
         torch.distributed.broadcast_object_list(names, src=0)
         run_dir = Path(names[0])
     cfg.out = str(run_dir)
+    _check_writable(run_dir)   # fail before the data is loaded, but create nothing yet
+    p = prepare(cfg, progress, log, dist)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CifarkitError(f"cannot create run folder {run_dir}: {exc.strerror or exc}",
                             "pass a writable --out folder")
-    if not os.access(run_dir, os.W_OK):
-        raise CifarkitError(f"run folder {run_dir} is not writable", "pass a writable --out folder")
-
-    p = prepare(cfg, progress, log, dist)
     model, device, precision = p.model, p.device, p.precision
     num_classes = len(p.classes)
     if dist.is_main:
@@ -476,6 +474,19 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
     log(f"best val accuracy {summary['best_val_acc']:.4f} | {summary['train_images_per_s']:,.0f} "
         f"train images/s | run folder {run_dir}")
     return summary
+
+
+def _check_writable(run_dir: Path) -> None:
+    """The run folder, or the nearest folder above it that exists, must be a writable folder."""
+    probe = run_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CifarkitError(f"cannot create run folder {run_dir}: {probe} is not a folder",
+                            "pass a writable --out folder")
+    if not os.access(probe, os.W_OK):
+        raise CifarkitError(f"cannot create run folder {run_dir}: {probe} is not writable",
+                            "pass a writable --out folder")
 
 
 class _NonFinite(Exception):
