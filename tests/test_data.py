@@ -240,3 +240,36 @@ def test_channel_stats_match_numpy():
     mean, std = channel_stats(x, chunk=7)
     ref = x.double().div(255).permute(1, 0, 2, 3).reshape(3, -1)
     assert np.allclose(mean, ref.mean(1).numpy()) and np.allclose(std, ref.std(1, unbiased=False).numpy())
+
+
+def test_partly_extracted_folder_is_repaired_from_the_archive(tmp_path, monkeypatch, cifar_md5s):
+    tgz = _make_archive(tmp_path)
+    cifar_md5s(tmp_path / "src" / "cifar-10-batches-py")
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "tgz_md5", _md5(tgz))
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "cifar-10-python.tar.gz").write_bytes(tgz.read_bytes())
+    # an extraction that died half-way: one batch truncated, one missing
+    part = root / "cifar-10-batches-py"
+    part.mkdir()
+    good = tmp_path / "src" / "cifar-10-batches-py"
+    (part / "data_batch_1").write_bytes((good / "data_batch_1").read_bytes()[:100])
+    (part / "batches.meta").write_bytes((good / "batches.meta").read_bytes())
+    monkeypatch.setattr(torchvision.datasets.utils, "_get_redirect_url",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("no download needed")))
+    bundle = load_cifar10(root, download=True)      # re-extracted from the verified archive
+    assert len(bundle.train) == 100
+    assert (part / "data_batch_1").read_bytes() == (good / "data_batch_1").read_bytes()
+
+
+def test_partly_extracted_folder_without_archive_offline_names_the_fix(tmp_path, monkeypatch):
+    part = tmp_path / "root" / "cifar-10-batches-py"
+    part.mkdir(parents=True)
+    (part / "data_batch_1").write_bytes(b"half")
+    def offline(*a, **k):
+        raise urllib.error.URLError("offline")
+    monkeypatch.setattr(torchvision.datasets.utils, "_get_redirect_url", offline)
+    with pytest.raises(CifarkitError) as e:
+        load_cifar10(tmp_path / "root", download=True)
+    msg = str(e.value)
+    assert "cifar-10-python.tar.gz" in msg and "--data-root" in msg and "\n" not in msg

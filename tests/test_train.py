@@ -155,3 +155,15 @@ def test_running_totals_keep_no_graph():
     acc(loss_acc, correct, loss, out, torch.tensor([2, 0]))
     assert loss_acc.grad_fn is None and not loss_acc.requires_grad
     assert loss_acc.item() == pytest.approx(2 * 15.0) and correct.item() == 1
+
+
+def test_compile_failure_falls_back_with_one_warning(tiny_folder, tmp_path, monkeypatch):
+    def broken_compile(model, *a, **k):
+        def run(*args, **kw):
+            raise RuntimeError("no C++ compiler here")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        s = train(_cfg(tiny_folder, tmp_path / "r", epochs=2, compile=True), progress=False,
+                  log=lambda *a: None)
+    assert s["best_val_acc"] >= 0.9

@@ -41,6 +41,10 @@ def plot_curves(history: list, path) -> None:
 
 def plot_confusion(confusion, classes, path) -> None:
     """Counts and row-normalised (per true class) side by side."""
+    _save(confusion_figure(confusion, classes), path)
+
+
+def confusion_figure(confusion, classes):
     plt = _plt()
     cm = np.asarray(confusion, dtype=float)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
@@ -58,7 +62,7 @@ def plot_confusion(confusion, classes, path) -> None:
                 for j in range(k):
                     ax.text(j, i, fmt.format(data[i, j]), ha="center", va="center", fontsize=7,
                             color="white" if data[i, j] > hi / 2 else "black")
-    _save(fig, path)
+    return fig
 
 
 def image_grid(images_uint8, titles, path, cols: int = 10, scale: float = 1.2) -> None:

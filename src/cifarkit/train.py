@@ -308,6 +308,7 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                 raise CifarkitError("--sync-bn needs CUDA devices", "drop --sync-bn on CPUs", 2)
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         step_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    eager_model = step_model
     if cfg.compile:
         try:
             step_model = torch.compile(step_model)
@@ -373,7 +374,18 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                 xb, yb = local_slice(xb, dist), local_slice(yb, dist)
                 xb = normalize(xb, p.mean, p.std, channels_last=cfg.channels_last and device.type != "mps")
                 with autocast(device, precision):
-                    out = step_model(xb)
+                    if step_model is not eager_model and steps_done == 0:
+                        # torch.compile builds lazily: a compiler that fails does so here.
+                        try:
+                            out = step_model(xb)
+                        except Exception as exc:  # noqa: BLE001
+                            warnings.warn(f"torch.compile failed ({type(exc).__name__}: "
+                                          f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+                                          "running eagerly")
+                            step_model = eager_model
+                            out = step_model(xb)
+                    else:
+                        out = step_model(xb)
                     loss = loss_fn(out, yb)
                 opt.zero_grad(set_to_none=True)
                 if dist.enabled:
@@ -414,7 +426,7 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                                                    torch.tensor(float(seen), dtype=torch.float64)]))
                 loss_acc, correct_acc, seen = totals[0].float(), totals[1].long(), int(totals[2])
             sums = _sums(loss_acc, correct_acc, seen, seconds_before + time.perf_counter() - t_epoch)
-            metrics = _end_epoch(epoch, cfg, p, ema, sums, opt, history)
+            metrics, val_result = _end_epoch(epoch, cfg, p, ema, sums, opt, history)
             is_best = metrics.get("val_acc") is not None and metrics["val_acc"] > best_acc
             best_acc = max(best_acc, metrics.get("val_acc") or -1.0)
             if dist.is_main:
@@ -423,6 +435,10 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                 for k, v in metrics.items():
                     if isinstance(v, (int, float)) and k != "epoch":
                         writer.add_scalar(k, v, epoch + 1)
+                if val_result is not None and epoch + 1 == cfg.epochs:
+                    from .plots import confusion_figure
+                    writer.add_figure("val_confusion", confusion_figure(val_result.confusion, p.classes),
+                                      epoch + 1)
                 writer.flush()
             log(_epoch_line(metrics, cfg.epochs))
             if dist.is_main:
@@ -508,7 +524,8 @@ def _sums(loss_acc, correct_acc, seen: int, seconds: float) -> dict:
     return {"loss": loss_acc.item(), "correct": int(correct_acc.item()), "seen": seen, "seconds": seconds}
 
 
-def _end_epoch(epoch, cfg, p: Prepared, ema, sums, opt, history) -> dict:
+def _end_epoch(epoch, cfg, p: Prepared, ema, sums, opt, history):
+    """Append the epoch's metrics to history; returns (metrics, the val EvalResult or None)."""
     last = epoch + 1 == cfg.epochs
     metrics = {"epoch": epoch + 1,
                "train_loss": sums["loss"] / max(sums["seen"], 1),
@@ -517,12 +534,13 @@ def _end_epoch(epoch, cfg, p: Prepared, ema, sums, opt, history) -> dict:
                "lr": opt.param_groups[0]["lr"],
                "seconds": sums["seconds"],
                "images_per_s": sums["seen"] / max(sums["seconds"], 1e-9)}
+    r = None
     if len(p.val) and (last or (epoch + 1) % max(cfg.eval_every, 1) == 0):
         net = ema.module if ema is not None else p.model
         r = evaluate(net, p.val, p.classes, p.mean, p.std, p.device, p.precision, tta=cfg.tta)
         metrics["val_loss"], metrics["val_acc"] = r.loss, r.accuracy
     history.append(metrics)
-    return metrics
+    return metrics, r
 
 
 def _epoch_line(m: dict, epochs: int) -> str:
