@@ -7,6 +7,7 @@ order, history) goes into last.ckpt, written atomically every epoch and on Ctrl-
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -225,7 +226,11 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: b
         if "train_state" not in old.extra:
             raise CifarkitError(f"{rpath} has no training state to resume from",
                                 "resume from a run folder's last.ckpt")
-        cfg = TrainConfig(**old.config)
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        dropped = sorted(set(old.config) - known)
+        if dropped:  # written by another cifarkit version
+            warnings.warn(f"{rpath}: ignoring settings this version does not know: {', '.join(dropped)}")
+        cfg = TrainConfig(**{k: v for k, v in old.config.items() if k in known}).validate()
         if epochs:  # extending a finished run is the one change a resume accepts
             cfg.epochs = epochs
         cfg.out = str(rpath.parent)
