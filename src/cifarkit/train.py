@@ -352,7 +352,10 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
     steps_done = 0
     epoch, pos, in_steps, bar = start_epoch, start_step, False, None
     epoch_data_state = data_gen.get_state()
+    stop = _DeferredInterrupt()
+    saved_epoch = start_epoch
     try:
+        stop.__enter__()
         for epoch in range(start_epoch, cfg.epochs):
             epoch_data_state = data_gen.get_state()
             perm = torch.randperm(n_train, generator=data_gen).to(device)
@@ -421,6 +424,8 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                                     f"{seen / max(dt, 1e-9):,.0f} img/s")
                 bar.update(1)
                 if stop_after_steps is not None and steps_done >= stop_after_steps:
+                    stop.requested = True
+                if stop.should_stop(dist, step):   # Ctrl-C takes effect here, between steps
                     raise KeyboardInterrupt
             in_steps = False
             bar.close()
@@ -451,11 +456,16 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                 if is_best:
                     ckpt_mod.save_checkpoint(snap, run_dir / "best.ckpt", with_training_state=False)
                 ckpt_mod.save_checkpoint(snap, run_dir / "last.ckpt")
+            saved_epoch = epoch + 1
+            if stop.should_stop(dist, 0) and epoch + 1 < cfg.epochs:   # asked during eval/save
+                raise KeyboardInterrupt
+        stop.__exit__()
     except KeyboardInterrupt:
+        stop.__exit__()
         if bar is not None:
             bar.close()
         last = run_dir / "last.ckpt"
-        if in_steps and dist.is_main:
+        if in_steps and dist.is_main and not stop.forced:
             # Save exactly where we are: weights after step `pos`, this epoch's data order and
             # partial sums, so the resumed run continues as if never stopped.
             partial = {"loss": loss_acc.detach().cpu(), "correct": correct_acc.cpu(), "seen": seen,
@@ -464,8 +474,8 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                                               {"interrupted_at_step": epoch * steps_per_epoch + pos},
                                               partial), last)
             where = f"epoch {epoch + 1}, step {pos}"
-        else:  # between epochs (validating, saving): the last complete checkpoint stands
-            where = f"epoch {epoch + 1} (after its training steps)"
+        else:  # between epochs, or forced: the last complete checkpoint stands
+            where = f"epoch {epoch + 1}; the last complete checkpoint is from epoch {saved_epoch}"
         _close(writer)
         if not last.exists():
             raise TrainingInterrupted(f"interrupted at {where}; no checkpoint was written yet",
@@ -473,6 +483,7 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
         raise TrainingInterrupted(f"interrupted at {where}; saved {last}",
                                   f"continue with: cifarkit train --resume {run_dir}")
     except _NonFinite as exc:
+        stop.__exit__()
         if bar is not None:
             bar.close()
         _close(writer)
@@ -508,6 +519,44 @@ def _check_writable(run_dir: Path) -> None:
     if not os.access(probe, os.W_OK):
         raise CifarkitError(f"cannot create run folder {run_dir}: {probe} is not writable",
                             "pass a writable --out folder")
+
+
+class _DeferredInterrupt:
+    """Turns Ctrl-C into a request honoured at the next step boundary, so the state saved on
+    interrupt is always a consistent one (weights, optimiser, position and sums of the same
+    step). A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = self.forced = False
+        self._old = None
+
+    def __enter__(self):
+        import signal
+        import threading
+        # Only where Ctrl-C would raise KeyboardInterrupt anyway (not where it is ignored or
+        # handled by the embedding program).
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            self.forced = True
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def should_stop(self, dist: Dist, step: int) -> bool:
+        if not dist.enabled:
+            return self.requested
+        # every rank must stop at the same step: agree every 10 steps (a collective is not free)
+        return step % 10 == 0 and dist.all_min(0.0 if self.requested else 1.0) < 1
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            import signal
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
 
 
 class _NonFinite(Exception):
