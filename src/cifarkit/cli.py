@@ -74,7 +74,6 @@ def _add_train(sub):
     p.add_argument("--config", help="YAML file with the same keys as a run's config.yaml")
     p.add_argument("--resume", metavar="RUN", help="continue a run folder (or its last.ckpt) where it stopped")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--num-classes", type=int, help=argparse.SUPPRESS)  # follows the data
     types = {"int": int, "float": float, "str": str, "str | None": str}
     for f in fields(TrainConfig):
         if f.name in ("recipe", "model_args", "optimizer_args"):

@@ -260,6 +260,9 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
         torch.distributed.broadcast_object_list(names, src=0)
         run_dir = Path(names[0])
     cfg.out = str(run_dir)
+    if cfg.data != "cifar10" and Path(cfg.data).exists():
+        # recorded absolute, so `cifarkit eval RUN/best.ckpt` finds the data from any folder
+        cfg.data = str(Path(cfg.data).resolve())
     _check_writable(run_dir)   # fail before the data is loaded, but create nothing yet
     p = prepare(cfg, progress, log, dist)
     try:
