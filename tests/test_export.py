@@ -7,7 +7,6 @@ import torch
 
 from cifarkit import load_checkpoint
 from cifarkit.cli import main
-from helpers import make_folder
 
 onnxruntime = pytest.importorskip("onnxruntime")
 

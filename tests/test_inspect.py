@@ -8,7 +8,7 @@ import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from cifarkit import CifarkitError, create_model, list_models
+from cifarkit import create_model, list_models
 from cifarkit.cli import main
 from cifarkit.inspect import formula_text, out_size, solve, summarize, worked_examples
 
@@ -82,7 +82,7 @@ def test_summary_shapes_match_real_forward(name):
     assert rows and rows[-1].out_shape == (10,)
     for r in rows:
         if r.formula and ";" not in r.formula:
-            assert r.formula.endswith(str(r.out_shape[-1])) or f"→ " in r.formula
+            assert r.formula.endswith(str(r.out_shape[-1])) or "→ " in r.formula
     assert sum(r.params for r in rows) <= sum(p.numel() for p in model.parameters())
 
 

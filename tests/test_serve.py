@@ -1,5 +1,4 @@
 """Issue 6: the web API (in-process), a real server under concurrent load, and a real browser."""
-import io
 import json
 import os
 import shutil
@@ -7,17 +6,12 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from cifarkit.cli import main
-from helpers import make_folder
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")

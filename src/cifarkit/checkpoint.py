@@ -24,7 +24,6 @@ import json
 import os
 import pickle
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,14 +31,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .data.sources import CIFAR10_CLASSES
 from .errors import CifarkitError
 
 FORMAT = "cifarkit"
 FORMAT_VERSION = 1
 PREFIXES = ("module.", "_orig_mod.")
 DEFAULT_PREPROCESS = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "size": 32}  # ToTensor only
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                   "truck"]
 
 
 # ----------------------------------------------------------------------------- atomic writes

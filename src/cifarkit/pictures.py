@@ -49,7 +49,6 @@ def mistakes(ckpt, data: str | None, out: str, n: int = 24, split: str = "val",
 
 def features(ckpt, image: str, layer: str, out: str) -> tuple:
     """Activations of one image after `layer`, one panel per channel."""
-    import numpy as np
 
     from .data.sources import read_image
     from .data.tensors import normalize

@@ -1,9 +1,6 @@
 """Issue 5: every kind of bad input gives one clear line, a non-zero exit and no traceback, and
 nothing already saved is lost."""
-import io
 import os
-import pickle
-import shutil
 import zipfile
 from pathlib import Path
 

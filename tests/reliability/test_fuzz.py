@@ -5,7 +5,6 @@ import json
 import struct
 import zipfile
 
-import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cifarkit import CifarkitError
