@@ -1,6 +1,7 @@
 """In-memory uint8 image tensors: splits, channel statistics, batches."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -70,10 +71,17 @@ def channel_stats(x: torch.Tensor, chunk: int = 8192) -> tuple[list[float], list
     return mean.tolist(), std.tolist()
 
 
+@functools.lru_cache(maxsize=32)
+def _scaled_stats(mean: tuple, std: tuple, device: torch.device, dtype: torch.dtype):
+    """255·mean and 255·std as (1,C,1,1) tensors, built once per device instead of every step."""
+    m = torch.tensor(mean, dtype=dtype, device=device).view(1, -1, 1, 1) * 255
+    s = torch.tensor(std, dtype=dtype, device=device).view(1, -1, 1, 1) * 255
+    return m, s
+
+
 def normalize(x: torch.Tensor, mean, std, dtype=torch.float32, channels_last: bool = False) -> torch.Tensor:
     """uint8 (N,3,H,W) -> normalised float, in one pass: (x/255 - mean)/std = (x - 255m) / (255s)."""
-    m = torch.as_tensor(mean, dtype=dtype, device=x.device).view(1, -1, 1, 1) * 255
-    s = torch.as_tensor(std, dtype=dtype, device=x.device).view(1, -1, 1, 1) * 255
+    m, s = _scaled_stats(tuple(map(float, mean)), tuple(map(float, std)), x.device, dtype)
     out = x.to(dtype)
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last)
