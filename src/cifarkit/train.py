@@ -281,6 +281,7 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
     total_steps = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(cfg, opt, total_steps, steps_per_epoch))
     loss_fn = make_loss(cfg, num_classes)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     ema = None
     if cfg.ema:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -297,6 +298,8 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
         ckpt_mod.load_weights(model, raw, "resume checkpoint")
         opt.load_state_dict(state.extra["optimizer"])
         sched.load_state_dict(state.extra["scheduler"])
+        if scaler.is_enabled() and state.extra.get("grad_scaler"):
+            scaler.load_state_dict(state.extra["grad_scaler"])
         if ema is not None and state.extra.get("ema") is not None:
             ema.load_state_dict(state.extra["ema"])
         ts = state.extra["train_state"]
@@ -336,6 +339,7 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
     def snapshot(epoch: int, step_in_epoch: int, data_state, metrics: dict, sums_now: dict):
         extra = {
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "ema": ema.state_dict() if ema is not None else None,
             "history": list(history),
             "train_state": {"epoch": epoch, "step_in_epoch": step_in_epoch,
@@ -399,13 +403,13 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                         out = step_model(xb)
                     loss = loss_fn(out, yb)
                 opt.zero_grad(set_to_none=True)
-                if dist.enabled:
-                    # DDP averages gradients over ranks; weighting by this rank's share of the
-                    # global batch makes that average the gradient of the global-batch mean loss.
-                    (loss * (len(yb) * dist.world / n_global)).backward()
-                else:
-                    loss.backward()
-                opt.step()
+                # DDP averages gradients over ranks; weighting by this rank's share of the global
+                # batch makes that average the gradient of the global-batch mean loss.
+                share = len(yb) * dist.world / n_global if dist.enabled else 1.0
+                # fp16 needs loss scaling against gradient underflow; a no-op in bf16/fp32.
+                scaler.scale(loss * share if share != 1.0 else loss).backward()
+                scaler.step(opt)
+                scaler.update()
                 sched.step()
                 if ema is not None:
                     ema.update_parameters(model)
