@@ -67,3 +67,20 @@ def test_onnx_export_of_other_models(tmp_path, name):
     ck = Checkpoint(name, {}, 10, m.state_dict(), [str(i) for i in range(10)],
                     {"mean": [0.5] * 3, "std": [0.25] * 3, "size": 32})
     assert export_onnx(ck, tmp_path / "m.onnx") < 1e-4
+
+
+def test_missing_optional_packages_give_one_line(trained_run, tmp_path, capsys, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_onnx(name, *a, **k):
+        if name.split(".")[0] in ("onnx", "onnxruntime", "uvicorn"):
+            raise ImportError(f"No module named {name!r}", name=name)
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    rc = main(["export", str(trained_run[1] / "best.ckpt"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "cifarkit[export]" in err and "internal error" not in err
+    rc = main(["serve", str(trained_run[1] / "best.ckpt"), "--port", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "cifarkit[serve]" in err

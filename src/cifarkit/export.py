@@ -75,8 +75,12 @@ def _finish(tmp: str, out: Path, diff: float, what: str) -> float:
 
 def export_onnx(ckpt: Checkpoint, out, check_images=None, opset: int = 18) -> float:
     """Write an ONNX model with a dynamic batch axis; returns the max abs difference to PyTorch."""
-    import onnx
-    import onnxruntime as ort
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise CifarkitError(f"ONNX export needs {exc.name or 'onnx and onnxruntime'}",
+                            "pip install 'cifarkit[export]'")
 
     out = Path(out)
     model = ckpt.build_model("cpu").float().eval()

@@ -66,8 +66,10 @@ def load_predictor(path: str, model=None):
 
 
 def serve(path: str, host: str = "127.0.0.1", port: int = 8000, top_k: int = 3, model=None):
-    import uvicorn
-
+    try:
+        import uvicorn
+    except ImportError:
+        raise CifarkitError("`cifarkit serve` needs FastAPI and uvicorn", "pip install 'cifarkit[serve]'")
     app = create_app(load_predictor(path, model), top_k)
     print(f"serving {path} on http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
