@@ -14,6 +14,7 @@ import torch
 
 from .checkpoint import Checkpoint, FORMAT_VERSION
 from .errors import CifarkitError
+from .predict import ImagePredictor
 
 TOLERANCE = 1e-4
 
@@ -140,7 +141,7 @@ def export_torchscript(ckpt: Checkpoint, out, check_images=None) -> float:
     return _finish(tmp, out, diff, "TorchScript")
 
 
-class OnnxPredictor:
+class OnnxPredictor(ImagePredictor):
     """Same interface as predict.Predictor, running an exported .onnx file with onnxruntime."""
 
     def __init__(self, path):
@@ -177,12 +178,3 @@ class OnnxPredictor:
         x = normalize(torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy()), self.mean, self.std)
         logits = self.session.run(None, {self.input_name: x.numpy()})[0]
         return torch.from_numpy(logits).softmax(1)
-
-    def predict_bytes(self, data: bytes, k: int = 3) -> list:
-        from .data.sources import read_image
-        from .predict import top_k
-        return top_k(self.probs([read_image(data, self.size)]), self.classes, k)[0]
-
-    def predict_paths(self, paths, k: int = 3):
-        from .predict import predict_paths_with
-        return predict_paths_with(self, paths, k)

@@ -33,8 +33,36 @@ def top_k(probs: torch.Tensor, classes: list, k: int) -> list[list[dict]]:
             for pr, ix in zip(p.tolist(), i.tolist())]
 
 
-class Predictor:
-    """A loaded model plus its preprocessing; used by `predict`, `serve` and the API."""
+class ImagePredictor:
+    """Image files or bytes -> top-k classes. Subclasses set ``size``, ``classes``, ``card`` and
+    implement ``probs`` (PyTorch here, onnxruntime in export.OnnxPredictor)."""
+
+    size: int
+    classes: list
+
+    def probs(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict_bytes(self, data: bytes, k: int = 3) -> list[dict]:
+        return top_k(self.probs([read_image(data, self.size)]), self.classes, k)[0]
+
+    def predict_paths(self, paths, k: int = 3) -> tuple[list[dict], list[str]]:
+        """([{"path", "top"}], [error lines]); unreadable files are reported, the others predicted."""
+        arrays, ok, errors = [], [], []
+        for f in collect_images(paths):
+            try:
+                arrays.append(read_image(f, self.size))
+                ok.append(f)
+            except CifarkitError as exc:
+                errors.append(str(exc))
+        if not arrays:
+            return [], errors
+        tops = top_k(self.probs(arrays), self.classes, k)
+        return [{"path": str(f), "top": t} for f, t in zip(ok, tops)], errors
+
+
+class Predictor(ImagePredictor):
+    """A loaded checkpoint plus its preprocessing; used by `predict`, `serve` and the API."""
 
     def __init__(self, ckpt: Checkpoint, device="cpu", precision: str = "fp32"):
         self.ckpt = ckpt
@@ -48,32 +76,8 @@ class Predictor:
 
     def probs(self, arrays: list[np.ndarray]) -> torch.Tensor:
         if not arrays:
-            return torch.zeros(0, self.ckpt.num_classes)
+            return torch.zeros(0, len(self.classes))
         x = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
         logits = predict_tensors(self.model, x, self.mean, self.std, self.device, self.precision,
                                  channels_last=False)
         return logits.softmax(1)
-
-    def predict_bytes(self, data: bytes, k: int = 3) -> list[dict]:
-        return top_k(self.probs([read_image(data, self.size)]), self.classes, k)[0]
-
-    def predict_paths(self, paths, k: int = 3) -> tuple[list[dict], list[str]]:
-        return predict_paths_with(self, paths, k)
-
-
-def predict_paths_with(predictor, paths, k: int = 3) -> tuple[list[dict], list[str]]:
-    """([{"path", "top"}], [error lines]); unreadable files are reported, the others predicted.
-    Works for any predictor with ``size``, ``classes``-bearing ``probs`` (PyTorch or ONNX)."""
-    files = collect_images(paths)
-    arrays, ok, errors = [], [], []
-    for f in files:
-        try:
-            arrays.append(read_image(f, predictor.size))
-            ok.append(f)
-        except CifarkitError as exc:
-            errors.append(str(exc))
-    results = []
-    if arrays:
-        tops = top_k(predictor.probs(arrays), predictor.classes, k)
-        results = [{"path": str(f), "top": t} for f, t in zip(ok, tops)]
-    return results, errors

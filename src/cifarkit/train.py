@@ -362,113 +362,112 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
     stop = _DeferredInterrupt()
     saved_epoch = start_epoch
     try:
-        stop.__enter__()
-        for epoch in range(start_epoch, cfg.epochs):
-            epoch_data_state = data_gen.get_state()
-            perm = torch.randperm(n_train, generator=data_gen).to(device)
-            pos = start_step if epoch == start_epoch else 0
-            model.train()
-            bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", "step", progress)
-            bar.update(pos)
-            # Running totals stay tensors on the device: no .item() sync, and .detach() means no
-            # autograd graph is kept alive (the notes' `running_loss += loss` pitfall).
-            loss_acc = torch.zeros((), device=device)
-            correct_acc = torch.zeros((), device=device, dtype=torch.int64)
-            seen, seconds_before = 0, 0.0
-            if pos and resumed_sums:
-                loss_acc += resumed_sums["loss"].to(device)
-                correct_acc += resumed_sums["correct"].to(device)
-                seen, seconds_before = resumed_sums["seen"], resumed_sums["seconds"]
-            t_epoch = time.perf_counter()
-            in_steps = True
-            for step in range(pos, steps_per_epoch):
-                idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                xb, yb = p.train.x[idx], p.train.y[idx]
-                xb = augment(xb, aug_gen, cfg.flip, cfg.crop_pad, cfg.cutout)
-                n_global = len(yb)
-                xb, yb = local_slice(xb, dist), local_slice(yb, dist)
-                xb = normalize(xb, p.mean, p.std, channels_last=cfg.channels_last and device.type != "mps")
-                with autocast(device, precision):
-                    if step_model is not eager_model and steps_done == 0:
-                        # torch.compile builds lazily: a compiler that fails does so here.
-                        try:
+        # the handler is restored on leaving the block, before the except clauses run
+        with stop:
+            for epoch in range(start_epoch, cfg.epochs):
+                epoch_data_state = data_gen.get_state()
+                perm = torch.randperm(n_train, generator=data_gen).to(device)
+                pos = start_step if epoch == start_epoch else 0
+                model.train()
+                bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", "step", progress)
+                bar.update(pos)
+                # Running totals stay tensors on the device: no .item() sync, and .detach() means no
+                # autograd graph is kept alive (the notes' `running_loss += loss` pitfall).
+                loss_acc = torch.zeros((), device=device)
+                correct_acc = torch.zeros((), device=device, dtype=torch.int64)
+                seen, seconds_before = 0, 0.0
+                if pos and resumed_sums:
+                    loss_acc += resumed_sums["loss"].to(device)
+                    correct_acc += resumed_sums["correct"].to(device)
+                    seen, seconds_before = resumed_sums["seen"], resumed_sums["seconds"]
+                t_epoch = time.perf_counter()
+                in_steps = True
+                for step in range(pos, steps_per_epoch):
+                    idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                    xb, yb = p.train.x[idx], p.train.y[idx]
+                    xb = augment(xb, aug_gen, cfg.flip, cfg.crop_pad, cfg.cutout)
+                    n_global = len(yb)
+                    xb, yb = local_slice(xb, dist), local_slice(yb, dist)
+                    xb = normalize(xb, p.mean, p.std, channels_last=cfg.channels_last and device.type != "mps")
+                    with autocast(device, precision):
+                        if step_model is not eager_model and steps_done == 0:
+                            # torch.compile builds lazily: a compiler that fails does so here.
+                            try:
+                                out = step_model(xb)
+                            except Exception as exc:  # noqa: BLE001
+                                warnings.warn(f"torch.compile failed ({type(exc).__name__}: "
+                                              f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+                                              "running eagerly")
+                                step_model = eager_model
+                                out = step_model(xb)
+                        else:
                             out = step_model(xb)
-                        except Exception as exc:  # noqa: BLE001
-                            warnings.warn(f"torch.compile failed ({type(exc).__name__}: "
-                                          f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); "
-                                          "running eagerly")
-                            step_model = eager_model
-                            out = step_model(xb)
-                    else:
-                        out = step_model(xb)
-                    loss = loss_fn(out, yb)
-                opt.zero_grad(set_to_none=True)
-                # DDP averages gradients over ranks; weighting by this rank's share of the global
-                # batch makes that average the gradient of the global-batch mean loss.
-                share = len(yb) * dist.world / n_global if dist.enabled else 1.0
-                # fp16 needs loss scaling against gradient underflow; a no-op in bf16/fp32.
-                scaler.scale(loss * share if share != 1.0 else loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-                bs = len(yb)
-                _accumulate(loss_acc, correct_acc, loss, out, yb)
-                seen += bs
-                pos = step + 1
-                steps_done += 1
-                global_step = epoch * steps_per_epoch + pos
-                # On the CPU .item() costs nothing, so every step is checked; on a GPU every 25.
-                if device.type == "cpu" or step % 25 == 0 or pos == steps_per_epoch:
-                    lv = loss.item()
-                    if dist.all_min(float(math.isfinite(lv))) < 1:   # every rank stops together
-                        raise _NonFinite(global_step, lv)
-                if progress and (step % 10 == 0 or pos == steps_per_epoch):
-                    dt = time.perf_counter() - t_epoch
-                    bar.set_postfix(f"loss {loss_acc.item() / max(seen, 1):.3f} "
-                                    f"acc {correct_acc.item() / max(seen, 1):.3f} "
-                                    f"{seen / max(dt, 1e-9):,.0f} img/s")
-                bar.update(1)
-                if stop_after_steps is not None and steps_done >= stop_after_steps:
-                    stop.requested = True
-                if stop.should_stop(dist, step):   # Ctrl-C takes effect here, between steps
+                        loss = loss_fn(out, yb)
+                    opt.zero_grad(set_to_none=True)
+                    # DDP averages gradients over ranks; weighting by this rank's share of the global
+                    # batch makes that average the gradient of the global-batch mean loss.
+                    share = len(yb) * dist.world / n_global if dist.enabled else 1.0
+                    # fp16 needs loss scaling against gradient underflow; a no-op in bf16/fp32.
+                    scaler.scale(loss * share if share != 1.0 else loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    sched.step()
+                    if ema is not None:
+                        ema.update_parameters(model)
+                    bs = len(yb)
+                    _accumulate(loss_acc, correct_acc, loss, out, yb)
+                    seen += bs
+                    pos = step + 1
+                    steps_done += 1
+                    global_step = epoch * steps_per_epoch + pos
+                    # On the CPU .item() costs nothing, so every step is checked; on a GPU every 25.
+                    if device.type == "cpu" or step % 25 == 0 or pos == steps_per_epoch:
+                        lv = loss.item()
+                        if dist.all_min(float(math.isfinite(lv))) < 1:   # every rank stops together
+                            raise _NonFinite(global_step, lv)
+                    if progress and (step % 10 == 0 or pos == steps_per_epoch):
+                        dt = time.perf_counter() - t_epoch
+                        bar.set_postfix(f"loss {loss_acc.item() / max(seen, 1):.3f} "
+                                        f"acc {correct_acc.item() / max(seen, 1):.3f} "
+                                        f"{seen / max(dt, 1e-9):,.0f} img/s")
+                    bar.update(1)
+                    if stop_after_steps is not None and steps_done >= stop_after_steps:
+                        stop.requested = True
+                    if stop.should_stop(dist, step):   # Ctrl-C takes effect here, between steps
+                        raise KeyboardInterrupt
+                in_steps = False
+                bar.close()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if dist.enabled:
+                    totals = dist.all_sum(torch.stack([loss_acc.double().cpu(), correct_acc.double().cpu(),
+                                                       torch.tensor(float(seen), dtype=torch.float64)]))
+                    loss_acc, correct_acc, seen = totals[0].float(), totals[1].long(), int(totals[2])
+                sums = _sums(loss_acc, correct_acc, seen, seconds_before + time.perf_counter() - t_epoch)
+                metrics, val_result = _end_epoch(epoch, cfg, p, ema, sums, opt, history)
+                is_best = metrics.get("val_acc") is not None and metrics["val_acc"] > best_acc
+                best_acc = max(best_acc, metrics.get("val_acc") or -1.0)
+                if dist.is_main:
+                    _write_metrics(run_dir, history)
+                if writer is not None:
+                    for k, v in metrics.items():
+                        if isinstance(v, (int, float)) and k != "epoch":
+                            writer.add_scalar(k, v, epoch + 1)
+                    if val_result is not None and epoch + 1 == cfg.epochs:
+                        from .plots import confusion_figure
+                        writer.add_figure("val_confusion", confusion_figure(val_result.confusion, p.classes),
+                                          epoch + 1)
+                    writer.flush()
+                log(_epoch_line(metrics, cfg.epochs))
+                if dist.is_main:
+                    snap = snapshot(epoch + 1, 0, data_gen.get_state(), metrics, {})
+                    if is_best:
+                        ckpt_mod.save_checkpoint(snap, run_dir / "best.ckpt", with_training_state=False)
+                    ckpt_mod.save_checkpoint(snap, run_dir / "last.ckpt")
+                saved_epoch = epoch + 1
+                if stop.should_stop(dist, 0) and epoch + 1 < cfg.epochs:   # asked during eval/save
                     raise KeyboardInterrupt
-            in_steps = False
-            bar.close()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if dist.enabled:
-                totals = dist.all_sum(torch.stack([loss_acc.double().cpu(), correct_acc.double().cpu(),
-                                                   torch.tensor(float(seen), dtype=torch.float64)]))
-                loss_acc, correct_acc, seen = totals[0].float(), totals[1].long(), int(totals[2])
-            sums = _sums(loss_acc, correct_acc, seen, seconds_before + time.perf_counter() - t_epoch)
-            metrics, val_result = _end_epoch(epoch, cfg, p, ema, sums, opt, history)
-            is_best = metrics.get("val_acc") is not None and metrics["val_acc"] > best_acc
-            best_acc = max(best_acc, metrics.get("val_acc") or -1.0)
-            if dist.is_main:
-                _write_metrics(run_dir, history)
-            if writer is not None:
-                for k, v in metrics.items():
-                    if isinstance(v, (int, float)) and k != "epoch":
-                        writer.add_scalar(k, v, epoch + 1)
-                if val_result is not None and epoch + 1 == cfg.epochs:
-                    from .plots import confusion_figure
-                    writer.add_figure("val_confusion", confusion_figure(val_result.confusion, p.classes),
-                                      epoch + 1)
-                writer.flush()
-            log(_epoch_line(metrics, cfg.epochs))
-            if dist.is_main:
-                snap = snapshot(epoch + 1, 0, data_gen.get_state(), metrics, {})
-                if is_best:
-                    ckpt_mod.save_checkpoint(snap, run_dir / "best.ckpt", with_training_state=False)
-                ckpt_mod.save_checkpoint(snap, run_dir / "last.ckpt")
-            saved_epoch = epoch + 1
-            if stop.should_stop(dist, 0) and epoch + 1 < cfg.epochs:   # asked during eval/save
-                raise KeyboardInterrupt
-        stop.__exit__()
     except KeyboardInterrupt:
-        stop.__exit__()
         if bar is not None:
             bar.close()
         last = run_dir / "last.ckpt"
@@ -490,7 +489,6 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
         raise TrainingInterrupted(f"interrupted at {where}; saved {last}",
                                   f"continue with: cifarkit train --resume {run_dir}")
     except _NonFinite as exc:
-        stop.__exit__()
         if bar is not None:
             bar.close()
         _close(writer)
