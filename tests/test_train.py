@@ -120,6 +120,12 @@ def test_resume_can_extend_epochs(tiny_folder, tmp_path):
     assert s["epochs"] == 2
 
 
+def test_resume_refuses_fewer_epochs_than_done(tiny_folder, tmp_path):
+    train(_cfg(tiny_folder, tmp_path / "r", epochs=2), progress=False, log=lambda *a: None)
+    with pytest.raises(CifarkitError, match="fewer than the run has already trained"):
+        train(None, resume=str(tmp_path / "r"), epochs=1, progress=False, log=lambda *a: None)
+
+
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_folder, tmp_path):
     out = tmp_path / "r"
     train(_cfg(tiny_folder, out, epochs=1), progress=False, log=lambda *a: None)

@@ -232,6 +232,11 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: b
             warnings.warn(f"{rpath}: ignoring settings this version does not know: {', '.join(dropped)}")
         cfg = TrainConfig(**{k: v for k, v in old.config.items() if k in known}).validate()
         if epochs:  # extending a finished run is the one change a resume accepts
+            done = old.extra["train_state"]["epoch"]
+            if epochs < done or (epochs == done and old.extra["train_state"]["step_in_epoch"]):
+                raise CifarkitError(f"--epochs {epochs} is fewer than the run has already trained "
+                                    f"({done} complete epochs in {rpath})",
+                                    f"pass --epochs {done + 1} or more to continue it", 2)
             cfg.epochs = epochs
         cfg.out = str(rpath.parent)
         state = old
