@@ -11,6 +11,7 @@ is measured in the same run for comparison.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -39,19 +40,26 @@ def matmul_peak_gflops(device: torch.device, dtype=torch.bfloat16, n: int = 4096
     return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
 
 
-def train_step_flops(cfg) -> float:
+def train_step_flops(cfg, size: int | None = None) -> float:
     """FLOPs of one forward+backward of one image of the recipe's model (flop_counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from cifarkit import create_model
     model = create_model(cfg.model, 10, **cfg.model_args)
-    x = torch.randn(8, 3, cfg.image_size, cfg.image_size)
+    size = size or cfg.image_size
+    x = torch.randn(8, 3, size, size)
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(x), torch.zeros(8, dtype=torch.long)).backward()
     return counter.get_total_flops() / 8
 
 
-def run_once(data: str, seed: int, overrides: dict) -> dict:
+def run_flops(cfg, n_train: int) -> float:
+    """Training FLOPs of a whole run, each epoch at its own image size (progressive resizing)."""
+    sizes = list(cfg.progressive) + [cfg.image_size] * (cfg.epochs - len(cfg.progressive))
+    return sum(train_step_flops(cfg, s) for s in sizes) * n_train
+
+
+def run_once(data: str, seed: int, overrides: dict, extra_tta: tuple = ()) -> dict:
     from cifarkit import evaluate, load_checkpoint, resolve_config, train
     from cifarkit.evaluate import split_for_checkpoint
 
@@ -73,11 +81,14 @@ def run_once(data: str, seed: int, overrides: dict) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         eval_s = time.perf_counter() - t1
+        # Other test-time augmentations of the same trained model (for comparing TTA levels).
+        also = {m: evaluate(model, split, classes, ck.preprocess["mean"], ck.preprocess["std"], dev,
+                            s["precision"], tta=m).accuracy for m in extra_tta}
     return {"seed": seed, "val_acc": r.accuracy, "train_seconds": s["train_seconds"],
             "eval_seconds": eval_s, "seconds": s["train_seconds"] + eval_s,
             "images_per_s": s["train_images_per_s"], "wall_seconds": wall,
             "n_train": s["n_train"], "epochs": s["epochs"], "device": s["device"],
-            "precision": s["precision"], "cfg": cfg}
+            "precision": s["precision"], "val_acc_other_tta": also, "cfg": cfg}
 
 
 def main() -> int:
@@ -86,9 +97,12 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--grid", default="[{}]", help="JSON list of override dicts to compare")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--extra-tta", default="", help="comma-separated TTA modes to also evaluate, e.g. multi")
     a = ap.parse_args()
     grid = json.loads(a.grid)
 
+    import cifarkit.data
+    import cifarkit.train
     from cifarkit.data import load_data
     t0 = time.perf_counter()
     load_data(a.data, progress=False)          # decode once (cached); reported, not counted
@@ -96,6 +110,10 @@ def main() -> int:
     t0 = time.perf_counter()
     load_data(a.data, progress=False)
     load_s = time.perf_counter() - t0
+    # Keep the decoded data in memory between runs: loading is not timed, only repeated, and
+    # reading the disk cache again costs seconds per run on some machines.
+    memo = functools.lru_cache(maxsize=2)(load_data)
+    cifarkit.train.load_data = cifarkit.data.load_data = memo
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         from cifarkit.device import set_threads
@@ -109,14 +127,15 @@ def main() -> int:
     for overrides in grid:
         runs = []
         for seed in range(a.seeds):
-            r = run_once(a.data, seed, overrides)
+            r = run_once(a.data, seed, overrides, tuple(m for m in a.extra_tta.split(",") if m))
             cfg = r.pop("cfg")
-            flops = train_step_flops(cfg) * r["n_train"] * r["epochs"]
+            flops = run_flops(cfg, r["n_train"])
             r["achieved_gflops"] = flops / r["train_seconds"] / 1e9
             runs.append(r)
             print(f"{json.dumps(overrides)} seed {seed}: val {r['val_acc']:.4f} | train {r['train_seconds']:.1f}s "
                   f"+ eval {r['eval_seconds']:.1f}s | {r['images_per_s']:,.0f} img/s | "
-                  f"{r['achieved_gflops']:,.0f} GFLOP/s", flush=True)
+                  f"{r['achieved_gflops']:,.0f} GFLOP/s"
+                  + "".join(f" | {m} {v:.4f}" for m, v in r["val_acc_other_tta"].items()), flush=True)
         accs = [r["val_acc"] for r in runs]
         secs = [r["seconds"] for r in runs]
         summary = {"overrides": overrides, "runs": runs,
@@ -124,13 +143,16 @@ def main() -> int:
                    "val_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                    "seconds_mean": statistics.mean(secs),
                    "seconds_median": statistics.median(secs),
-                   "achieved_gflops_median": statistics.median(r["achieved_gflops"] for r in runs)}
+                   "achieved_gflops_median": statistics.median(r["achieved_gflops"] for r in runs),
+                   "val_acc_mean_other_tta": {m: statistics.mean(r["val_acc_other_tta"][m] for r in runs)
+                                              for m in runs[0]["val_acc_other_tta"]}}
         report["configs"].append(summary)
         if a.json:  # after every config, so a run cut short still leaves its results
             a.json.write_text(json.dumps(report, indent=2))
         print(f"== {json.dumps(overrides)}: val acc {summary['val_acc_mean']:.4f} ± {summary['val_acc_std']:.4f} "
               f"(n={len(runs)}) | {summary['seconds_mean']:.1f}s train+eval | "
-              f"{summary['achieved_gflops_median']:,.0f} GFLOP/s", flush=True)
+              f"{summary['achieved_gflops_median']:,.0f} GFLOP/s"
+              + "".join(f" | {m} {v:.4f}" for m, v in summary["val_acc_mean_other_tta"].items()), flush=True)
     return 0
 
 

@@ -48,6 +48,8 @@ _TRAIN_HELP = {
     "loss": "ce (cross-entropy), mse or l1 (on softmax vs one-hot)",
     "ema": "exponential moving average of the weights, decay per step (0 = off)",
     "flip": "random horizontal flips",
+    "alt_flip": "with --flip: mirror each image every other epoch instead of at random (airbench)",
+    "progressive": "comma-separated image sides for the first epochs, e.g. 20,24,24 (cheaper early epochs)",
     "crop_pad": "random translation by up to N pixels (pad-and-crop)",
     "cutout": "zero a random NxN square per image",
     "tta": "test-time augmentation during validation",
@@ -63,6 +65,13 @@ _TRAIN_HELP = {
 }
 
 
+def _int_list(text: str) -> list:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers like 20,24, got {text!r}")
+
+
 def _add_train(sub):
     from .config import CHOICES, TrainConfig, list_recipes
 
@@ -74,7 +83,7 @@ def _add_train(sub):
     p.add_argument("--config", help="YAML file with the same keys as a run's config.yaml")
     p.add_argument("--resume", metavar="RUN", help="continue a run folder (or its last.ckpt) where it stopped")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    types = {"int": int, "float": float, "str": str, "str | None": str}
+    types = {"int": int, "float": float, "str": str, "str | None": str, "list": _int_list}
     for f in fields(TrainConfig):
         if f.name in ("recipe", "model_args", "optimizer_args"):
             continue
@@ -236,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="'cifar10' or a folder (default: the data the model was trained on)")
     p.add_argument("--data-root", help="where CIFAR-10 is stored")
     p.add_argument("--split", default="val", choices=("val", "test", "train"))
-    p.add_argument("--tta", choices=("none", "flip", "flip_translate"),
+    p.add_argument("--tta", choices=("none", "flip", "flip_translate", "multi"),
                    help="test-time augmentation (default: as trained)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))

@@ -20,7 +20,7 @@ CHOICES = {
     "loss": ("ce", "mse", "l1"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda", "mps"),
-    "tta": ("none", "flip", "flip_translate"),
+    "tta": ("none", "flip", "flip_translate", "multi"),
 }
 
 
@@ -53,9 +53,13 @@ class TrainConfig:
     ema: float = 0.0                 # EMA decay of the weights per step; 0 = off
     # augmentation on whole uint8 batches
     flip: bool = False               # random horizontal mirror
+    alt_flip: bool = False           # with flip: mirror each image every other epoch (airbench's
+                                     # alternating flip), from a random per-image start
     crop_pad: int = 0                # random translate by up to this many pixels (pad-and-crop)
     cutout: int = 0                  # zero a random square of this side; 0 = off
     tta: str = "none"                # test-time augmentation for val/eval
+    progressive: list = field(default_factory=list)  # image sides (px) of the first epochs, e.g.
+                                     # [20, 24]: cheaper low-resolution epochs; the rest at image_size
     # execution
     precision: str = "auto"          # auto: bf16 where the device does it fast, else fp32
     device: str = "auto"
@@ -84,6 +88,14 @@ class TrainConfig:
             if getattr(self, key) < 0:
                 raise CifarkitError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(self, key)}",
                                     exit_code=2)
+        for size in self.progressive:
+            if not (isinstance(size, int) and 8 <= size <= self.image_size):
+                raise CifarkitError(f"--progressive sizes must be whole numbers of pixels from 8 to "
+                                    f"--image-size {self.image_size}, got {size!r}",
+                                    "e.g. --progressive 20,24,24", exit_code=2)
+        if len(self.progressive) > self.epochs:
+            raise CifarkitError(f"--progressive lists {len(self.progressive)} epochs but --epochs is "
+                                f"{self.epochs}", "give at most one size per epoch", exit_code=2)
         if not self.lr > 0:
             raise CifarkitError(f"--lr must be > 0, got {self.lr}", exit_code=2)
         if not 0 <= self.label_smoothing < 1:
@@ -144,6 +156,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         "str": isinstance(value, str),
         "str | None": value is None or isinstance(value, str),
         "dict": isinstance(value, dict),
+        "list": isinstance(value, list),
     }.get(ftype, True)
     if not ok:
         raise CifarkitError(f"{source}: {key} should be {ftype}, got {value!r}",

@@ -295,6 +295,9 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
     # Two generators: one orders the data (reset per epoch from a saved state), one augments.
     data_gen = torch.Generator().manual_seed(cfg.seed)
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    # Alternating flip: each image's start orientation, fixed by the seed (so resume needs no state).
+    flip_bits = (torch.randint(0, 2, (n_train,), generator=torch.Generator().manual_seed(cfg.seed + 3))
+                 .to(device) if cfg.flip and cfg.alt_flip else None)
     history: list[dict] = []
     best_acc, start_epoch, start_step = -1.0, 0, 0
     resumed_sums = None  # the partial epoch's running totals, restored exactly (bit-exact resume)
@@ -373,6 +376,7 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                 epoch_data_state = data_gen.get_state()
                 perm = torch.randperm(n_train, generator=data_gen).to(device)
                 pos = start_step if epoch == start_epoch else 0
+                size = cfg.progressive[epoch] if epoch < len(cfg.progressive) else cfg.image_size
                 model.train()
                 bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", "step", progress)
                 bar.update(pos)
@@ -390,10 +394,17 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                 for step in range(pos, steps_per_epoch):
                     idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                     xb, yb = p.train.x[idx], p.train.y[idx]
-                    xb = augment(xb, aug_gen, cfg.flip, cfg.crop_pad, cfg.cutout)
+                    xb = augment(xb, aug_gen, cfg.flip, cfg.crop_pad, cfg.cutout,
+                                 flip_bits[idx] if flip_bits is not None else None, epoch)
                     n_global = len(yb)
                     xb, yb = local_slice(xb, dist), local_slice(yb, dist)
                     xb = normalize(xb, p.mean, p.std, channels_last=cfg.channels_last and device.type != "mps")
+                    if size != xb.shape[-1]:
+                        # Progressive resizing: early epochs see smaller images, which cost about
+                        # (size/32)^2 of a full-size step; the network ends in a global pool, so it
+                        # takes any size, and the last full-size epochs adapt it back.
+                        xb = F.interpolate(xb, size=(size, size), mode="bilinear", antialias=True,
+                                           align_corners=False)
                     with autocast(device, precision):
                         if step_model is not eager_model and steps_done == 0:
                             # torch.compile builds lazily: a compiler that fails does so here.

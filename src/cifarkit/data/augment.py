@@ -14,6 +14,17 @@ def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
 
 
+def alternating_flip(x: torch.Tensor, start_bits: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Mirror image i in epoch e iff ``start_bits[i] + e`` is odd (airbench's alternating flip).
+
+    Each image is seen mirrored and unmirrored in consecutive epochs instead of by coin toss, so a
+    short run covers both orientations of every image; ``start_bits`` (0/1 per image of the batch)
+    keeps the first epoch random.
+    """
+    mask = (start_bits + epoch) % 2 == 1
+    return torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
+
+
 def random_translate(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
     """Pad by ``pad`` (reflect) and cut a random HxW window: a shift of up to +-pad pixels.
 
@@ -49,8 +60,12 @@ def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     return x.masked_fill(mask, 0)
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, flip: bool, crop_pad: int, cutout_size: int):
-    if flip:
+def augment(x: torch.Tensor, gen: torch.Generator, flip: bool, crop_pad: int, cutout_size: int,
+            flip_bits: torch.Tensor | None = None, epoch: int = 0):
+    """flip/translate/cutout in that order; with ``flip_bits`` the flips alternate per epoch."""
+    if flip and flip_bits is not None:
+        x = alternating_flip(x, flip_bits, epoch)
+    elif flip:
         x = random_flip(x, gen)
     if crop_pad:
         x = random_translate(x, crop_pad, gen)
