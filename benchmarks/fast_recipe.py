@@ -95,6 +95,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seed-start", type=int, default=0, help="first seed (runs seeds start .. start+seeds-1)")
     ap.add_argument("--grid", default="[{}]", help="JSON list of override dicts to compare")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--extra-tta", default="", help="comma-separated TTA modes to also evaluate, e.g. multi")
@@ -126,7 +127,7 @@ def main() -> int:
           f"first decode {decode_s:.1f}s, cached load {load_s:.1f}s", flush=True)
     for overrides in grid:
         runs = []
-        for seed in range(a.seeds):
+        for seed in range(a.seed_start, a.seed_start + a.seeds):
             r = run_once(a.data, seed, overrides, tuple(m for m in a.extra_tta.split(",") if m))
             cfg = r.pop("cfg")
             flops = run_flops(cfg, r["n_train"])
