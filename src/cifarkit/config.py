@@ -6,6 +6,7 @@ A recipe is a named, fixed set of hyper-parameters. The fully resolved config is
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field, fields
@@ -126,7 +127,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     # Speed run tuned for CPU FLOPs; see docs/benchmarks.md for its measured accuracy and time.
     "fast": dict(
         model="fast", model_args={"widths": [64, 256, 256]},
-        epochs=8, batch_size=2000,            # images per step
+        epochs=14, batch_size=2000,           # images per step
+        # Progressive resizing: the first 10 epochs see smaller images (side in px per epoch); a
+        # 16 px step costs about 0.23 of a 32 px one on the CPU, 20 px 0.37, 24 px 0.54, 28 px
+        # 0.73, so these 14 epochs cost about 8.3 full-size ones.
+        progressive=[16, 16, 16, 20, 20, 20, 24, 24, 28, 28],
         optimizer="muon", lr=0.24,            # Muon step size for conv filters (scale-free)
         optimizer_args={
             "muon_momentum": 0.6,
@@ -137,7 +142,8 @@ RECIPES: dict[str, dict[str, Any]] = {
             "whiten_bias_epochs": 3,          # the whitening layer's bias trains this long
         },
         schedule="linear", warmup_epochs=0,   # linear decay to 0
-        label_smoothing=0.2, flip=True, crop_pad=2,  # translate by up to 2 px (reflect)
+        label_smoothing=0.2, flip=True, alt_flip=True,  # mirrored every other epoch
+        crop_pad=2,                           # translate by up to 2 px (reflect)
         tta="flip_translate"),
 }
 
@@ -204,8 +210,23 @@ def resolve(recipe: str = "tutorial", config_file: str | None = None,
             if key not in valid:
                 raise CifarkitError(f"{source}: unknown setting {key!r}",
                                     f"{closest(key, valid)}see `cifarkit train --help`", 2)
-            values[key] = _coerce(key, value, source)
+            values[key] = _coerce(key, copy.deepcopy(value), source)   # never alias RECIPES
+    base = RECIPES[recipe]
+    if (base.get("progressive") and values.get("progressive") == base["progressive"]
+            and values.get("epochs", base.get("epochs")) != base.get("epochs")):
+        # `--recipe fast --epochs N` keeps the recipe's resolution schedule in proportion.
+        values["progressive"] = scale_schedule(base["progressive"], base["epochs"], values["epochs"])
     return TrainConfig(**values).validate()
+
+
+def scale_schedule(sizes: list, epochs: int, new_epochs: int) -> list:
+    """Stretch or shrink a per-epoch size list written for ``epochs`` epochs to ``new_epochs``.
+
+    The low-resolution part keeps its share of the run (rounded); each new epoch takes the size
+    at the same relative position of the old list.
+    """
+    n = min(round(len(sizes) * new_epochs / epochs), new_epochs - 1) if new_epochs > 1 else 0
+    return [sizes[i * len(sizes) // n] for i in range(n)] if n > 0 else []
 
 
 def save_yaml(cfg: TrainConfig, path: str | os.PathLike) -> None:
