@@ -3,7 +3,7 @@ are mirrors, labels stay attached) and the in-memory fast recipe learns."""
 import torch
 import torch.nn.functional as F
 
-from cifarkit.data.augment import augment, cutout, random_flip, random_translate
+from cifarkit.data.augment import alternating_flip, augment, cutout, random_flip, random_translate
 from cifarkit.data.tensors import normalize
 
 
@@ -19,6 +19,25 @@ def test_flip_is_a_mirror_or_identity_per_image():
     same = [torch.equal(o, xi) for o, xi in zip(out, x)]
     assert all(f or s for f, s in zip(flipped, same))
     assert 10 < sum(flipped) < 54                      # about half
+
+
+def test_alternating_flip_mirrors_each_image_every_other_epoch():
+    x = _batch()
+    bits = torch.randint(0, 2, (len(x),), generator=torch.Generator().manual_seed(3))
+    seen = []
+    for epoch in range(4):
+        out = alternating_flip(x, bits, epoch)
+        mirrored = torch.tensor([torch.equal(o, xi.flip(2)) and not torch.equal(o, xi)
+                                 for o, xi in zip(out, x)])
+        unchanged = torch.tensor([torch.equal(o, xi) for o, xi in zip(out, x)])
+        assert bool((mirrored | unchanged).all())
+        assert torch.equal(mirrored, (bits + epoch) % 2 == 1)
+        seen.append(mirrored)
+    # consecutive epochs show every image once each way; the first epoch is a random half
+    assert bool((seen[0] ^ seen[1]).all()) and torch.equal(seen[0], seen[2])
+    assert 10 < int(seen[0].sum()) < 54
+    # through augment(): the flip bits replace the coin toss
+    assert torch.equal(augment(x, torch.Generator(), True, 0, 0, bits, 1), alternating_flip(x, bits, 1))
 
 
 def test_translate_is_a_window_of_the_reflect_padded_image():
@@ -74,3 +93,20 @@ def test_fast_recipe_short_run_learns(tiny_folder, tmp_path):
                                             "tensorboard": False})
     s = train(cfg, progress=False, log=lambda *a: None)
     assert s["best_val_acc"] >= 0.8                    # 3 classes: chance is 0.33
+
+
+def test_multi_tta_averages_ten_views():
+    from cifarkit.evaluate import _translate, logits_tta
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5))
+    x = torch.randn(6, 3, 10, 10)
+    model(x)
+    views = [x, x.flip(3)]
+    shifted = [_translate(v, dx, dy) for dx, dy in [(1, 0), (-1, 0), (0, 1), (0, -1)] for v in views]
+    ref = 0.5 * torch.stack([model(v) for v in views]).mean(0) + 0.5 * torch.stack([model(v) for v in shifted]).mean(0)
+    assert torch.allclose(logits_tta(model, x, "multi"), ref, atol=1e-5)
+    # the window is offset by (dx, dy): dx=+1 shows columns 1.. of the image, dx=-1 columns ..-1
+    assert torch.equal(_translate(x, 1, 0)[..., :, :-1], x[..., :, 1:])
+    assert torch.equal(_translate(x, -1, 0)[..., :, 1:], x[..., :, :-1])
+    assert torch.equal(_translate(x, 0, 1)[..., :-1, :], x[..., 1:, :])
+    assert torch.equal(_translate(x, 1), _translate(x, 1, 1))    # one number: the diagonal shift

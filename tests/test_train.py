@@ -172,3 +172,56 @@ def test_compile_failure_falls_back_with_one_warning(tiny_folder, tmp_path, monk
         s = train(_cfg(tiny_folder, tmp_path / "r", epochs=2, compile=True), progress=False,
                   log=lambda *a: None)
     assert s["best_val_acc"] >= 0.9
+
+
+# ----------------------------------------------------------------------------- progressive resizing
+
+_SIDES: list = []
+
+
+def _size_probe(num_classes=10):
+    """A tiny size-agnostic network that records the side of every training batch it sees."""
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.head = torch.nn.Linear(8, num_classes)
+
+        def forward(self, x):
+            if self.training:
+                _SIDES.append(x.shape[-1])
+            return self.head(torch.relu(self.conv(x)).amax((2, 3)))
+    return Probe()
+
+
+def test_progressive_resizing_trains_early_epochs_small(tiny_folder, tmp_path):
+    from cifarkit.models import _REGISTRY, register_model
+    _size_probe.__name__ = "size_probe_for_tests"
+    if _size_probe.__name__ not in _REGISTRY:
+        register_model(_size_probe)
+    _SIDES.clear()
+    cfg = _cfg(tiny_folder, tmp_path / "r", model="size_probe_for_tests", epochs=4, batch_size=24,
+               progressive=[16, 24])
+    s = train(cfg, progress=False, log=lambda *a: None)
+    steps = len(_SIDES) // 4
+    assert _SIDES == [16] * steps + [24] * steps + [32] * (2 * steps)
+    assert s["best_val_acc"] > 0.5          # it learned (3 classes)
+    ck = load_checkpoint(tmp_path / "r" / "last.ckpt")
+    assert ck.config["progressive"] == [16, 24]
+
+
+def test_progressive_config_is_checked_and_scaled_with_epochs():
+    with pytest.raises(CifarkitError, match="progressive"):
+        resolve_config("tutorial", overrides={"progressive": [40]})          # larger than 32 px
+    with pytest.raises(CifarkitError, match="progressive"):
+        resolve_config("tutorial", overrides={"epochs": 2, "progressive": [16, 16, 16]})
+    fast = resolve_config("fast")
+    assert len(fast.progressive) < fast.epochs and fast.progressive == sorted(fast.progressive)
+    short = resolve_config("fast", overrides={"epochs": 4})
+    assert 0 < len(short.progressive) < 4 and short.progressive == sorted(short.progressive)
+    assert set(short.progressive) <= set(fast.progressive)
+    assert resolve_config("fast", overrides={"epochs": 1}).progressive == []
+    # an explicit schedule is kept as given
+    assert resolve_config("fast", overrides={"epochs": 4, "progressive": [20]}).progressive == [20]
+    from cifarkit.config import RECIPES
+    assert RECIPES["fast"]["progressive"] == fast.progressive    # the recipe itself is not changed
