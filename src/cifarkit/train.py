@@ -376,7 +376,7 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                 epoch_data_state = data_gen.get_state()
                 perm = torch.randperm(n_train, generator=data_gen).to(device)
                 pos = start_step if epoch == start_epoch else 0
-                size = cfg.progressive[epoch] if epoch < len(cfg.progressive) else cfg.image_size
+                size = epoch_size(cfg, epoch)
                 model.train()
                 bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", "step", progress)
                 bar.update(pos)
@@ -474,7 +474,7 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                         writer.add_figure("val_confusion", confusion_figure(val_result.confusion, p.classes),
                                           epoch + 1)
                     writer.flush()
-                log(_epoch_line(metrics, cfg.epochs))
+                log(_epoch_line(metrics, cfg.epochs, cfg.image_size))
                 if dist.is_main:
                     snap = snapshot(epoch + 1, 0, data_gen.get_state(), metrics, {})
                     if is_best:
@@ -608,7 +608,8 @@ def _end_epoch(epoch, cfg, p: Prepared, ema, sums, opt, history):
                "val_loss": None, "val_acc": None,
                "lr": opt.param_groups[0]["lr"],
                "seconds": sums["seconds"],
-               "images_per_s": sums["seen"] / max(sums["seconds"], 1e-9)}
+               "images_per_s": sums["seen"] / max(sums["seconds"], 1e-9),
+               "image_size": epoch_size(cfg, epoch)}
     r = None
     if len(p.val) and (last or (epoch + 1) % max(cfg.eval_every, 1) == 0):
         net = ema.module if ema is not None else p.model
@@ -618,10 +619,16 @@ def _end_epoch(epoch, cfg, p: Prepared, ema, sums, opt, history):
     return metrics, r
 
 
-def _epoch_line(m: dict, epochs: int) -> str:
+def epoch_size(cfg: TrainConfig, epoch: int) -> int:
+    """Side in pixels of the training images in ``epoch`` (progressive resizing, else image_size)."""
+    return cfg.progressive[epoch] if epoch < len(cfg.progressive) else cfg.image_size
+
+
+def _epoch_line(m: dict, epochs: int, image_size: int = 0) -> str:
     val = (f"val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}" if m["val_acc"] is not None
            else "val -")
-    return (f"epoch {m['epoch']:>3}/{epochs} | train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}"
+    size = f" | {m['image_size']} px" if m.get("image_size") and m["image_size"] != image_size else ""
+    return (f"epoch {m['epoch']:>3}/{epochs}{size} | train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}"
             f" | {val} | lr {m['lr']:.4g} | {m['seconds']:.1f}s {m['images_per_s']:,.0f} img/s")
 
 
