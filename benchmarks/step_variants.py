@@ -2,7 +2,7 @@
 eager vs torch.compile, with and without cifarkit's glibc malloc tuning, for the tutorial
 network (batch 64) and the fast network (batch 2000). `--profile` prints the op breakdown.
 
-    python benchmarks/step_variants.py [--profile]
+    python benchmarks/step_variants.py [--profile] [--only fast]
 """
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ def child(model_name: str, batch: int, compiled: bool, steps: int, profile: bool
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--only", choices=("tudui", "fast"), help="measure one network only")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -64,6 +65,8 @@ def main() -> int:
         return 0
     rows = []
     for name, batch, steps in (("tudui", 64, 300), ("fast", 2000, 4)):
+        if a.only and name != a.only:
+            continue
         for compiled in ("0", "1"):
             for malloc in ("1", "0"):
                 if compiled == "1" and malloc == "0":

@@ -96,8 +96,13 @@ def test_bf16_and_augmentation_and_ema_run(tiny_folder, tmp_path):
     assert ck.extra["model_raw"] is not None   # EMA run keeps the raw weights for resuming
 
 
-def test_interrupt_then_resume_is_bit_exact(tiny_folder, tmp_path):
-    kw = dict(epochs=3, deterministic=True, flip=True, crop_pad=2)
+@pytest.mark.parametrize("extra", [
+    {},
+    # the fast recipe's extras: stopped in the 24 px epoch, resumed at that size, then 32 px
+    {"model": "fast", "model_args": {"widths": [8, 16, 16]}, "alt_flip": True, "progressive": [16, 24]},
+], ids=["tudui_relu", "fast-progressive-altflip"])
+def test_interrupt_then_resume_is_bit_exact(tiny_folder, tmp_path, extra):
+    kw = dict(epochs=3, deterministic=True, flip=True, crop_pad=2, **extra)
     full = train(_cfg(tiny_folder, tmp_path / "full", **kw), progress=False, log=lambda *a: None)
     with pytest.raises(TrainingInterrupted) as e:
         train(_cfg(tiny_folder, tmp_path / "cut", **kw), progress=False, log=lambda *a: None,

@@ -197,12 +197,35 @@ def prepare(cfg: TrainConfig, progress: bool = True, log=print, dist: Dist | Non
         g = torch.Generator().manual_seed(cfg.seed)
         sample = train.x[torch.randperm(len(train), generator=g)[:5000]]
         model.init_whitening(normalize(sample, mean, std))
+    _check_sizes(model, cfg, len(bundle.classes))
     model = model.to(device)
     if cfg.channels_last and device.type != "mps":
         model = model.to(memory_format=torch.channels_last)
     # The whole data set lives on the training device as uint8 (150 MB for CIFAR-10).
     return Prepared(cfg, device, precision, train.to(device), val.to(device), bundle.classes,
                     mean, std, model, {k: v for k, v in bundle.splits.items() if k != "val"})
+
+
+def _check_sizes(model: nn.Module, cfg: TrainConfig, num_classes: int) -> None:
+    """Fail before training if the network cannot take the --progressive image sizes."""
+    sizes = sorted(set(cfg.progressive) - {cfg.image_size})
+    if not sizes:
+        return
+    was_training = model.training
+    model.eval()   # no batch-norm statistics are touched
+    try:
+        with torch.no_grad():
+            for size in sizes:
+                out = model(torch.zeros(2, 3, size, size))
+                if tuple(out.shape) != (2, num_classes):
+                    raise RuntimeError(f"output shape {tuple(out.shape)}")
+    except RuntimeError as exc:
+        raise CifarkitError(
+            f"model {cfg.model} cannot take {size}x{size} images for --progressive "
+            f"({str(exc).splitlines()[0][:100]})",
+            "use a network that ends in global pooling (fast, resnet18) or drop --progressive", 2)
+    finally:
+        model.train(was_training)
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:

@@ -344,6 +344,15 @@ def test_bad_arguments(argv, needles, tmp_path, capsys):
     assert rc == 2 or argv[0] != "train" or "--device" in argv or "--precision" in argv or True
 
 
+def test_progressive_with_a_fixed_size_network(tmp_path, capsys):
+    # tudui's Linear(1024, 64) only fits 32x32 inputs: say so before training, not mid-run
+    data = make_folder(tmp_path / "d", classes=("a", "b"), n_per_class=10)
+    rc, _, err = cli(["train", "--data", data, "--model", "tudui", "--progressive", "24", "--epochs", "2", "--val-size", "4", "--batch-size", "4",
+                      "--out", tmp_path / "o", "--quiet"], capsys)
+    assert_one_clear_line(rc, err, "tudui", "24x24", "--progressive")
+    assert not (tmp_path / "o" / "last.ckpt").exists()
+
+
 def test_batch_larger_than_dataset(tmp_path, capsys):
     data = make_folder(tmp_path / "d", classes=("a", "b"), n_per_class=10)
     rc, _, err = cli(["train", "--data", data, "--out", tmp_path / "o", "--batch-size", "500",
