@@ -53,6 +53,16 @@ def test_translate_is_a_window_of_the_reflect_padded_image():
     assert len(shifts) > 10                            # many different shifts are drawn
 
 
+def test_translate_slice_and_gather_paths_agree():
+    # CPUs cut the windows with slices, accelerators with one gather: same result
+    from cifarkit.data.augment import _windows_by_gather, _windows_by_slices
+    x = _batch(200)
+    g = torch.Generator().manual_seed(7)
+    dy, dx = torch.randint(0, 5, (200,), generator=g), torch.randint(0, 5, (200,), generator=g)
+    padded = F.pad(x.float(), (2,) * 4, mode="reflect").to(torch.uint8)
+    assert torch.equal(_windows_by_slices(padded, dy, dx, 12, 12), _windows_by_gather(padded, dy, dx, 12, 12))
+
+
 def test_cutout_zeroes_one_square_and_leaves_the_rest():
     x = _batch() | 1                                   # no zero pixels to begin with
     out = cutout(x, 4, torch.Generator().manual_seed(3))

@@ -89,6 +89,9 @@ class TrainConfig:
             if getattr(self, key) < 0:
                 raise CifarkitError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(self, key)}",
                                     exit_code=2)
+        if self.crop_pad >= self.image_size:
+            raise CifarkitError(f"--crop-pad {self.crop_pad} must be smaller than --image-size "
+                                f"{self.image_size}", "a shift of a few pixels (2-4) is usual", exit_code=2)
         for size in self.progressive:
             if not (isinstance(size, int) and 8 <= size <= self.image_size):
                 raise CifarkitError(f"--progressive sizes must be whole numbers of pixels from 8 to "

@@ -319,6 +319,7 @@ def test_malicious_pickle_runs_only_with_trust(tmp_path, capsys):
     (["train", "--lr", "0"], ["lr"]),
     (["train", "--image-size", "0"], ["image-size"]),
     (["train", "--label-smoothing", "1.5"], ["label-smoothing"]),
+    (["train", "--crop-pad", "32"], ["--crop-pad", "image-size"]),
     (["train", "--progressive", "16,x"], ["--progressive", "comma-separated"]),
     (["train", "--progressive", "64"], ["--progressive", "image-size"]),
     (["train", "--progressive", "16,16,16", "--epochs", "2"], ["--progressive", "epochs"]),
