@@ -1,8 +1,11 @@
 """Images/s of one training step under implementation variants, each in a fresh process:
 eager vs torch.compile, with and without cifarkit's glibc malloc tuning, for the tutorial
 network (batch 64) and the fast network (batch 2000). `--profile` prints the op breakdown.
+`--sizes` times the fast network's step at several image sides instead (progressive resizing
+costs), interleaved in one process, and prints each median against the 32 px step.
 
     python benchmarks/step_variants.py [--profile] [--only fast]
+    python benchmarks/step_variants.py --sizes 16,20,24,28,32
 """
 from __future__ import annotations
 
@@ -53,12 +56,55 @@ def child(model_name: str, batch: int, compiled: bool, steps: int, profile: bool
     return rate
 
 
+def size_costs(sizes: list[int], batch: int = 2000, repeats: int = 5) -> dict:
+    """Median seconds of one fast-recipe training step per image side, interleaved."""
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+
+    from cifarkit import create_model, resolve_config
+    from cifarkit.device import set_threads
+    from cifarkit.train import make_optimizer
+
+    set_threads(0)
+    cfg = resolve_config("fast")
+    model = create_model("fast", 10, **cfg.model_args).to(memory_format=torch.channels_last)
+    opt = make_optimizer(cfg, model)
+    y = torch.randint(0, 10, (batch,))
+    xs = {s: torch.randn(batch, 3, s, s).contiguous(memory_format=torch.channels_last) for s in sizes}
+
+    def step(s):
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(xs[s]), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - t
+
+    for s in sizes:       # warm-up: first calls allocate and pick kernels
+        step(s)
+    times = {s: [] for s in sizes}
+    for _ in range(repeats):
+        for s in sizes:
+            times[s].append(step(s))
+    return {s: statistics.median(v) for s, v in times.items()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--only", choices=("tudui", "fast"), help="measure one network only")
+    ap.add_argument("--sizes", help="comma-separated image sides: time the fast step at each")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.sizes:
+        med = size_costs([int(v) for v in a.sizes.split(",")])
+        full = med.get(32) or max(med.values())
+        for s, t in med.items():
+            print(f"fast step, batch 2000, {s:2d} px: {t:6.3f} s median = {t / full:.2f} of the 32 px step", flush=True)
+        return 0
     if a.child:
         name, batch, compiled, steps = a.child
         print(json.dumps(child(name, int(batch), compiled == "1", int(steps), a.profile)))

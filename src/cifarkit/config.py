@@ -132,8 +132,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         model="fast", model_args={"widths": [64, 256, 256]},
         epochs=14, batch_size=2000,           # images per step
         # Progressive resizing: the first 10 epochs see smaller images (side in px per epoch); a
-        # 16 px step costs about 0.23 of a 32 px one on the CPU, 20 px 0.37, 24 px 0.54, 28 px
-        # 0.73, so these 14 epochs cost about 8.3 full-size ones.
+        # 16 px step costs about 0.25 of a 32 px one on a CPU, 20 px 0.38, 24 px 0.53, 28 px
+        # 0.73 (benchmarks/step_variants.py --sizes), so these 14 epochs cost about 8.4 full ones.
         progressive=[16, 16, 16, 20, 20, 20, 24, 24, 28, 28],
         optimizer="muon", lr=0.24,            # Muon step size for conv filters (scale-free)
         optimizer_args={
