@@ -55,8 +55,11 @@ def train_step_flops(cfg, size: int | None = None) -> float:
 
 def run_flops(cfg, n_train: int) -> float:
     """Training FLOPs of a whole run, each epoch at its own image size (progressive resizing)."""
-    sizes = list(cfg.progressive) + [cfg.image_size] * (cfg.epochs - len(cfg.progressive))
-    return sum(train_step_flops(cfg, s) for s in sizes) * n_train
+    from collections import Counter
+
+    from cifarkit.train import epoch_size
+    epochs_at = Counter(epoch_size(cfg, e) for e in range(cfg.epochs))
+    return sum(train_step_flops(cfg, size) * n for size, n in epochs_at.items()) * n_train
 
 
 def run_once(data: str, seed: int, overrides: dict, extra_tta: tuple = ()) -> dict:

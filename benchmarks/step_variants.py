@@ -17,7 +17,8 @@ import sys
 import time
 
 
-def child(model_name: str, batch: int, compiled: bool, steps: int, profile: bool) -> float:
+def _training_step(model_name: str, compiled: bool = False):
+    """A bf16 training step of the recipe's network and optimiser: ``step(x, y)``."""
     import torch
     import torch.nn.functional as F
 
@@ -29,17 +30,27 @@ def child(model_name: str, batch: int, compiled: bool, steps: int, profile: bool
     cfg = resolve_config("fast" if model_name == "fast" else "tutorial")
     model = create_model(model_name).to(memory_format=torch.channels_last)
     opt = make_optimizer(cfg, model)
-    x = torch.randn(batch * 4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch * 4,))
     run = torch.compile(model) if compiled else model
 
-    def step(i):
-        sl = slice((i % 4) * batch, (i % 4 + 1) * batch)
+    def step(x, y):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = F.cross_entropy(run(x[sl]), y[sl])
+            loss = F.cross_entropy(run(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    return step
+
+
+def child(model_name: str, batch: int, compiled: bool, steps: int, profile: bool) -> float:
+    import torch
+
+    train_step = _training_step(model_name, compiled)
+    x = torch.randn(batch * 4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch * 4,))
+
+    def step(i):
+        sl = slice((i % 4) * batch, (i % 4 + 1) * batch)
+        train_step(x[sl], y[sl])
 
     for i in range(3):
         step(i)
@@ -61,26 +72,14 @@ def size_costs(sizes: list[int], batch: int = 2000, repeats: int = 5) -> dict:
     import statistics
 
     import torch
-    import torch.nn.functional as F
 
-    from cifarkit import create_model, resolve_config
-    from cifarkit.device import set_threads
-    from cifarkit.train import make_optimizer
-
-    set_threads(0)
-    cfg = resolve_config("fast")
-    model = create_model("fast", 10, **cfg.model_args).to(memory_format=torch.channels_last)
-    opt = make_optimizer(cfg, model)
+    train_step = _training_step("fast")
     y = torch.randint(0, 10, (batch,))
     xs = {s: torch.randn(batch, 3, s, s).contiguous(memory_format=torch.channels_last) for s in sizes}
 
     def step(s):
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(xs[s]), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(xs[s], y)
         return time.perf_counter() - t
 
     for s in sizes:       # warm-up: first calls allocate and pick kernels
