@@ -130,10 +130,11 @@ def main() -> int:
           f"first decode {decode_s:.1f}s, cached load {load_s:.1f}s", flush=True)
     for overrides in grid:
         runs = []
+        flops = None   # the same for every seed of a config; counting it costs seconds on a GPU box
         for seed in range(a.seed_start, a.seed_start + a.seeds):
             r = run_once(a.data, seed, overrides, tuple(m for m in a.extra_tta.split(",") if m))
             cfg = r.pop("cfg")
-            flops = run_flops(cfg, r["n_train"])
+            flops = flops or run_flops(cfg, r["n_train"])
             r["achieved_gflops"] = flops / r["train_seconds"] / 1e9
             runs.append(r)
             print(f"{json.dumps(overrides)} seed {seed}: val {r['val_acc']:.4f} | train {r['train_seconds']:.1f}s "

@@ -228,5 +228,8 @@ def test_progressive_config_is_checked_and_scaled_with_epochs():
     assert resolve_config("fast", overrides={"epochs": 1}).progressive == []
     # an explicit schedule is kept as given
     assert resolve_config("fast", overrides={"epochs": 4, "progressive": [20]}).progressive == [20]
+    # ... even when it equals the recipe's own list
+    same = resolve_config("fast", overrides={"epochs": fast.epochs + 1, "progressive": fast.progressive})
+    assert same.progressive == fast.progressive
     from cifarkit.config import RECIPES
     assert RECIPES["fast"]["progressive"] == fast.progressive    # the recipe itself is not changed

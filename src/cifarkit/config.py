@@ -215,9 +215,11 @@ def resolve(recipe: str = "tutorial", config_file: str | None = None,
                                     f"{closest(key, valid)}see `cifarkit train --help`", 2)
             values[key] = _coerce(key, copy.deepcopy(value), source)   # never alias RECIPES
     base = RECIPES[recipe]
-    if (base.get("progressive") and values.get("progressive") == base["progressive"]
+    own_schedule = any("progressive" in layer for _, layer in layers[1:])
+    if (base.get("progressive") and not own_schedule
             and values.get("epochs", base.get("epochs")) != base.get("epochs")):
-        # `--recipe fast --epochs N` keeps the recipe's resolution schedule in proportion.
+        # `--recipe fast --epochs N` keeps the recipe's resolution schedule in proportion; a
+        # schedule given in a file or on the command line is taken as written.
         values["progressive"] = scale_schedule(base["progressive"], base["epochs"], values["epochs"])
     return TrainConfig(**values).validate()
 
