@@ -100,7 +100,10 @@ def test_bf16_and_augmentation_and_ema_run(tiny_folder, tmp_path):
     {},
     # the fast recipe's extras: stopped in the 24 px epoch, resumed at that size, then 32 px
     {"model": "fast", "model_args": {"widths": [8, 16, 16]}, "alt_flip": True, "progressive": [16, 24]},
-], ids=["tudui_relu", "fast-progressive-altflip"])
+    # Muon with the whitening bias frozen after epoch 1: the resumed run must freeze it too
+    {"model": "fast", "model_args": {"widths": [8, 16, 16]}, "optimizer": "muon", "lr": 0.24,
+     "optimizer_args": {"whiten_bias_epochs": 1}},
+], ids=["tudui_relu", "fast-progressive-altflip", "fast-muon-frozen-whiten-bias"])
 def test_interrupt_then_resume_is_bit_exact(tiny_folder, tmp_path, extra):
     kw = dict(epochs=3, deterministic=True, flip=True, crop_pad=2, **extra)
     full = train(_cfg(tiny_folder, tmp_path / "full", **kw), progress=False, log=lambda *a: None)
@@ -233,3 +236,26 @@ def test_progressive_config_is_checked_and_scaled_with_epochs():
     assert same.progressive == fast.progressive
     from cifarkit.config import RECIPES
     assert RECIPES["fast"]["progressive"] == fast.progressive    # the recipe itself is not changed
+
+
+def test_stopped_whitening_bias_is_frozen_without_changing_the_result(tiny_folder, tmp_path, monkeypatch):
+    import importlib
+    train_mod = importlib.import_module("cifarkit.train")   # the package exports a function of that name
+    kw = dict(model="fast", model_args={"widths": [8, 16, 16]}, optimizer="muon", lr=0.24,
+              optimizer_args={"whiten_bias_epochs": 1}, epochs=3, deterministic=True, flip=True)
+    frozen_at = []
+    real = train_mod.freeze_stopped
+
+    def spy(opt, global_step):
+        real(opt, global_step)
+        bias = [p for g in opt.param_groups if g.get("tag") == "whiten_bias" for p in g["params"]]
+        frozen_at.append(not bias[0].requires_grad)
+    monkeypatch.setattr(train_mod, "freeze_stopped", spy)
+    train(_cfg(tiny_folder, tmp_path / "a", **kw), progress=False, log=lambda *a: None)
+    assert frozen_at == [False, True, True]          # trains in epoch 1 only, then no gradient
+    monkeypatch.setattr(train_mod, "freeze_stopped", lambda opt, step: None)
+    train(_cfg(tiny_folder, tmp_path / "b", **kw), progress=False, log=lambda *a: None)
+    a = load_checkpoint(tmp_path / "a" / "last.ckpt").state_dict
+    b = load_checkpoint(tmp_path / "b" / "last.ckpt").state_dict
+    assert all(torch.equal(a[k], b[k]) for k in a)   # skipping the gradient changes no weight
+    assert not torch.equal(a["whiten.bias"], torch.zeros_like(a["whiten.bias"]))  # it did train

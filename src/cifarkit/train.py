@@ -110,9 +110,24 @@ def lr_lambdas(cfg: TrainConfig, opt, total_steps: int, steps_per_epoch: int):
         if g.get("tag") == "whiten_bias":
             stop = max(1, int({**MUON_DEFAULTS, **cfg.optimizer_args}["whiten_bias_epochs"] * steps_per_epoch))
             out.append(lambda s, stop=stop: max(0.0, 1 - s / stop))
+            g["stop_step"] = stop    # from here on its learning rate is 0 for good (see freeze_stopped)
         else:
             out.append(main)
     return out
+
+
+def freeze_stopped(opt, global_step: int) -> None:
+    """Stop computing gradients for parameter groups whose learning rate has reached 0 for good.
+
+    The whitening bias stops training after a few epochs; its gradient would still cost the
+    backward pass of the first convolution with respect to its input (and a GELU backward at full
+    resolution), about 5 % of a step on a CPU. With a learning rate of 0 the update is exactly
+    zero, so freezing changes no weight: it only skips work.
+    """
+    for g in opt.param_groups:
+        if g.get("stop_step") is not None and global_step >= g["stop_step"]:
+            for p in g["params"]:
+                p.requires_grad_(False)
 
 
 def lr_factor(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
@@ -400,6 +415,8 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                 perm = torch.randperm(n_train, generator=data_gen).to(device)
                 pos = start_step if epoch == start_epoch else 0
                 size = epoch_size(cfg, epoch)
+                if not dist.enabled:   # DDP fixes the set of parameters with gradients at wrap time
+                    freeze_stopped(opt, epoch * steps_per_epoch + pos)
                 model.train()
                 bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", "step", progress)
                 bar.update(pos)
