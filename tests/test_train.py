@@ -35,6 +35,8 @@ def test_unknown_keys_and_bad_values_are_clear(tmp_path):
         resolve_config("tutorail")
     with pytest.raises(CifarkitError, match="batch-size"):
         resolve_config("tutorial", overrides={"batch_size": 0})
+    with pytest.raises(CifarkitError, match="mapping"):
+        TrainConfig(model="fast", model_args=[64, 256, 256]).validate()     # the API, without YAML
     y.write_text("lr: fast\n")
     with pytest.raises(CifarkitError, match="lr"):
         resolve_config("tutorial", str(y))

@@ -370,3 +370,20 @@ def test_bad_yaml_config(tmp_path, capsys):
         assert_one_clear_line(rc, err, needle)
     rc, _, err = cli(["train", "--config", tmp_path / "missing.yaml"], capsys)
     assert_one_clear_line(rc, err, "does not exist")
+
+
+def test_bad_model_args_fail_before_reading_data(tmp_path, capsys):
+    # the data folder does not exist: the model_args error must come first, from the config alone
+    y = tmp_path / "c.yaml"
+    for text, needles in (("model_args: {widthz: [8, 16, 16]}\n", ("widthz", "did you mean widths")),
+                          ("model_args: {whiten_width: 32}\n", ("whiten_width", "2 to 24")),
+                          ("model_args: {widths: [64, 256]}\n", ("widths", "three")),
+                          ("model_args: [1, 2]\n", ("model_args", "should be dict"))):
+        y.write_text(text)
+        rc, _, err = cli(["train", "--recipe", "fast", "--config", y, "--data", tmp_path / "nodata",
+                          "--out", tmp_path / "o"], capsys)
+        assert_one_clear_line(rc, err, *needles)
+        assert rc == 2
+    y.write_text("model: tudui\nmodel_args: {widths: [8, 16, 16]}\n")
+    rc, _, err = cli(["train", "--config", y, "--out", tmp_path / "o"], capsys)
+    assert_one_clear_line(rc, err, "tudui", "takes no model_args")

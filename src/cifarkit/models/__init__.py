@@ -41,7 +41,24 @@ def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
         )
     if num_classes < 1:
         raise CifarkitError(f"num_classes must be >= 1, got {num_classes}", exit_code=2)
+    check_model_args(name, kwargs)
     return _REGISTRY[name](num_classes=num_classes, **kwargs)
+
+
+def model_settings(name: str) -> list[str]:
+    """The keyword settings a registered model accepts (model_args), besides num_classes."""
+    import inspect
+    return [p for p in inspect.signature(_REGISTRY[name]).parameters if p != "num_classes"]
+
+
+def check_model_args(name: str, args: dict) -> None:
+    """Refuse model_args the model does not take, before any data is read."""
+    accepted = model_settings(name)
+    for key in args:
+        if key not in accepted:
+            hint = (f"{closest(key, accepted)}model {name} accepts: {', '.join(accepted)}" if accepted
+                    else f"model {name} takes no model_args; remove them")
+            raise CifarkitError(f"model_args: model {name!r} has no setting {key!r}", hint, exit_code=2)
 
 
 def count_parameters(model: nn.Module) -> int:

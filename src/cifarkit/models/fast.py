@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..errors import CifarkitError
 from . import register_model
 
 
@@ -86,4 +87,14 @@ class FastNet(nn.Module):
 @register_model
 def fast(num_classes: int = 10, widths=(64, 256, 256), whiten_width: int = 24) -> nn.Module:
     """Speed-run network: 2x2 whitening conv + three conv-pool-BN-GELU groups (~1.9M params)."""
+    if not (isinstance(widths, (list, tuple)) and len(widths) == 3
+            and all(isinstance(w, int) and w > 0 for w in widths)):
+        raise CifarkitError(f"model_args: fast's widths must be three positive whole numbers, got {widths!r}",
+                            "e.g. widths: [64, 256, 256]", exit_code=2)
+    # The whitening layer holds +/- the top eigenvectors of the 2x2 RGB patch covariance, which has
+    # 3*2*2 = 12 dimensions: so at most 24 channels, in pairs.
+    if not (isinstance(whiten_width, int) and 2 <= whiten_width <= 24 and whiten_width % 2 == 0):
+        raise CifarkitError(f"model_args: fast's whiten_width must be an even number from 2 to 24, "
+                            f"got {whiten_width!r}", "a 2x2 RGB patch has 12 directions, each used "
+                            "with both signs; the default is 24", exit_code=2)
     return FastNet(num_classes, tuple(widths), whiten_width)
