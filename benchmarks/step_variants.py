@@ -2,10 +2,13 @@
 eager vs torch.compile, with and without cifarkit's glibc malloc tuning, for the tutorial
 network (batch 64) and the fast network (batch 2000). `--profile` prints the op breakdown.
 `--sizes` times the fast network's step at several image sides instead (progressive resizing
-costs), interleaved in one process, and prints each median against the 32 px step.
+costs), interleaved in one process, and prints each median against the 32 px step. `--layers`
+times each convolution of the fast network (forward, backward to the input, backward to the
+weights) and a full step with and without the whitening bias's gradient (frozen after epoch 3).
 
     python benchmarks/step_variants.py [--profile] [--only fast]
     python benchmarks/step_variants.py --sizes 16,20,24,28,32
+    python benchmarks/step_variants.py --layers
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ def _training_step(model_name: str, compiled: bool = False):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    step.model = model
     return step
 
 
@@ -91,13 +95,79 @@ def size_costs(sizes: list[int], batch: int = 2000, repeats: int = 5) -> dict:
     return {s: statistics.median(v) for s, v in times.items()}
 
 
+def _median_ms(fn, repeats: int = 5) -> float:
+    import statistics
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def layer_costs(batch: int = 2000, size: int = 32) -> None:
+    """Per-convolution times of the fast network in bf16/channels_last, then the frozen-bias ratio."""
+    import torch
+    import torch.nn.functional as F
+
+    from cifarkit import create_model
+    from cifarkit.device import set_threads
+
+    set_threads(0)
+    model = create_model("fast")
+    shapes = []   # (name, input shape, conv) of every convolution, recorded on a small forward
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: shapes.append((n, i[0].shape, m)))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    model(torch.randn(2, 3, size, size))
+    for h in hooks:
+        h.remove()
+    cl = torch.channels_last
+    totals = [0.0, 0.0, 0.0]
+    for name, shape, conv in shapes:
+        x = torch.randn(batch, *shape[1:], dtype=torch.bfloat16).contiguous(memory_format=cl)
+        w = conv.weight.detach().to(torch.bfloat16).contiguous(memory_format=cl)
+        args = (conv.stride, conv.padding, conv.dilation, False, [0, 0], 1)
+        y = F.conv2d(x, w, None, conv.stride, conv.padding)
+        g = torch.randn_like(y).contiguous(memory_format=cl)
+        flop = 2 * y.numel() * w[0].numel() / 1e9
+        bwd = lambda mask: torch.ops.aten.convolution_backward(g, x, w, None, *args, mask)
+        t = (_median_ms(lambda: F.conv2d(x, w, None, conv.stride, conv.padding)),
+             _median_ms(lambda: bwd([True, False, False])), _median_ms(lambda: bwd([False, True, False])))
+        totals = [a + b for a, b in zip(totals, t)]
+        print(f"{name:18} {tuple(shape[1:])!s:15} fwd {t[0]:6.1f} ms ({flop / t[0] * 1e3:4.0f} GFLOP/s) | "
+              f"grad input {t[1]:6.1f} ms ({flop / t[1] * 1e3:4.0f}) | grad weight {t[2]:6.1f} ms "
+              f"({flop / t[2] * 1e3:4.0f})", flush=True)
+    print(f"{'all convolutions':34} fwd {totals[0]:6.1f} ms | grad input {totals[1]:6.1f} ms | "
+          f"grad weight {totals[2]:6.1f} ms")
+    train_step = _training_step("fast")
+    net = train_step.model
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=cl)
+    y = torch.randint(0, 10, (batch,))
+    times = {True: [], False: []}
+    for i in range(12):   # interleaved, so drift in the machine's speed hits both alike
+        net.whiten.bias.requires_grad_(i % 2 == 0)
+        t = time.perf_counter()
+        train_step(x, y)
+        times[i % 2 == 0].append(time.perf_counter() - t)
+    import statistics
+    on, off = (statistics.median(times[k][1:]) for k in (True, False))
+    print(f"full step, batch {batch}, {size} px: whitening bias trained {on * 1e3:.0f} ms, frozen "
+          f"{off * 1e3:.0f} ms (ratio {off / on:.3f}; medians of 5 after one warm-up each)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--only", choices=("tudui", "fast"), help="measure one network only")
     ap.add_argument("--sizes", help="comma-separated image sides: time the fast step at each")
+    ap.add_argument("--layers", action="store_true", help="time each convolution of the fast network")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.layers:
+        layer_costs()
+        return 0
     if a.sizes:
         med = size_costs([int(v) for v in a.sizes.split(",")])
         full = med.get(32) or max(med.values())
