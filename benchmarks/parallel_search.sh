@@ -1,8 +1,8 @@
 #!/bin/bash
 # Search recipe variants on one GPU with several processes at once. A run of the fast recipe
-# leaves an H200 partly idle: 4 processes finished 80 runs in 500 s where one process does about
-# 60 (7.4 s of wall time per run). Their seconds are then not comparable with single-process
-# runs, only their accuracies are.
+# leaves an H200 partly idle: 4 processes finished 80 runs in 500 s, where one process alone
+# spent 7.4 s of wall time per run (about 68 in 500 s). Their seconds are then not comparable
+# with single-process runs, only their accuracies are.
 #
 #   benchmarks/parallel_search.sh DATA_DIR OUT_DIR GRID1.json [GRID2.json ...]
 #
