@@ -40,12 +40,18 @@ def matmul_peak_gflops(device: torch.device, dtype=torch.bfloat16, n: int = 4096
     return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
 
 
-def train_step_flops(cfg, size: int | None = None) -> float:
-    """FLOPs of one forward+backward of one image of the recipe's model (flop_counter)."""
+def train_step_flops(cfg, size: int | None = None, bias_frozen: bool = False) -> float:
+    """FLOPs of one forward+backward of one image of the recipe's model (flop_counter).
+
+    ``bias_frozen``: the whitening bias has stopped training, so (as in cifarkit.train) it gets no
+    gradient and the first convolution's gradient to its input is not computed or counted.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     from cifarkit import create_model
     model = create_model(cfg.model, 10, **cfg.model_args)
+    if bias_frozen:
+        model.whiten.bias.requires_grad_(False)
     size = size or cfg.image_size
     x = torch.randn(8, 3, size, size)
     with FlopCounterMode(display=False) as counter:
@@ -57,9 +63,12 @@ def run_flops(cfg, n_train: int) -> float:
     """Training FLOPs of a whole run, each epoch at its own image size (progressive resizing)."""
     from collections import Counter
 
-    from cifarkit.train import epoch_size
-    epochs_at = Counter(epoch_size(cfg, e) for e in range(cfg.epochs))
-    return sum(train_step_flops(cfg, size) * n for size, n in epochs_at.items()) * n_train
+    from cifarkit.train import MUON_DEFAULTS, epoch_size
+    stop = None   # the epoch from which the whitening bias is frozen (the fast net with Muon)
+    if cfg.optimizer == "muon" and cfg.model == "fast":
+        stop = {**MUON_DEFAULTS, **cfg.optimizer_args}["whiten_bias_epochs"]
+    epochs_at = Counter((epoch_size(cfg, e), stop is not None and e >= stop) for e in range(cfg.epochs))
+    return sum(train_step_flops(cfg, size, frozen) * n for (size, frozen), n in epochs_at.items()) * n_train
 
 
 def run_once(data: str, seed: int, overrides: dict, extra_tta: tuple = ()) -> dict:
