@@ -63,10 +63,8 @@ def run_flops(cfg, n_train: int) -> float:
     """Training FLOPs of a whole run, each epoch at its own image size (progressive resizing)."""
     from collections import Counter
 
-    from cifarkit.train import MUON_DEFAULTS, epoch_size
-    stop = None   # the epoch from which the whitening bias is frozen (the fast net with Muon)
-    if cfg.optimizer == "muon" and cfg.model == "fast":
-        stop = {**MUON_DEFAULTS, **cfg.optimizer_args}["whiten_bias_epochs"]
+    from cifarkit.train import epoch_size, whiten_bias_epochs
+    stop = whiten_bias_epochs(cfg) if cfg.model == "fast" else None   # frozen from this epoch on
     epochs_at = Counter((epoch_size(cfg, e), stop is not None and e >= stop) for e in range(cfg.epochs))
     return sum(train_step_flops(cfg, size, frozen) * n for (size, frozen), n in epochs_at.items()) * n_train
 

@@ -107,15 +107,14 @@ class TrainConfig:
                                 exit_code=2)
         if not 0 <= self.ema < 1:
             raise CifarkitError(f"--ema must be in [0, 1), got {self.ema}", exit_code=2)
-        from .models import check_model_args, list_models
+        from .models import list_models
         if self.model not in list_models():
             from .models import create_model
             create_model(self.model)  # raises the 'unknown model' error with suggestions
         if not isinstance(self.model_args, dict):
             raise CifarkitError(f"model_args should be a mapping of settings, got {self.model_args!r}",
                                 "e.g. model_args: {widths: [64, 256, 256]}", exit_code=2)
-        check_model_args(self.model, self.model_args)
-        _try_build(self.model, self.model_args)
+        _try_build(self.model, self.model_args)   # unknown settings and bad values, before any data
         return self
 
     def to_dict(self) -> dict:

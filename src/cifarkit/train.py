@@ -108,7 +108,7 @@ def lr_lambdas(cfg: TrainConfig, opt, total_steps: int, steps_per_epoch: int):
     out = []
     for g in opt.param_groups:
         if g.get("tag") == "whiten_bias":
-            stop = max(1, int({**MUON_DEFAULTS, **cfg.optimizer_args}["whiten_bias_epochs"] * steps_per_epoch))
+            stop = max(1, int(whiten_bias_epochs(cfg) * steps_per_epoch))
             out.append(lambda s, stop=stop: max(0.0, 1 - s / stop))
             g["stop_step"] = stop    # from here on its learning rate is 0 for good (see freeze_stopped)
         else:
@@ -116,12 +116,17 @@ def lr_lambdas(cfg: TrainConfig, opt, total_steps: int, steps_per_epoch: int):
     return out
 
 
+def whiten_bias_epochs(cfg: TrainConfig) -> float | None:
+    """How long the whitening layer's bias trains (Muon recipes); None where no schedule applies."""
+    return {**MUON_DEFAULTS, **cfg.optimizer_args}["whiten_bias_epochs"] if cfg.optimizer == "muon" else None
+
+
 def freeze_stopped(opt, global_step: int) -> None:
     """Stop computing gradients for parameter groups whose learning rate has reached 0 for good.
 
     The whitening bias stops training after a few epochs; its gradient would still cost the
     backward pass of the first convolution with respect to its input (and a GELU backward at full
-    resolution), about 5 % of a step on a CPU. With a learning rate of 0 the update is exactly
+    resolution), about 6 % of a step on a CPU. With a learning rate of 0 the update is exactly
     zero, so freezing changes no weight: it only skips work.
     """
     for g in opt.param_groups:
