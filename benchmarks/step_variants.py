@@ -71,40 +71,37 @@ def child(model_name: str, batch: int, compiled: bool, steps: int, profile: bool
     return rate
 
 
-def size_costs(sizes: list[int], batch: int = 2000, repeats: int = 5) -> dict:
-    """Median seconds of one fast-recipe training step per image side, interleaved."""
+def _interleaved_medians(cases: dict, repeats: int = 5) -> dict:
+    """Median seconds of each callable, run in turn so drift in the machine's speed hits all alike
+    (one warm-up call each first: first calls allocate and pick kernels)."""
     import statistics
 
+    def timed(fn):
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    for fn in cases.values():
+        fn()
+    times = {k: [] for k in cases}
+    for _ in range(repeats):
+        for k, fn in cases.items():
+            times[k].append(timed(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def size_costs(sizes: list[int], batch: int = 2000, repeats: int = 5) -> dict:
+    """Median seconds of one fast-recipe training step per image side, interleaved."""
     import torch
 
     train_step = _training_step("fast")
     y = torch.randint(0, 10, (batch,))
     xs = {s: torch.randn(batch, 3, s, s).contiguous(memory_format=torch.channels_last) for s in sizes}
-
-    def step(s):
-        t = time.perf_counter()
-        train_step(xs[s], y)
-        return time.perf_counter() - t
-
-    for s in sizes:       # warm-up: first calls allocate and pick kernels
-        step(s)
-    times = {s: [] for s in sizes}
-    for _ in range(repeats):
-        for s in sizes:
-            times[s].append(step(s))
-    return {s: statistics.median(v) for s, v in times.items()}
+    return _interleaved_medians({s: lambda s=s: train_step(xs[s], y) for s in sizes}, repeats)
 
 
 def _median_ms(fn, repeats: int = 5) -> float:
-    import statistics
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    return _interleaved_medians({0: fn}, repeats)[0] * 1e3
 
 
 def layer_costs(batch: int = 2000, size: int = 32) -> None:
@@ -142,17 +139,15 @@ def layer_costs(batch: int = 2000, size: int = 32) -> None:
     print(f"{'all convolutions':34} fwd {totals[0]:6.1f} ms | grad input {totals[1]:6.1f} ms | "
           f"grad weight {totals[2]:6.1f} ms")
     train_step = _training_step("fast")
-    net = train_step.model
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=cl)
     y = torch.randint(0, 10, (batch,))
-    times = {True: [], False: []}
-    for i in range(12):   # interleaved, so drift in the machine's speed hits both alike
-        net.whiten.bias.requires_grad_(i % 2 == 0)
-        t = time.perf_counter()
+    net = train_step.model
+
+    def step_with(trained: bool):
+        net.whiten.bias.requires_grad_(trained)
         train_step(x, y)
-        times[i % 2 == 0].append(time.perf_counter() - t)
-    import statistics
-    on, off = (statistics.median(times[k][1:]) for k in (True, False))
+    med = _interleaved_medians({k: lambda k=k: step_with(k) for k in (True, False)})
+    on, off = med[True], med[False]
     print(f"full step, batch {batch}, {size} px: whitening bias trained {on * 1e3:.0f} ms, frozen "
           f"{off * 1e3:.0f} ms (ratio {off / on:.3f}; medians of 5 after one warm-up each)")
 
