@@ -21,39 +21,85 @@ CPP = r'''
 #include <ATen/Parallel.h>
 #include <cstdint>
 #include <cstring>
-static inline float bf(uint16_t v){ uint32_t u = (uint32_t)v << 16; float f; std::memcpy(&f,&u,4); return f; }
+
+// bf16 is the top half of a float32: widen by shifting the bits.
+static inline float bf(uint16_t v) {
+  uint32_t u = (uint32_t)v << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+static void check(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kBFloat16 && t.dim() == 4 &&
+              t.is_contiguous(at::MemoryFormat::ChannelsLast), name, ": a 4-D bf16 channels_last CPU tensor");
+}
+
+// 2x2, stride 2, floor: out[n, i, j, c] = max of the window; code = which of its 4 pixels (0..3).
 std::vector<torch::Tensor> fwd(torch::Tensor x) {
-  int64_t N=x.size(0), C=x.size(1), H=x.size(2), W=x.size(3), h=H/2, w=W/2;
-  auto out = torch::empty({N,C,h,w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  auto code = torch::empty({N,h,w,C}, x.options().dtype(torch::kUInt8));
-  const uint16_t* X = (const uint16_t*)x.data_ptr(); uint16_t* O=(uint16_t*)out.data_ptr(); uint8_t* K=code.data_ptr<uint8_t>();
-  at::parallel_for(0, N*h, 1, [&](int64_t b, int64_t e){
-    for (int64_t r=b; r<e; ++r){ int64_t n=r/h, i=r%h;
-      const uint16_t* row0 = X + ((n*H + 2*i)*W)*C; const uint16_t* row1 = row0 + W*C;
-      uint16_t* o = O + ((n*h + i)*w)*C; uint8_t* k = K + ((n*h + i)*w)*C;
-      for (int64_t j=0;j<w;++j){ const uint16_t* a=row0+2*j*C; const uint16_t* b2=a+C; const uint16_t* c=row1+2*j*C; const uint16_t* d=c+C;
-        uint16_t* oo=o+j*C; uint8_t* kk=k+j*C;
+  check(x, "x");
+  int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), h = H / 2, w = W / 2;
+  auto out = torch::empty({N, C, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto code = torch::empty({N, h, w, C}, x.options().dtype(torch::kUInt8));
+  const uint16_t* X = (const uint16_t*)x.data_ptr();
+  uint16_t* O = (uint16_t*)out.data_ptr();
+  uint8_t* K = code.data_ptr<uint8_t>();
+  at::parallel_for(0, N * h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      int64_t n = r / h, i = r % h;
+      const uint16_t* top = X + (n * H + 2 * i) * W * C;
+      const uint16_t* bottom = top + W * C;
+      for (int64_t j = 0; j < w; ++j) {
+        const uint16_t *p0 = top + 2 * j * C, *p1 = p0 + C, *p2 = bottom + 2 * j * C, *p3 = p2 + C;
+        uint16_t* o = O + (r * w + j) * C;
+        uint8_t* k = K + (r * w + j) * C;
         #pragma omp simd
-        for (int64_t ch=0; ch<C; ++ch){ float va=bf(a[ch]), vb=bf(b2[ch]), vc=bf(c[ch]), vd=bf(d[ch]);
-          float m=va; uint8_t id=0; uint16_t mv=a[ch];
-          if (vb>m){m=vb;id=1;mv=b2[ch];} if (vc>m){m=vc;id=2;mv=c[ch];} if (vd>m){m=vd;id=3;mv=d[ch];}
-          oo[ch]=mv; kk[ch]=id; } } } });
+        for (int64_t c = 0; c < C; ++c) {
+          // strict > keeps the first maximum, as PyTorch's max_pool2d does
+          float m = bf(p0[c]); uint8_t id = 0; uint16_t mv = p0[c];
+          if (bf(p1[c]) > m) { m = bf(p1[c]); id = 1; mv = p1[c]; }
+          if (bf(p2[c]) > m) { m = bf(p2[c]); id = 2; mv = p2[c]; }
+          if (bf(p3[c]) > m) { id = 3; mv = p3[c]; }
+          o[c] = mv;
+          k[c] = id;
+        }
+      }
+    }
+  });
   return {out, code};
 }
+
+// Every input-gradient element written once: the output gradient where the code points, else 0.
 torch::Tensor bwd(torch::Tensor g, torch::Tensor code, int64_t H, int64_t W) {
-  int64_t N=g.size(0), C=g.size(1), h=g.size(2), w=g.size(3);
-  auto gi = torch::empty({N,C,H,W}, g.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const uint16_t* G=(const uint16_t*)g.data_ptr(); const uint8_t* K=code.data_ptr<uint8_t>(); uint16_t* I=(uint16_t*)gi.data_ptr();
-  at::parallel_for(0, N*H, 1, [&](int64_t b, int64_t e){
-    for (int64_t r=b; r<e; ++r){ int64_t n=r/H, y=r%H; uint16_t* row = I + r*W*C;
-      if (y >= 2*h){ std::memset(row, 0, W*C*2); continue; }
-      int64_t i=y/2; int dy=(y&1)*2;
-      const uint16_t* gg = G + ((n*h+i)*w)*C; const uint8_t* kk = K + ((n*h+i)*w)*C;
-      for (int64_t x=0; x<2*w; ++x){ int64_t j=x/2; uint8_t want=dy+(x&1); uint16_t* o=row+x*C; const uint16_t* gj=gg+j*C; const uint8_t* kj=kk+j*C;
+  check(g, "grad");
+  int64_t N = g.size(0), C = g.size(1), h = g.size(2), w = g.size(3);
+  TORCH_CHECK(code.sizes() == torch::IntArrayRef({N, h, w, C}) && H / 2 == h && W / 2 == w, "code/shape mismatch");
+  auto gi = torch::empty({N, C, H, W}, g.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const uint16_t* G = (const uint16_t*)g.data_ptr();
+  const uint8_t* K = code.data_ptr<uint8_t>();
+  uint16_t* I = (uint16_t*)gi.data_ptr();
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      int64_t n = r / H, y = r % H;
+      uint16_t* row = I + r * W * C;
+      if (y >= 2 * h) {  // the odd last row is never a maximum
+        std::memset(row, 0, W * C * 2);
+        continue;
+      }
+      int64_t i = y / 2;
+      const uint16_t* grow = G + (n * h + i) * w * C;
+      const uint8_t* krow = K + (n * h + i) * w * C;
+      for (int64_t x = 0; x < 2 * w; ++x) {
+        uint8_t want = (y & 1) * 2 + (x & 1);
+        const uint16_t* gj = grow + (x / 2) * C;
+        const uint8_t* kj = krow + (x / 2) * C;
+        uint16_t* o = row + x * C;
         #pragma omp simd
-        for (int64_t ch=0; ch<C; ++ch) o[ch] = (kj[ch]==want) ? gj[ch] : (uint16_t)0; }
-      if (W > 2*w) std::memset(row + 2*w*C, 0, (W-2*w)*C*2);
-    } });
+        for (int64_t c = 0; c < C; ++c) o[c] = kj[c] == want ? gj[c] : (uint16_t)0;
+      }
+      if (W > 2 * w) std::memset(row + 2 * w * C, 0, (W - 2 * w) * C * 2);  // odd last column
+    }
+  });
   return gi;
 }
 '''
