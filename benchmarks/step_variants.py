@@ -5,10 +5,12 @@ network (batch 64) and the fast network (batch 2000). `--profile` prints the op 
 costs), interleaved in one process, and prints each median against the 32 px step. `--layers`
 times each convolution of the fast network (forward, backward to the input, backward to the
 weights) and a full step with and without the whitening bias's gradient (frozen after epoch 3).
+`--native` times a full 32 px step with cifarkit's C++ max-pool (kernels.py) against PyTorch's.
 
     python benchmarks/step_variants.py [--profile] [--only fast]
     python benchmarks/step_variants.py --sizes 16,20,24,28,32
     python benchmarks/step_variants.py --layers
+    python benchmarks/step_variants.py --native [--widths 64,256,384]
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import sys
 import time
 
 
-def _training_step(model_name: str, compiled: bool = False):
+def _training_step(model_name: str, compiled: bool = False, model_args: dict | None = None):
     """A bf16 training step of the recipe's network and optimiser: ``step(x, y)``."""
     import torch
     import torch.nn.functional as F
@@ -31,7 +33,7 @@ def _training_step(model_name: str, compiled: bool = False):
 
     set_threads(0)
     cfg = resolve_config("fast" if model_name == "fast" else "tutorial")
-    model = create_model(model_name).to(memory_format=torch.channels_last)
+    model = create_model(model_name, **(model_args or {})).to(memory_format=torch.channels_last)
     opt = make_optimizer(cfg, model)
     run = torch.compile(model) if compiled else model
 
@@ -152,14 +154,44 @@ def layer_costs(batch: int = 2000, size: int = 32) -> None:
           f"{off * 1e3:.0f} ms (ratio {off / on:.3f}; medians of 5 after one warm-up each)")
 
 
+def native_costs(widths: list[int], batch: int = 2000, size: int = 32) -> None:
+    """A full fast-network step with the native max-pool against PyTorch's, interleaved."""
+    import torch
+
+    from cifarkit import kernels
+
+    reason = kernels.load()
+    if reason is not None:
+        raise SystemExit(f"native kernels unavailable: {reason}")
+    train_step = _training_step("fast", model_args={"widths": widths})
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+
+    def step(native: bool):
+        if native:
+            train_step(x, y)
+        else:
+            with kernels.disabled():
+                train_step(x, y)
+    med = _interleaved_medians({k: lambda k=k: step(k) for k in (False, True)}, repeats=7)
+    print(f"full step, fast widths {widths}, batch {batch}, {size} px: PyTorch max-pool "
+          f"{med[False] * 1e3:.0f} ms, native {med[True] * 1e3:.0f} ms (ratio {med[True] / med[False]:.3f}; "
+          f"medians of 7 after one warm-up each)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--only", choices=("tudui", "fast"), help="measure one network only")
     ap.add_argument("--sizes", help="comma-separated image sides: time the fast step at each")
     ap.add_argument("--layers", action="store_true", help="time each convolution of the fast network")
+    ap.add_argument("--native", action="store_true", help="full step: native max-pool vs PyTorch's")
+    ap.add_argument("--widths", default="64,256,256", help="with --native: the fast network's widths")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.native:
+        native_costs([int(v) for v in a.widths.split(",")])
+        return 0
     if a.layers:
         layer_costs()
         return 0

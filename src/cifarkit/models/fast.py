@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CifarkitError
+from ..kernels import MaxPool2x2
 from . import register_model
 
 
@@ -30,7 +31,7 @@ class ConvGroup(nn.Sequential):
     def __init__(self, c_in: int, c_out: int):
         super().__init__(
             nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-            nn.MaxPool2d(2),
+            MaxPool2x2(),   # nn.MaxPool2d(2), with cifarkit's native CPU kernel when it is built
             FrozenScaleBN(c_out),
             nn.GELU(),
             nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),

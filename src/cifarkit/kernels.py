@@ -1,0 +1,239 @@
+"""Optional native CPU kernels, built once with the machine's C++ compiler.
+
+PyTorch's CPU max-pool is slow for what the fast network does most: a 2x2, stride-2 pool of a
+bf16 channels_last tensor. It stores the argmax as int64 indices (four times the size of the
+bf16 output) and its backward zero-fills the whole input gradient before scattering into it.
+The kernel here keeps a 1-byte code (which of the 4 pixels won) and writes every input-gradient
+element exactly once. Outputs and gradients are bit-identical to ``F.max_pool2d`` (the first
+maximum wins, as in PyTorch), so training with or without it gives the same weights; on the
+fast network it saves about 5 % of a training step (``benchmarks/pool_kernel.py``).
+
+Nothing here is required: :func:`load` builds the extension (``torch.utils.cpp_extension``,
+about 20 s the first time, then cached in ``$TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions)
+and returns a reason instead when there is no compiler or ninja; until it has succeeded,
+:func:`max_pool2x2` is ``F.max_pool2d``.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+
+import torch
+import torch.nn.functional as F
+
+# Hand-written rather than composed from tensor ops: the four strided maxima plus a torch.where
+# backward, and torch.compile of the same, were both slower than max_pool2d here (see
+# docs/benchmarks.md); only a loop that reads the input once and writes each output once wins.
+_SOURCE = r'''
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cstdint>
+#include <cstring>
+
+// bf16 is the top half of a float32: widen by shifting the bits.
+static inline float bf(uint16_t v) {
+  uint32_t u = (uint32_t)v << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+static void check(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kBFloat16 && t.dim() == 4 &&
+              t.is_contiguous(at::MemoryFormat::ChannelsLast),
+              name, " must be a 4-D bf16 channels_last CPU tensor");
+}
+
+// 2x2, stride 2, floor mode: out[n, i, j, c] = max of its window; code = which pixel (0..3).
+std::vector<torch::Tensor> pool_fwd(torch::Tensor x, bool want_code) {
+  check(x, "x");
+  int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), h = H / 2, w = W / 2;
+  TORCH_CHECK(h > 0 && w > 0, "x must be at least 2x2");
+  auto out = torch::empty({N, C, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto code = torch::empty({want_code ? N : 0, h, w, C}, x.options().dtype(torch::kUInt8));
+  const uint16_t* X = (const uint16_t*)x.data_ptr();
+  uint16_t* O = (uint16_t*)out.data_ptr();
+  uint8_t* K = want_code ? code.data_ptr<uint8_t>() : nullptr;
+  at::parallel_for(0, N * h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      int64_t n = r / h, i = r % h;
+      const uint16_t* top = X + (n * H + 2 * i) * W * C;
+      const uint16_t* bottom = top + W * C;
+      for (int64_t j = 0; j < w; ++j) {
+        const uint16_t *p0 = top + 2 * j * C, *p1 = p0 + C, *p2 = bottom + 2 * j * C, *p3 = p2 + C;
+        uint16_t* o = O + (r * w + j) * C;
+        uint8_t* k = K ? K + (r * w + j) * C : nullptr;
+        #pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          // as max_pool2d: a strictly larger value wins (so the first maximum), and so does a NaN
+          float m = bf(p0[c]), v; uint8_t id = 0; uint16_t mv = p0[c];
+          v = bf(p1[c]); if (v > m || v != v) { m = v; id = 1; mv = p1[c]; }
+          v = bf(p2[c]); if (v > m || v != v) { m = v; id = 2; mv = p2[c]; }
+          v = bf(p3[c]); if (v > m || v != v) { id = 3; mv = p3[c]; }
+          o[c] = mv;
+          if (k) k[c] = id;
+        }
+      }
+    }
+  });
+  return {out, code};
+}
+
+// Every input-gradient element is written once: the output gradient where the code points, else 0.
+torch::Tensor pool_bwd(torch::Tensor g, torch::Tensor code, int64_t H, int64_t W) {
+  check(g, "grad");
+  int64_t N = g.size(0), C = g.size(1), h = g.size(2), w = g.size(3);
+  TORCH_CHECK(code.scalar_type() == torch::kUInt8 && code.is_contiguous() &&
+              code.sizes() == torch::IntArrayRef({N, h, w, C}) && H / 2 == h && W / 2 == w,
+              "pool_bwd: code and shapes do not match the forward");
+  auto gi = torch::empty({N, C, H, W}, g.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const uint16_t* G = (const uint16_t*)g.data_ptr();
+  const uint8_t* K = code.data_ptr<uint8_t>();
+  uint16_t* I = (uint16_t*)gi.data_ptr();
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      int64_t n = r / H, y = r % H;
+      uint16_t* row = I + r * W * C;
+      if (y >= 2 * h) {  // an odd last row is outside every window
+        std::memset(row, 0, W * C * 2);
+        continue;
+      }
+      int64_t i = y / 2;
+      const uint16_t* grow = G + (n * h + i) * w * C;
+      const uint8_t* krow = K + (n * h + i) * w * C;
+      for (int64_t x = 0; x < 2 * w; ++x) {
+        uint8_t want = (y & 1) * 2 + (x & 1);
+        const uint16_t* gj = grow + (x / 2) * C;
+        const uint8_t* kj = krow + (x / 2) * C;
+        uint16_t* o = row + x * C;
+        #pragma omp simd
+        for (int64_t c = 0; c < C; ++c) o[c] = kj[c] == want ? gj[c] : (uint16_t)0;
+      }
+      if (W > 2 * w) std::memset(row + 2 * w * C, 0, (W - 2 * w) * C * 2);  // odd last column
+    }
+  });
+  return gi;
+}
+'''
+
+_state: dict = {"module": None, "reason": None, "off": 0}
+
+
+def _build_name() -> str:
+    """The extension's cache name: new source or another CPU (it is built for this one) rebuilds."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        cpu = platform.processor()
+    key = "\n".join([_SOURCE, cpu, platform.machine(), torch.__version__, sys.version])
+    return "cifarkit_native_" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def load(verbose: bool = False) -> str | None:
+    """Build (or load from the cache) the native kernels; ``None`` on success, else the reason.
+
+    Safe to call many times: the first outcome is remembered. Set ``CIFARKIT_NATIVE=0`` to skip.
+    """
+    if _state["module"] is not None or _state["reason"] is not None:
+        return _state["reason"]
+    reason = _unavailable()
+    if reason is None:
+        try:
+            # its import logs a warning about CUDA_HOME that concerns CUDA builds only
+            quiet = logging.getLogger("torch.utils.cpp_extension")
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)
+            try:
+                from torch.utils.cpp_extension import load_inline
+            finally:
+                quiet.setLevel(level)
+
+            _state["module"] = load_inline(
+                _build_name(), cpp_sources=_SOURCE, functions=["pool_fwd", "pool_bwd"],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                verbose=verbose)
+        except Exception as exc:  # noqa: BLE001 - any build failure means: use PyTorch's kernels
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            reason = f"building them failed ({first[:200]})"
+    _state["reason"] = reason
+    return reason
+
+
+def _unavailable() -> str | None:
+    if os.environ.get("CIFARKIT_NATIVE", "1") == "0":
+        return "CIFARKIT_NATIVE=0"
+    if platform.system() != "Linux":
+        return f"only built on Linux (this is {platform.system()})"
+    # ninja from `pip install ninja` sits beside this interpreter, which may not be on PATH
+    bindir = os.path.dirname(sys.executable)
+    if shutil.which("ninja") is None and os.path.exists(os.path.join(bindir, "ninja")):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    if shutil.which("ninja") is None:
+        return "ninja is not installed (pip install ninja)"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler (install g++, or set CXX)"
+    return None
+
+
+def loaded() -> bool:
+    return _state["module"] is not None
+
+
+@contextlib.contextmanager
+def disabled():
+    """Use PyTorch's kernels inside this block even when the native ones are loaded."""
+    _state["off"] += 1
+    try:
+        yield
+    finally:
+        _state["off"] -= 1
+
+
+def _reset_for_tests() -> None:
+    _state.update(module=None, reason=None, off=0)
+
+
+class _MaxPool2x2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        out, code = _state["module"].pool_fwd(x, x.requires_grad)
+        ctx.save_for_backward(code)
+        ctx.hw = (x.shape[2], x.shape[3])
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        code, = ctx.saved_tensors
+        g = g.contiguous(memory_format=torch.channels_last)
+        return _state["module"].pool_bwd(g, code, *ctx.hw)
+
+
+def _eligible(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4
+            and x.shape[2] >= 2 and x.shape[3] >= 2 and x.numel() > 0
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+            and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export())
+
+
+def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(x, 2)``, with the native kernel when it is loaded and ``x`` suits it."""
+    if _state["module"] is not None and not _state["off"] and _eligible(x):
+        return _MaxPool2x2.apply(x)
+    return F.max_pool2d(x, 2)
+
+
+class MaxPool2x2(torch.nn.MaxPool2d):
+    """``nn.MaxPool2d(2)`` (same repr, no state) that uses the native kernel when loaded."""
+
+    def __init__(self):
+        super().__init__(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return max_pool2x2(x)
