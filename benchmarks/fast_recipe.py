@@ -59,14 +59,35 @@ def train_step_flops(cfg, size: int | None = None, bias_frozen: bool = False) ->
     return counter.get_total_flops() / 8
 
 
+def forward_flops(cfg, size: int | None = None) -> float:
+    """FLOPs of one no-grad forward pass of one image (selective backprop's scoring pass)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cifarkit import create_model
+    model = create_model(cfg.model, 10, **cfg.model_args)
+    size = size or cfg.image_size
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(8, 3, size, size))
+    return counter.get_total_flops() / 8
+
+
 def run_flops(cfg, n_train: int) -> float:
-    """Training FLOPs of a whole run, each epoch at its own image size (progressive resizing)."""
+    """Training FLOPs of a whole run, each epoch at its own image size (progressive resizing);
+    with selective backprop (hard_fraction < 1), a scoring forward of every image plus a training
+    step on the selected share."""
     from collections import Counter
 
     from cifarkit.train import epoch_size, whiten_bias_epochs
     stop = whiten_bias_epochs(cfg) if cfg.model == "fast" else None   # frozen from this epoch on
-    epochs_at = Counter((epoch_size(cfg, e), stop is not None and e >= stop) for e in range(cfg.epochs))
-    return sum(train_step_flops(cfg, size, frozen) * n for (size, frozen), n in epochs_at.items()) * n_train
+    epochs_at = Counter((epoch_size(cfg, e), stop is not None and e >= stop,
+                         cfg.hard_fraction < 1 and e >= cfg.hard_start) for e in range(cfg.epochs))
+    total = 0.0
+    for (size, frozen, selecting), n in epochs_at.items():
+        step = train_step_flops(cfg, size, frozen)
+        if selecting:
+            step = forward_flops(cfg, size) + cfg.hard_fraction * step
+        total += step * n
+    return total * n_train
 
 
 def run_once(data: str, seed: int, overrides: dict, extra_tta: tuple = ()) -> dict:

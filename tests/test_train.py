@@ -105,7 +105,9 @@ def test_bf16_and_augmentation_and_ema_run(tiny_folder, tmp_path):
     # Muon with the whitening bias frozen after epoch 1: the resumed run must freeze it too
     {"model": "fast", "model_args": {"widths": [8, 16, 16]}, "optimizer": "muon", "lr": 0.24,
      "optimizer_args": {"whiten_bias_epochs": 1}},
-], ids=["tudui_relu", "fast-progressive-altflip", "fast-muon-frozen-whiten-bias"])
+    # selective backprop from epoch 1: the selection depends only on the weights, so it resumes too
+    {"hard_fraction": 0.5, "hard_start": 1},
+], ids=["tudui_relu", "fast-progressive-altflip", "fast-muon-frozen-whiten-bias", "hard-fraction"])
 def test_interrupt_then_resume_is_bit_exact(tiny_folder, tmp_path, extra):
     kw = dict(epochs=3, deterministic=True, flip=True, crop_pad=2, **extra)
     full = train(_cfg(tiny_folder, tmp_path / "full", **kw), progress=False, log=lambda *a: None)
@@ -261,3 +263,43 @@ def test_stopped_whitening_bias_is_frozen_without_changing_the_result(tiny_folde
     b = load_checkpoint(tmp_path / "b" / "last.ckpt").state_dict
     assert all(torch.equal(a[k], b[k]) for k in a)   # skipping the gradient changes no weight
     assert not torch.equal(a["whiten.bias"], torch.zeros_like(a["whiten.bias"]))  # it did train
+
+
+def test_hardest_keeps_the_highest_loss_images_in_order():
+    from cifarkit.train import _hardest
+    logits = torch.tensor([[5.0, 0.0], [0.0, 5.0], [1.0, 0.0], [0.0, 0.2], [3.0, 0.0]])
+    y = torch.tensor([0, 0, 1, 1, 0])            # losses: low, high, mid-high, mid-low, low
+    x = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 3, 2, 2).contiguous(memory_format=torch.channels_last)
+    xs, ys = _hardest(x, y, logits, 0.4)
+    assert xs[:, 0, 0, 0].tolist() == [1.0, 2.0] and ys.tolist() == [0, 1]
+    assert xs.is_contiguous(memory_format=torch.channels_last)
+    assert len(_hardest(x, y, logits, 0.01)[1]) == 1              # never an empty batch
+
+
+def test_hard_fraction_trains_on_the_selected_share_and_still_learns(tiny_folder, tmp_path, monkeypatch):
+    import importlib
+    train_mod = importlib.import_module("cifarkit.train")   # the package exports a function of that name
+    sizes = []   # (graph recorded?, batch size) of every training-mode forward pass
+    real_create = train_mod.create_model
+
+    def spying_create(*a, **k):
+        m = real_create(*a, **k)
+        m.register_forward_hook(lambda mod, i, o: sizes.append((torch.is_grad_enabled(), len(i[0])))
+                                if mod.training else None)
+        return m
+    monkeypatch.setattr(train_mod, "create_model", spying_create)
+    s = train(_cfg(tiny_folder, tmp_path / "r", epochs=6, hard_fraction=0.5, hard_start=1),
+              progress=False, log=lambda *a: None)
+    assert sizes[:6] == [(True, 16)] * 6          # epoch 0 (before hard_start): every image trains
+    later = sizes[6:]
+    assert [g for g, _ in later[:4]] == [False, True, False, True]   # score all, then train on half
+    assert all(n == 16 for g, n in later if not g) and all(n == 8 for g, n in later if g)
+    assert s["best_val_acc"] >= 0.6                                  # it learns (3 easy classes)
+    m = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert m[-1]["train_acc"] > 0.6                                  # metrics over every image seen
+
+
+@pytest.mark.parametrize("bad", [{"hard_fraction": 0.0}, {"hard_fraction": 1.5}, {"hard_start": -1}])
+def test_bad_hard_fraction_settings_are_refused(bad):
+    with pytest.raises(CifarkitError, match="--hard-"):
+        TrainConfig(**bad).validate()

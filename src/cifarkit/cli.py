@@ -47,6 +47,9 @@ _TRAIN_HELP = {
     "label_smoothing": "label smoothing for the cross-entropy",
     "loss": "ce (cross-entropy), mse or l1 (on softmax vs one-hot)",
     "ema": "exponential moving average of the weights, decay per step (0 = off)",
+    "hard_fraction": "selective backprop: train each step on this share of the batch with the highest "
+                     "loss (scored by a no-grad forward pass); 1 = all",
+    "hard_start": "first epoch (0-based) of --hard-fraction selection",
     "flip": "random horizontal flips",
     "alt_flip": "with --flip: mirror each image every other epoch instead of at random (airbench)",
     "progressive": "comma-separated image sides for the first epochs, e.g. 20,24,24 (cheaper early epochs)",

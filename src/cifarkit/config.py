@@ -52,6 +52,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     loss: str = "ce"
     ema: float = 0.0                 # EMA decay of the weights per step; 0 = off
+    hard_fraction: float = 1.0       # selective backprop: train each step on this share of its
+                                     # batch, the images with the highest loss under a no-grad
+                                     # forward pass of the whole batch; 1 = train on all
+    hard_start: int = 0              # first epoch (0-based) that selects; earlier ones use all
     # augmentation on whole uint8 batches
     flip: bool = False               # random horizontal mirror
     alt_flip: bool = False           # with flip: mirror each image every other epoch (airbench's
@@ -106,6 +110,11 @@ class TrainConfig:
         if not 0 <= self.label_smoothing < 1:
             raise CifarkitError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}",
                                 exit_code=2)
+        if not 0 < self.hard_fraction <= 1:
+            raise CifarkitError(f"--hard-fraction must be in (0, 1], got {self.hard_fraction}",
+                                "e.g. 0.5 trains on the harder half of each batch; 1 = all", exit_code=2)
+        if self.hard_start < 0:
+            raise CifarkitError(f"--hard-start must be >= 0, got {self.hard_start}", exit_code=2)
         if not 0 <= self.ema < 1:
             raise CifarkitError(f"--ema must be in [0, 1), got {self.ema}", exit_code=2)
         from .models import list_models

@@ -470,6 +470,11 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                         # takes any size, and the last full-size epochs adapt it back.
                         xb = F.interpolate(xb, size=(size, size), mode="bilinear", antialias=True,
                                            align_corners=False)
+                    out_all = None
+                    if cfg.hard_fraction < 1 and epoch >= cfg.hard_start:
+                        out_all, loss_all = _score(model, loss_fn, xb, yb, device, precision)
+                        yb_all = yb
+                        xb, yb = _hardest(xb, yb, out_all, cfg.hard_fraction)
                     with autocast(device, precision):
                         if step_model is not eager_model and steps_done == 0:
                             # torch.compile builds lazily: a compiler that fails does so here.
@@ -487,7 +492,8 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                     opt.zero_grad(set_to_none=True)
                     # DDP averages gradients over ranks; weighting by this rank's share of the global
                     # batch makes that average the gradient of the global-batch mean loss.
-                    share = len(yb) * dist.world / n_global if dist.enabled else 1.0
+                    share = (len(yb) * dist.world / n_global / (1 if out_all is None else cfg.hard_fraction)
+                             if dist.enabled else 1.0)
                     # fp16 needs loss scaling against gradient underflow; a no-op in bf16/fp32.
                     scaler.scale(loss * share if share != 1.0 else loss).backward()
                     scaler.step(opt)
@@ -495,6 +501,8 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                     sched.step()
                     if ema is not None:
                         ema.update_parameters(model)
+                    if out_all is not None:   # the epoch's train metrics cover every image seen
+                        out, loss, yb = out_all, loss_all, yb_all
                     bs = len(yb)
                     _accumulate(loss_acc, correct_acc, loss, out, yb)
                     seen += bs
@@ -652,6 +660,28 @@ class _NonFinite(Exception):
 
 def _ema_state(ema) -> dict:
     return {k: v.detach().cpu() for k, v in ema.module.state_dict().items()}
+
+
+def _score(model: nn.Module, loss_fn, xb, yb, device, precision):
+    """Logits and mean loss of the whole batch, without a graph (for selective backprop).
+
+    A forward pass without saved activations costs about a third of a training step; the
+    batch-norm layers see the whole batch here (train mode), so their running statistics follow
+    all images, not only the hard ones.
+    """
+    with torch.no_grad(), autocast(device, precision):
+        out = model(xb)
+        return out, loss_fn(out, yb)
+
+
+def _hardest(xb, yb, logits, fraction: float):
+    """The ``fraction`` of the batch with the highest cross-entropy (at least one image)."""
+    per_image = F.cross_entropy(logits.float(), yb, reduction="none")
+    keep = per_image.topk(max(1, round(len(yb) * fraction))).indices.sort().values
+    x = xb[keep]
+    if xb.is_contiguous(memory_format=torch.channels_last):
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, yb[keep]
 
 
 def _accumulate(loss_acc: torch.Tensor, correct_acc: torch.Tensor, loss, out, yb) -> None:
