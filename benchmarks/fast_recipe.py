@@ -11,6 +11,7 @@ is measured in the same run for comparison.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -73,19 +74,23 @@ def forward_flops(cfg, size: int | None = None) -> float:
 
 def run_flops(cfg, n_train: int) -> float:
     """Training FLOPs of a whole run, each epoch at its own image size (progressive resizing);
-    with selective backprop (hard_fraction < 1), a scoring forward of every image plus a training
-    step on the selected share."""
+    with selective backprop (hard_fraction < 1), a scoring forward of every image (or a training
+    step of the proxy network, --hard-proxy) plus a training step on the selected share."""
     from collections import Counter
 
     from cifarkit.train import epoch_size, whiten_bias_epochs
     stop = whiten_bias_epochs(cfg) if cfg.model == "fast" else None   # frozen from this epoch on
     epochs_at = Counter((epoch_size(cfg, e), stop is not None and e >= stop,
                          cfg.hard_fraction < 1 and e >= cfg.hard_start) for e in range(cfg.epochs))
+    proxy = (dataclasses.replace(cfg, model_args={**cfg.model_args, "widths": list(cfg.hard_proxy)})
+             if cfg.hard_proxy else None)
     total = 0.0
     for (size, frozen, selecting), n in epochs_at.items():
         step = train_step_flops(cfg, size, frozen)
-        if selecting:
-            step = forward_flops(cfg, size) + cfg.hard_fraction * step
+        if selecting:   # a proxy scores instead of the network's own forward pass
+            step = cfg.hard_fraction * step + (0 if proxy else forward_flops(cfg, size))
+        if proxy is not None:   # trained on every whole batch
+            step += train_step_flops(proxy, size, frozen)
         total += step * n
     return total * n_train
 

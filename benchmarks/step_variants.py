@@ -6,11 +6,14 @@ costs), interleaved in one process, and prints each median against the 32 px ste
 times each convolution of the fast network (forward, backward to the input, backward to the
 weights) and a full step with and without the whitening bias's gradient (frozen after epoch 3).
 `--native` times a full 32 px step with cifarkit's C++ max-pool (kernels.py) against PyTorch's.
+`--select` times selective backprop's parts: a full step, the network's own no-grad scoring pass,
+a step on the hardest share, and a proxy network's step (--hard-proxy).
 
     python benchmarks/step_variants.py [--profile] [--only fast]
     python benchmarks/step_variants.py --sizes 16,20,24,28,32
     python benchmarks/step_variants.py --layers
     python benchmarks/step_variants.py --native [--widths 64,256,384]
+    python benchmarks/step_variants.py --select --widths 64,256,384 --proxy 16,64,64 --fraction 0.5
 """
 from __future__ import annotations
 
@@ -179,6 +182,36 @@ def native_costs(widths: list[int], batch: int = 2000, size: int = 32) -> None:
           f"medians of 7 after one warm-up each)")
 
 
+def select_costs(widths: list[int], proxy: list[int], fraction: float, batch: int = 2000,
+                 size: int = 32) -> None:
+    """Selective backprop's costs per 32 px step, interleaved (medians of 5)."""
+    import torch
+
+    from cifarkit import kernels
+    from cifarkit.device import autocast
+
+    kernels.load()
+    train_step = _training_step("fast", model_args={"widths": widths})
+    proxy_step = _training_step("fast", model_args={"widths": proxy})
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    k = round(batch * fraction)
+    xs, ys = x[:k].contiguous(memory_format=torch.channels_last), y[:k]
+
+    def score():
+        with torch.no_grad(), autocast(torch.device("cpu"), "bf16"):
+            train_step.model(x)
+    med = _interleaved_medians({"full step": lambda: train_step(x, y), "no-grad scoring pass": score,
+                                f"step on {k} images": lambda: train_step(xs, ys),
+                                f"proxy {proxy} step": lambda: proxy_step(x, y)})
+    for name, t in med.items():
+        print(f"{name:32} {t * 1e3:7.0f} ms = {t / med['full step']:.2f} of a full step")
+    own = (med["no-grad scoring pass"] + med[f"step on {k} images"]) / med["full step"]
+    prox = (med[f"proxy {proxy} step"] + med[f"step on {k} images"]) / med["full step"]
+    print(f"fast widths {widths}, batch {batch}, {size} px, fraction {fraction}: self-scored step "
+          f"{own:.2f}, proxy-scored step {prox:.2f} of a full step")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--profile", action="store_true")
@@ -187,8 +220,14 @@ def main() -> int:
     ap.add_argument("--layers", action="store_true", help="time each convolution of the fast network")
     ap.add_argument("--native", action="store_true", help="full step: native max-pool vs PyTorch's")
     ap.add_argument("--widths", default="64,256,256", help="with --native: the fast network's widths")
+    ap.add_argument("--select", action="store_true", help="selective backprop's costs per step")
+    ap.add_argument("--proxy", default="16,64,64", help="with --select: the proxy's widths")
+    ap.add_argument("--fraction", type=float, default=0.5, help="with --select: share trained on")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.select:
+        select_costs([int(v) for v in a.widths.split(",")], [int(v) for v in a.proxy.split(",")], a.fraction)
+        return 0
     if a.native:
         native_costs([int(v) for v in a.widths.split(",")])
         return 0

@@ -107,7 +107,11 @@ def test_bf16_and_augmentation_and_ema_run(tiny_folder, tmp_path):
      "optimizer_args": {"whiten_bias_epochs": 1}},
     # selective backprop from epoch 1: the selection depends only on the weights, so it resumes too
     {"hard_fraction": 0.5, "hard_start": 1},
-], ids=["tudui_relu", "fast-progressive-altflip", "fast-muon-frozen-whiten-bias", "hard-fraction"])
+    # a proxy network picks the images: its weights and optimiser resume too
+    {"model": "fast", "model_args": {"widths": [8, 16, 16]}, "optimizer": "muon", "lr": 0.24,
+     "optimizer_args": {"whiten_bias_epochs": 1}, "hard_fraction": 0.5, "hard_proxy": [4, 8, 8]},
+], ids=["tudui_relu", "fast-progressive-altflip", "fast-muon-frozen-whiten-bias", "hard-fraction",
+        "hard-proxy"])
 def test_interrupt_then_resume_is_bit_exact(tiny_folder, tmp_path, extra):
     kw = dict(epochs=3, deterministic=True, flip=True, crop_pad=2, **extra)
     full = train(_cfg(tiny_folder, tmp_path / "full", **kw), progress=False, log=lambda *a: None)
@@ -299,7 +303,34 @@ def test_hard_fraction_trains_on_the_selected_share_and_still_learns(tiny_folder
     assert m[-1]["train_acc"] > 0.6                                  # metrics over every image seen
 
 
-@pytest.mark.parametrize("bad", [{"hard_fraction": 0.0}, {"hard_fraction": 1.5}, {"hard_start": -1}])
+@pytest.mark.parametrize("bad", [{"hard_fraction": 0.0}, {"hard_fraction": 1.5}, {"hard_start": -1},
+                                 {"hard_proxy": [8, 8, 8]},                               # fraction 1
+                                 {"hard_proxy": [8, 8, 8], "hard_fraction": 0.5}])        # tudui: no widths
 def test_bad_hard_fraction_settings_are_refused(bad):
     with pytest.raises(CifarkitError, match="--hard-"):
         TrainConfig(**bad).validate()
+    assert TrainConfig(model="fast", hard_fraction=0.5, hard_proxy=[8, 8, 8]).validate()
+
+
+def test_hard_proxy_picks_the_images_and_the_network_never_scores(tiny_folder, tmp_path, monkeypatch):
+    import importlib
+    train_mod = importlib.import_module("cifarkit.train")
+    seen = {}   # network width -> [(graph recorded?, batch size)] of its training-mode passes
+    real_create = train_mod.create_model
+
+    def spying_create(*a, **k):
+        m = real_create(*a, **k)
+        w = k["widths"][0]
+        m.register_forward_hook(lambda mod, i, o: seen.setdefault(w, []).append(
+            (torch.is_grad_enabled(), len(i[0]))) if mod.training else None)
+        return m
+    monkeypatch.setattr(train_mod, "create_model", spying_create)
+    s = train(_cfg(tiny_folder, tmp_path / "r", model="fast", model_args={"widths": [8, 16, 16]},
+                   epochs=6, hard_fraction=0.5, hard_proxy=[4, 8, 8], hard_start=1, lr=0.01),
+              progress=False, log=lambda *a: None)
+    assert seen[4] == [(True, 16)] * 36              # the proxy trains on every whole batch
+    assert seen[8][:6] == [(True, 16)] * 6           # epoch 0: the network trains on all
+    assert seen[8][6:] == [(True, 8)] * 30           # then on the picked half, never scoring itself
+    assert s["best_val_acc"] >= 0.6
+    ck = load_checkpoint(tmp_path / "r" / "last.ckpt")
+    assert ck.extra["proxy"]["model"]["head.weight"].shape == (3, 8)

@@ -50,6 +50,8 @@ _TRAIN_HELP = {
     "hard_fraction": "selective backprop: train each step on this share of the batch with the highest "
                      "loss (scored by a no-grad forward pass); 1 = all",
     "hard_start": "first epoch (0-based) of --hard-fraction selection",
+    "hard_proxy": "comma-separated widths of a small copy of the network that scores the images "
+                  "for --hard-fraction, trained alongside (e.g. 16,64,64); default: the network itself",
     "flip": "random horizontal flips",
     "alt_flip": "with --flip: mirror each image every other epoch instead of at random (airbench)",
     "progressive": "comma-separated image sides for the first epochs, e.g. 20,24,24 (cheaper early epochs)",

@@ -56,6 +56,9 @@ class TrainConfig:
                                      # batch, the images with the highest loss under a no-grad
                                      # forward pass of the whole batch; 1 = train on all
     hard_start: int = 0              # first epoch (0-based) that selects; earlier ones use all
+    hard_proxy: list = field(default_factory=list)  # widths of a small copy of the network that
+                                     # scores the batch instead (trained alongside on every whole
+                                     # batch), e.g. [16, 64, 64]; empty = the network scores itself
     # augmentation on whole uint8 batches
     flip: bool = False               # random horizontal mirror
     alt_flip: bool = False           # with flip: mirror each image every other epoch (airbench's
@@ -115,6 +118,9 @@ class TrainConfig:
                                 "e.g. 0.5 trains on the harder half of each batch; 1 = all", exit_code=2)
         if self.hard_start < 0:
             raise CifarkitError(f"--hard-start must be >= 0, got {self.hard_start}", exit_code=2)
+        if self.hard_proxy and self.hard_fraction == 1:
+            raise CifarkitError("--hard-proxy scores images for --hard-fraction, which is 1 (train on all)",
+                                "add e.g. --hard-fraction 0.5, or drop --hard-proxy", exit_code=2)
         if not 0 <= self.ema < 1:
             raise CifarkitError(f"--ema must be in [0, 1), got {self.ema}", exit_code=2)
         from .models import list_models
@@ -125,6 +131,12 @@ class TrainConfig:
             raise CifarkitError(f"model_args should be a mapping of settings, got {self.model_args!r}",
                                 "e.g. model_args: {widths: [64, 256, 256]}", exit_code=2)
         _try_build(self.model, self.model_args)   # unknown settings and bad values, before any data
+        if self.hard_proxy:
+            from .models import model_settings
+            if "widths" not in model_settings(self.model):
+                raise CifarkitError(f"--hard-proxy needs a model with widths; {self.model} has none",
+                                    "use --model fast, or drop --hard-proxy", exit_code=2)
+            _try_build(self.model, {**self.model_args, "widths": list(self.hard_proxy)})
         return self
 
     def to_dict(self) -> dict:

@@ -214,10 +214,7 @@ def prepare(cfg: TrainConfig, progress: bool = True, log=print, dist: Dist | Non
         f"{cfg.image_size}x{cfg.image_size} ({bundle.source}, {time.perf_counter() - t0:.1f}s)")
 
     model = create_model(cfg.model, len(bundle.classes), **cfg.model_args)
-    if hasattr(model, "init_whitening"):
-        g = torch.Generator().manual_seed(cfg.seed)
-        sample = train.x[torch.randperm(len(train), generator=g)[:5000]]
-        model.init_whitening(normalize(sample, mean, std))
+    _init_whitening(model, cfg, train.x, mean, std)
     _check_sizes(model, cfg, len(bundle.classes))
     model = model.to(device)
     if cfg.channels_last and device.type != "mps":
@@ -226,6 +223,14 @@ def prepare(cfg: TrainConfig, progress: bool = True, log=print, dist: Dist | Non
     # The whole data set lives on the training device as uint8 (150 MB for CIFAR-10).
     return Prepared(cfg, device, precision, train.to(device), val.to(device), bundle.classes,
                     mean, std, model, {k: v for k, v in bundle.splits.items() if k != "val"})
+
+
+def _init_whitening(model: nn.Module, cfg: TrainConfig, images: torch.Tensor, mean, std) -> None:
+    """Networks with a patch-whitening first layer set it from 5,000 training images (seeded)."""
+    if hasattr(model, "init_whitening"):
+        g = torch.Generator().manual_seed(cfg.seed)
+        sample = images[torch.randperm(len(images), generator=g)[:5000]]
+        model.init_whitening(normalize(sample.cpu(), mean, std))
 
 
 def _native_kernels(cfg: TrainConfig, model: nn.Module, device, precision: str, log) -> None:
@@ -350,6 +355,7 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(cfg, opt, total_steps, steps_per_epoch))
     loss_fn = make_loss(cfg, num_classes)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    proxy = _Proxy(cfg, p, total_steps, steps_per_epoch) if cfg.hard_proxy else None
     ema = None
     if cfg.ema:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -373,6 +379,8 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
             scaler.load_state_dict(state.extra["grad_scaler"])
         if ema is not None and state.extra.get("ema") is not None:
             ema.load_state_dict(state.extra["ema"])
+        if proxy is not None:
+            proxy.load_state_dict(state.extra["proxy"])
         ts = state.extra["train_state"]
         data_gen.set_state(ts["data_gen_epoch_start"])
         aug_gen.set_state(ts["aug_gen"])
@@ -412,6 +420,7 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "ema": ema.state_dict() if ema is not None else None,
+            "proxy": proxy.state_dict() if proxy is not None else None,
             "history": list(history),
             "train_state": {"epoch": epoch, "step_in_epoch": step_in_epoch,
                             "data_gen_epoch_start": data_state, "aug_gen": aug_gen.get_state().cpu(),
@@ -442,6 +451,9 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                 size = epoch_size(cfg, epoch)
                 if not dist.enabled:   # DDP fixes the set of parameters with gradients at wrap time
                     freeze_stopped(opt, epoch * steps_per_epoch + pos)
+                if proxy is not None:
+                    freeze_stopped(proxy.opt, epoch * steps_per_epoch + pos)
+                    proxy.model.train()
                 model.train()
                 bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", "step", progress)
                 bar.update(pos)
@@ -471,10 +483,13 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                         xb = F.interpolate(xb, size=(size, size), mode="bilinear", antialias=True,
                                            align_corners=False)
                     out_all = None
+                    if proxy is not None:   # trained on every whole batch, selecting or not
+                        scores = proxy.step(xb, yb, loss_fn, device, precision)
                     if cfg.hard_fraction < 1 and epoch >= cfg.hard_start:
-                        out_all, loss_all = _score(model, loss_fn, xb, yb, device, precision)
-                        yb_all = yb
-                        xb, yb = _hardest(xb, yb, out_all, cfg.hard_fraction)
+                        if proxy is None:
+                            out_all, loss_all = _score(model, loss_fn, xb, yb, device, precision)
+                            scores, yb_all = out_all, yb
+                        xb, yb = _hardest(xb, yb, scores, cfg.hard_fraction)
                     with autocast(device, precision):
                         if step_model is not eager_model and steps_done == 0:
                             # torch.compile builds lazily: a compiler that fails does so here.
@@ -492,7 +507,8 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                     opt.zero_grad(set_to_none=True)
                     # DDP averages gradients over ranks; weighting by this rank's share of the global
                     # batch makes that average the gradient of the global-batch mean loss.
-                    share = (len(yb) * dist.world / n_global / (1 if out_all is None else cfg.hard_fraction)
+                    selected = cfg.hard_fraction < 1 and epoch >= cfg.hard_start
+                    share = (len(yb) * dist.world / n_global / (cfg.hard_fraction if selected else 1)
                              if dist.enabled else 1.0)
                     # fp16 needs loss scaling against gradient underflow; a no-op in bf16/fp32.
                     scaler.scale(loss * share if share != 1.0 else loss).backward()
@@ -503,6 +519,7 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                         ema.update_parameters(model)
                     if out_all is not None:   # the epoch's train metrics cover every image seen
                         out, loss, yb = out_all, loss_all, yb_all
+                    # (with a proxy they cover the images trained on: the network never sees the rest)
                     bs = len(yb)
                     _accumulate(loss_acc, correct_acc, loss, out, yb)
                     seen += bs
@@ -672,6 +689,42 @@ def _score(model: nn.Module, loss_fn, xb, yb, device, precision):
     with torch.no_grad(), autocast(device, precision):
         out = model(xb)
         return out, loss_fn(out, yb)
+
+
+class _Proxy:
+    """A small copy of the network (narrower widths, same recipe and optimiser) that picks the
+    images for selective backprop, as airbench96's fastest variant does: one training step of it
+    on the whole batch costs a fraction of the network's own no-grad scoring pass, and its loss
+    per image (before its update) ranks the batch."""
+
+    def __init__(self, cfg: TrainConfig, p: "Prepared", total_steps: int, steps_per_epoch: int):
+        self.model = create_model(cfg.model, len(p.classes), **{**cfg.model_args, "widths": list(cfg.hard_proxy)})
+        _init_whitening(self.model, cfg, p.train.x, p.mean, p.std)
+        self.model = self.model.to(p.device)
+        if cfg.channels_last and p.device.type != "mps":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.opt = make_optimizer(cfg, self.model)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambdas(cfg, self.opt, total_steps,
+                                                                            steps_per_epoch))
+
+    def step(self, xb, yb, loss_fn, device, precision) -> torch.Tensor:
+        with autocast(device, precision):
+            out = self.model(xb)
+            loss = loss_fn(out, yb)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        return out.detach()
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
 
 
 def _hardest(xb, yb, logits, fraction: float):
