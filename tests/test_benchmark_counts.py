@@ -25,10 +25,25 @@ def test_frozen_whitening_bias_drops_the_first_convs_input_gradient(fast_recipe)
 
 
 def test_run_flops_follow_sizes_and_the_freeze(fast_recipe):
-    cfg = resolve_config("fast")
+    cfg = resolve_config("fast", overrides={"hard_fraction": 1.0, "hard_proxy": []})   # every image trains
     per_epoch = {(s, f): fast_recipe.train_step_flops(cfg, s, f) for s in set(cfg.progressive) | {32}
                  for f in (False, True)}
     wbe = cfg.optimizer_args["whiten_bias_epochs"]
     sizes = cfg.progressive + [32] * (cfg.epochs - len(cfg.progressive))
     expected = sum(per_epoch[(s, e >= wbe)] for e, s in enumerate(sizes)) * 100
     assert fast_recipe.run_flops(cfg, 100) == pytest.approx(expected)
+
+
+def test_run_flops_count_the_scoring_and_the_trained_share(fast_recipe):
+    import dataclasses
+    base = {"epochs": 2, "progressive": [], "hard_fraction": 0.5}   # two 32 px epochs, bias still trains
+    own = resolve_config("fast", overrides={**base, "hard_proxy": []})
+    step = fast_recipe.train_step_flops(own, 32)
+    score = fast_recipe.forward_flops(own, 32)
+    assert 0.3 < score / step < 0.37            # a forward pass is about a third of a training step
+    assert fast_recipe.run_flops(own, 100) == pytest.approx(2 * 100 * (0.5 * step + score))
+    proxied = resolve_config("fast", overrides={**base, "hard_proxy": [16, 64, 64]})
+    small = fast_recipe.train_step_flops(
+        dataclasses.replace(proxied, model_args={**proxied.model_args, "widths": [16, 64, 64]}), 32)
+    assert small < step / 8                      # the proxy is a small fraction of the network
+    assert fast_recipe.run_flops(proxied, 100) == pytest.approx(2 * 100 * (0.5 * step + small))

@@ -170,12 +170,16 @@ RECIPES: dict[str, dict[str, Any]] = {
                      flip=True, crop_pad=4, label_smoothing=0.1),
     # Speed run tuned for CPU FLOPs; see docs/benchmarks.md for its measured accuracy and time.
     "fast": dict(
-        model="fast", model_args={"widths": [64, 256, 256]},
-        epochs=14, batch_size=2000,           # images per step
+        model="fast", model_args={"widths": [64, 256, 384]},   # channels of the three conv groups
+        epochs=16, batch_size=2000,           # images per step (scored; half of them train)
         # Progressive resizing: the first 10 epochs see smaller images (side in px per epoch); a
         # 16 px step costs about 0.25 of a 32 px one on a CPU, 20 px 0.38, 24 px 0.53, 28 px
-        # 0.73 (benchmarks/step_variants.py --sizes), so these 14 epochs cost about 8.4 full ones.
+        # 0.73 (benchmarks/step_variants.py --sizes), so these 16 epochs cost about 10.4 full ones.
         progressive=[16, 16, 16, 20, 20, 20, 24, 24, 28, 28],
+        # Selective backprop: each step trains on the half of the batch with the highest loss,
+        # as scored by a 16/64/64-wide copy of the network trained alongside on every whole batch;
+        # a step then costs about 0.66 of a full one (step_variants.py --select).
+        hard_fraction=0.5, hard_proxy=[16, 64, 64],
         optimizer="muon", lr=0.24,            # Muon step size for conv filters (scale-free)
         optimizer_args={
             "muon_momentum": 0.6,
