@@ -248,7 +248,7 @@ def _native_kernels(cfg: TrainConfig, model: nn.Module, device, precision: str, 
         log(f"native kernels: C++ max-pool ready ({time.perf_counter() - t0:.1f}s)")
     else:
         log(f"native kernels: not used, {reason}; training uses PyTorch's max-pool (same results, "
-            f"about 5% slower; --no-native-kernels silences this)")
+            f"about 3% slower; --no-native-kernels silences this)")
 
 
 def _check_sizes(model: nn.Module, cfg: TrainConfig, num_classes: int) -> None:
