@@ -334,3 +334,5 @@ def test_hard_proxy_picks_the_images_and_the_network_never_scores(tiny_folder, t
     assert s["best_val_acc"] >= 0.6
     ck = load_checkpoint(tmp_path / "r" / "last.ckpt")
     assert ck.extra["proxy"]["model"]["head.weight"].shape == (3, 8)
+    m = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert round(m["images_per_s"] * m["seconds"]) == 96   # throughput counts every image of the epoch

@@ -462,10 +462,12 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                 loss_acc = torch.zeros((), device=device)
                 correct_acc = torch.zeros((), device=device, dtype=torch.int64)
                 seen, seconds_before = 0, 0.0
+                images = 0   # images through the step (with a proxy, more than the `seen` trained on)
                 if pos and resumed_sums:
                     loss_acc += resumed_sums["loss"].to(device)
                     correct_acc += resumed_sums["correct"].to(device)
                     seen, seconds_before = resumed_sums["seen"], resumed_sums["seconds"]
+                    images = resumed_sums.get("images", seen)
                 t_epoch = time.perf_counter()
                 in_steps = True
                 for step in range(pos, steps_per_epoch):
@@ -483,6 +485,7 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                         xb = F.interpolate(xb, size=(size, size), mode="bilinear", antialias=True,
                                            align_corners=False)
                     out_all = None
+                    images += len(yb)
                     if proxy is not None:   # trained on every whole batch, selecting or not
                         scores = proxy.step(xb, yb, loss_fn, device, precision)
                     if cfg.hard_fraction < 1 and epoch >= cfg.hard_start:
@@ -535,7 +538,7 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                         dt = time.perf_counter() - t_epoch
                         bar.set_postfix(f"loss {loss_acc.item() / max(seen, 1):.3f} "
                                         f"acc {correct_acc.item() / max(seen, 1):.3f} "
-                                        f"{seen / max(dt, 1e-9):,.0f} img/s")
+                                        f"{images / max(dt, 1e-9):,.0f} img/s")
                     bar.update(1)
                     if stop_after_steps is not None and steps_done >= stop_after_steps:
                         stop.requested = True
@@ -547,9 +550,12 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                     torch.cuda.synchronize()
                 if dist.enabled:
                     totals = dist.all_sum(torch.stack([loss_acc.double().cpu(), correct_acc.double().cpu(),
-                                                       torch.tensor(float(seen), dtype=torch.float64)]))
+                                                       torch.tensor(float(seen), dtype=torch.float64),
+                                                       torch.tensor(float(images), dtype=torch.float64)]))
                     loss_acc, correct_acc, seen = totals[0].float(), totals[1].long(), int(totals[2])
-                sums = _sums(loss_acc, correct_acc, seen, seconds_before + time.perf_counter() - t_epoch)
+                    images = int(totals[3])
+                sums = _sums(loss_acc, correct_acc, seen, seconds_before + time.perf_counter() - t_epoch,
+                             images)
                 metrics, val_result = _end_epoch(epoch, cfg, p, ema, sums, opt, history)
                 is_best = metrics.get("val_acc") is not None and metrics["val_acc"] > best_acc
                 best_acc = max(best_acc, metrics.get("val_acc") or -1.0)
@@ -581,7 +587,7 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
             # Save exactly where we are: weights after step `pos`, this epoch's data order and
             # partial sums, so the resumed run continues as if never stopped.
             partial = {"loss": loss_acc.detach().cpu(), "correct": correct_acc.cpu(), "seen": seen,
-                       "seconds": seconds_before + time.perf_counter() - t_epoch}
+                       "images": images, "seconds": seconds_before + time.perf_counter() - t_epoch}
             ckpt_mod.save_checkpoint(snapshot(epoch, pos, epoch_data_state,
                                               {"interrupted_at_step": epoch * steps_per_epoch + pos},
                                               partial), last)
@@ -743,8 +749,9 @@ def _accumulate(loss_acc: torch.Tensor, correct_acc: torch.Tensor, loss, out, yb
     correct_acc += (out.detach().argmax(1) == yb).sum()
 
 
-def _sums(loss_acc, correct_acc, seen: int, seconds: float) -> dict:
-    return {"loss": loss_acc.item(), "correct": int(correct_acc.item()), "seen": seen, "seconds": seconds}
+def _sums(loss_acc, correct_acc, seen: int, seconds: float, images: int | None = None) -> dict:
+    return {"loss": loss_acc.item(), "correct": int(correct_acc.item()), "seen": seen, "seconds": seconds,
+            "images": seen if images is None else images}
 
 
 def _end_epoch(epoch, cfg, p: Prepared, ema, sums, opt, history):
@@ -756,7 +763,7 @@ def _end_epoch(epoch, cfg, p: Prepared, ema, sums, opt, history):
                "val_loss": None, "val_acc": None,
                "lr": opt.param_groups[0]["lr"],
                "seconds": sums["seconds"],
-               "images_per_s": sums["seen"] / max(sums["seconds"], 1e-9),
+               "images_per_s": sums.get("images", sums["seen"]) / max(sums["seconds"], 1e-9),
                "image_size": epoch_size(cfg, epoch)}
     r = None
     if len(p.val) and (last or (epoch + 1) % max(cfg.eval_every, 1) == 0):
