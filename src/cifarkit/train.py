@@ -216,13 +216,19 @@ def prepare(cfg: TrainConfig, progress: bool = True, log=print, dist: Dist | Non
     model = create_model(cfg.model, len(bundle.classes), **cfg.model_args)
     _init_whitening(model, cfg, train.x, mean, std)
     _check_sizes(model, cfg, len(bundle.classes))
-    model = model.to(device)
-    if cfg.channels_last and device.type != "mps":
-        model = model.to(memory_format=torch.channels_last)
+    model = _place(model, cfg, device)
     _native_kernels(cfg, model, device, precision, log)
     # The whole data set lives on the training device as uint8 (150 MB for CIFAR-10).
     return Prepared(cfg, device, precision, train.to(device), val.to(device), bundle.classes,
                     mean, std, model, {k: v for k, v in bundle.splits.items() if k != "val"})
+
+
+def _place(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """On the training device, NHWC where asked (MPS keeps NCHW)."""
+    model = model.to(device)
+    if cfg.channels_last and device.type != "mps":
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def _init_whitening(model: nn.Module, cfg: TrainConfig, images: torch.Tensor, mean, std) -> None:
@@ -449,6 +455,7 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                 perm = torch.randperm(n_train, generator=data_gen).to(device)
                 pos = start_step if epoch == start_epoch else 0
                 size = epoch_size(cfg, epoch)
+                selecting = cfg.hard_fraction < 1 and epoch >= cfg.hard_start   # selective backprop
                 if not dist.enabled:   # DDP fixes the set of parameters with gradients at wrap time
                     freeze_stopped(opt, epoch * steps_per_epoch + pos)
                 if proxy is not None:
@@ -488,7 +495,7 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                     images += len(yb)
                     if proxy is not None:   # trained on every whole batch, selecting or not
                         scores = proxy.step(xb, yb, loss_fn, device, precision)
-                    if cfg.hard_fraction < 1 and epoch >= cfg.hard_start:
+                    if selecting:
                         if proxy is None:
                             out_all, loss_all = _score(model, loss_fn, xb, yb, device, precision)
                             scores, yb_all = out_all, yb
@@ -510,8 +517,7 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                     opt.zero_grad(set_to_none=True)
                     # DDP averages gradients over ranks; weighting by this rank's share of the global
                     # batch makes that average the gradient of the global-batch mean loss.
-                    selected = cfg.hard_fraction < 1 and epoch >= cfg.hard_start
-                    share = (len(yb) * dist.world / n_global / (cfg.hard_fraction if selected else 1)
+                    share = (len(yb) * dist.world / n_global / (cfg.hard_fraction if selecting else 1)
                              if dist.enabled else 1.0)
                     # fp16 needs loss scaling against gradient underflow; a no-op in bf16/fp32.
                     scaler.scale(loss * share if share != 1.0 else loss).backward()
@@ -706,9 +712,7 @@ class _Proxy:
     def __init__(self, cfg: TrainConfig, p: "Prepared", total_steps: int, steps_per_epoch: int):
         self.model = create_model(cfg.model, len(p.classes), **{**cfg.model_args, "widths": list(cfg.hard_proxy)})
         _init_whitening(self.model, cfg, p.train.x, p.mean, p.std)
-        self.model = self.model.to(p.device)
-        if cfg.channels_last and p.device.type != "mps":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = _place(self.model, cfg, p.device)
         self.opt = make_optimizer(cfg, self.model)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambdas(cfg, self.opt, total_steps,
                                                                             steps_per_epoch))
