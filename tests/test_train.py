@@ -305,7 +305,8 @@ def test_hard_fraction_trains_on_the_selected_share_and_still_learns(tiny_folder
 
 @pytest.mark.parametrize("bad", [{"hard_fraction": 0.0}, {"hard_fraction": 1.5}, {"hard_start": -1},
                                  {"hard_proxy": [8, 8, 8]},                               # fraction 1
-                                 {"hard_proxy": [8, 8, 8], "hard_fraction": 0.5}])        # tudui: no widths
+                                 {"hard_proxy": [8, 8, 8], "hard_fraction": 0.5},         # tudui: no widths
+                                 {"model": "fast", "hard_proxy": [8, 8], "hard_fraction": 0.5}])  # 2 widths
 def test_bad_hard_fraction_settings_are_refused(bad):
     with pytest.raises(CifarkitError, match="--hard-"):
         TrainConfig(**bad).validate()

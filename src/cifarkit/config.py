@@ -136,7 +136,10 @@ class TrainConfig:
             if "widths" not in model_settings(self.model):
                 raise CifarkitError(f"--hard-proxy needs a model with widths; {self.model} has none",
                                     "use --model fast, or drop --hard-proxy", exit_code=2)
-            _try_build(self.model, {**self.model_args, "widths": list(self.hard_proxy)})
+            try:
+                _try_build(self.model, {**self.model_args, "widths": list(self.hard_proxy)})
+            except CifarkitError as exc:   # say which setting it came from: the proxy's widths
+                raise CifarkitError(f"--hard-proxy {self.hard_proxy}: {exc.message}", exc.hint, 2) from None
         return self
 
     def to_dict(self) -> dict:
