@@ -7,8 +7,8 @@
 #   benchmarks/parallel_search.sh DATA_DIR OUT_DIR GRID1.json [GRID2.json ...]
 #
 # Each GRID file is a JSON list of override dicts (as for fast_recipe.py --grid); process k writes
-# OUT_DIR/searchk.json and OUT_DIR/logk.txt. SEEDS (default 8), SEED_START (default 20) and LIMIT
-# (seconds per process, default 500) come from the environment.
+# OUT_DIR/searchk.json and OUT_DIR/logk.txt. SEEDS (default 8), SEED_START (default 20), LIMIT
+# (seconds per process, default 500) and EXTRA_TTA (e.g. multi) come from the environment.
 set -u
 if [ $# -lt 3 ]; then
   sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
@@ -24,7 +24,7 @@ k=0
 for grid in "$@"; do
   k=$((k + 1))
   timeout "${LIMIT:-500}" python "$here/fast_recipe.py" --data "$data" --seeds "${SEEDS:-8}" \
-    --seed-start "${SEED_START:-20}" --grid "$(cat "$grid")" --json "$out/search$k.json" \
+    --seed-start "${SEED_START:-20}" --grid "$(cat "$grid")" ${EXTRA_TTA:+--extra-tta "$EXTRA_TTA"} --json "$out/search$k.json" \
     > "$out/log$k.txt" 2>&1 &
 done
 wait

@@ -280,9 +280,39 @@ def test_hardest_keeps_the_highest_loss_images_in_order():
     assert len(_hardest(x, y, logits, 0.01)[1]) == 1              # never an empty batch
 
 
-def test_hard_fraction_trains_on_the_selected_share_and_still_learns(tiny_folder, tmp_path, monkeypatch):
+def test_hardest_per_class_keeps_the_class_mix_against_a_biased_scorer():
+    from cifarkit.train import _hardest
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (400,), generator=g)
+    logits = torch.randn(400, 4, generator=g)
+    logits[:, 3] -= 6.0                  # a scorer that under-rates class 3: every image of it "hard"
+    x = torch.arange(400.0).view(400, 1, 1, 1)
+    _, whole = _hardest(x, y, logits, 0.25)
+    assert (whole == 3).float().mean() > 0.9                     # ranking the batch: nearly all class 3
+    xs, ys = _hardest(x, y, logits, 0.25, per_class=True)
+    assert len(ys) == 100
+    loss = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    picked = xs.view(-1).long()
+    for c in range(4):
+        n_c = int((y == c).sum())
+        mine = picked[ys == c]
+        assert abs(len(mine) - 0.25 * n_c) <= 1                  # a quarter of every class
+        others = loss[(y == c) & ~torch.isin(torch.arange(400), mine)]
+        assert loss[mine].min() >= others.max()                  # and the hardest of that class
+    assert torch.equal(picked, picked.sort().values)             # batch order kept
+
+
+@pytest.mark.parametrize("per_class", [False, True])
+def test_hard_fraction_trains_on_the_selected_share_and_still_learns(tiny_folder, tmp_path, monkeypatch,
+                                                                     per_class):
     import importlib
     train_mod = importlib.import_module("cifarkit.train")   # the package exports a function of that name
+    real_hardest, modes = train_mod._hardest, set()
+
+    def spying_hardest(*a):
+        modes.add(a[4])
+        return real_hardest(*a)
+    monkeypatch.setattr(train_mod, "_hardest", spying_hardest)
     sizes = []   # (graph recorded?, batch size) of every training-mode forward pass
     real_create = train_mod.create_model
 
@@ -292,8 +322,9 @@ def test_hard_fraction_trains_on_the_selected_share_and_still_learns(tiny_folder
                                 if mod.training else None)
         return m
     monkeypatch.setattr(train_mod, "create_model", spying_create)
-    s = train(_cfg(tiny_folder, tmp_path / "r", epochs=6, hard_fraction=0.5, hard_start=1),
-              progress=False, log=lambda *a: None)
+    s = train(_cfg(tiny_folder, tmp_path / "r", epochs=6, hard_fraction=0.5, hard_start=1,
+                   hard_per_class=per_class), progress=False, log=lambda *a: None)
+    assert modes == {per_class}                   # --hard-per-class reaches the selection
     assert sizes[:6] == [(True, 16)] * 6          # epoch 0 (before hard_start): every image trains
     later = sizes[6:]
     assert [g for g, _ in later[:4]] == [False, True, False, True]   # score all, then train on half

@@ -50,6 +50,9 @@ _TRAIN_HELP = {
     "hard_fraction": "selective backprop: train each step on this share of the batch with the highest "
                      "loss (scored by a no-grad forward pass); 1 = all",
     "hard_start": "first epoch (0-based) of --hard-fraction selection",
+    "hard_per_class": "with --hard-fraction: take that share of each class in the batch, so the trained "
+                      "images keep the batch's class mix (safer with a weak --hard-proxy; the fast "
+                      "recipe ranks the whole batch, which measured more accurate)",
     "hard_proxy": "comma-separated widths of a small copy of the network that scores the images "
                   "for --hard-fraction, trained alongside (e.g. 16,64,64); default: the network itself",
     "flip": "random horizontal flips",

@@ -56,6 +56,9 @@ class TrainConfig:
                                      # batch, the images with the highest loss under a no-grad
                                      # forward pass of the whole batch; 1 = train on all
     hard_start: int = 0              # first epoch (0-based) that selects; earlier ones use all
+    hard_per_class: bool = False     # select the hardest share of each class in the batch, so the
+                                     # trained images keep the batch's class mix (a weak scorer that
+                                     # under-rates some classes otherwise picks mostly those)
     hard_proxy: list = field(default_factory=list)  # widths of a small copy of the network that
                                      # scores the batch instead (trained alongside on every whole
                                      # batch), e.g. [16, 64, 64]; empty = the network scores itself
