@@ -82,8 +82,7 @@ def run_flops(cfg, n_train: int) -> float:
     stop = whiten_bias_epochs(cfg) if cfg.model == "fast" else None   # frozen from this epoch on
     epochs_at = Counter((epoch_size(cfg, e), stop is not None and e >= stop,
                          cfg.hard_fraction < 1 and e >= cfg.hard_start) for e in range(cfg.epochs))
-    proxy = (dataclasses.replace(cfg, model_args={**cfg.model_args, "widths": list(cfg.hard_proxy)})
-             if cfg.hard_proxy else None)
+    proxy = dataclasses.replace(cfg, model_args=cfg.proxy_model_args()) if cfg.hard_proxy else None
     total = 0.0
     for (size, frozen, selecting), n in epochs_at.items():
         step = train_step_flops(cfg, size, frozen)

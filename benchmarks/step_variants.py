@@ -219,7 +219,7 @@ def main() -> int:
     ap.add_argument("--sizes", help="comma-separated image sides: time the fast step at each")
     ap.add_argument("--layers", action="store_true", help="time each convolution of the fast network")
     ap.add_argument("--native", action="store_true", help="full step: native max-pool vs PyTorch's")
-    ap.add_argument("--widths", default="64,256,256", help="with --native: the fast network's widths")
+    ap.add_argument("--widths", default="64,256,256", help="with --native or --select: the fast network's widths")
     ap.add_argument("--select", action="store_true", help="selective backprop's costs per step")
     ap.add_argument("--proxy", default="16,64,64", help="with --select: the proxy's widths")
     ap.add_argument("--fraction", type=float, default=0.5, help="with --select: share trained on")

@@ -140,10 +140,14 @@ class TrainConfig:
                 raise CifarkitError(f"--hard-proxy needs a model with widths; {self.model} has none",
                                     "use --model fast, or drop --hard-proxy", exit_code=2)
             try:
-                _try_build(self.model, {**self.model_args, "widths": list(self.hard_proxy)})
+                _try_build(self.model, self.proxy_model_args())
             except CifarkitError as exc:   # say which setting it came from: the proxy's widths
                 raise CifarkitError(f"--hard-proxy {self.hard_proxy}: {exc.message}", exc.hint, 2) from None
         return self
+
+    def proxy_model_args(self) -> dict:
+        """The --hard-proxy network's settings: the model's own, with the proxy's widths."""
+        return {**self.model_args, "widths": list(self.hard_proxy)}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

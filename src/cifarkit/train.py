@@ -710,7 +710,7 @@ class _Proxy:
     per image (before its update) ranks the batch."""
 
     def __init__(self, cfg: TrainConfig, p: "Prepared", total_steps: int, steps_per_epoch: int):
-        self.model = create_model(cfg.model, len(p.classes), **{**cfg.model_args, "widths": list(cfg.hard_proxy)})
+        self.model = create_model(cfg.model, len(p.classes), **cfg.proxy_model_args())
         _init_whitening(self.model, cfg, p.train.x, p.mean, p.std)
         self.model = _place(self.model, cfg, p.device)
         self.opt = make_optimizer(cfg, self.model)
@@ -778,9 +778,9 @@ def _accumulate(loss_acc: torch.Tensor, correct_acc: torch.Tensor, loss, out, yb
     correct_acc += (out.detach().argmax(1) == yb).sum()
 
 
-def _sums(loss_acc, correct_acc, seen: int, seconds: float, images: int | None = None) -> dict:
+def _sums(loss_acc, correct_acc, seen: int, seconds: float, images: int) -> dict:
     return {"loss": loss_acc.item(), "correct": int(correct_acc.item()), "seen": seen, "seconds": seconds,
-            "images": seen if images is None else images}
+            "images": images}
 
 
 def _end_epoch(epoch, cfg, p: Prepared, ema, sums, opt, history):
@@ -792,7 +792,7 @@ def _end_epoch(epoch, cfg, p: Prepared, ema, sums, opt, history):
                "val_loss": None, "val_acc": None,
                "lr": opt.param_groups[0]["lr"],
                "seconds": sums["seconds"],
-               "images_per_s": sums.get("images", sums["seen"]) / max(sums["seconds"], 1e-9),
+               "images_per_s": sums["images"] / max(sums["seconds"], 1e-9),
                "image_size": epoch_size(cfg, epoch)}
     r = None
     if len(p.val) and (last or (epoch + 1) % max(cfg.eval_every, 1) == 0):
