@@ -8,12 +8,14 @@ weights) and a full step with and without the whitening bias's gradient (frozen 
 `--native` times a full 32 px step with cifarkit's C++ max-pool (kernels.py) against PyTorch's.
 `--select` times selective backprop's parts: a full step, the network's own no-grad scoring pass,
 a step on the hardest share, and a proxy network's step (--hard-proxy).
+`--models` times a full 32 px step of several fast-network variants (model_args), interleaved.
 
     python benchmarks/step_variants.py [--profile] [--only fast]
     python benchmarks/step_variants.py --sizes 16,20,24,28,32
     python benchmarks/step_variants.py --layers
     python benchmarks/step_variants.py --native [--widths 64,256,384]
     python benchmarks/step_variants.py --select --widths 64,256,384 --proxy 16,64,64 --fraction 0.5
+    python benchmarks/step_variants.py --models '[{"widths": [64,256,384]}, {"widths": [64,256,384], "depths": [2,2,3]}]' [--size 16]
 """
 from __future__ import annotations
 
@@ -212,6 +214,23 @@ def select_costs(widths: list[int], proxy: list[int], fraction: float, batch: in
           f"{own:.2f}, proxy-scored step {prox:.2f} of a full step")
 
 
+def model_costs(variants: list[dict], batch: int = 2000, size: int = 32) -> None:
+    """Full training steps of fast-network variants (model_args each), interleaved (medians of 5)."""
+    import torch
+
+    from cifarkit import kernels
+
+    kernels.load()
+    steps = [_training_step("fast", model_args=v) for v in variants]
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    med = _interleaved_medians({i: lambda i=i: steps[i](x, y) for i in range(len(variants))})
+    for i, v in enumerate(variants):
+        params = sum(p.numel() for p in steps[i].model.parameters())
+        print(f"{json.dumps(v):60} {med[i] * 1e3:6.0f} ms = {med[i] / med[0]:.2f} of the first "
+              f"({params / 1e6:.2f} M parameters; batch {batch}, {size} px)", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--profile", action="store_true")
@@ -223,8 +242,13 @@ def main() -> int:
     ap.add_argument("--select", action="store_true", help="selective backprop's costs per step")
     ap.add_argument("--proxy", default="16,64,64", help="with --select: the proxy's widths")
     ap.add_argument("--fraction", type=float, default=0.5, help="with --select: share trained on")
+    ap.add_argument("--models", help="JSON list of fast model_args: time a full step of each")
+    ap.add_argument("--size", type=int, default=32, help="with --models: image side in px")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.models:
+        model_costs(json.loads(a.models), size=a.size)
+        return 0
     if a.select:
         select_costs([int(v) for v in a.widths.split(",")], [int(v) for v in a.proxy.split(",")], a.fraction)
         return 0

@@ -62,3 +62,32 @@ def test_fast_whitening_decorrelates_patches():
     assert torch.allclose(torch.diag(cov), torch.ones(12), atol=0.15)
     off = cov - torch.diag(torch.diag(cov))
     assert off.abs().max() < 0.15
+
+
+def test_fast_depths_add_convolutions_and_keep_old_module_names():
+    base = create_model("fast", widths=[8, 16, 16])
+    deep = create_model("fast", widths=[8, 16, 16], depths=[1, 2, 3])
+    convs = lambda m: [n for n, l in m.named_modules() if isinstance(l, torch.nn.Conv2d)]
+    assert len(convs(base)) == 1 + 6 and len(convs(deep)) == 1 + 6
+    per_group = [sum(isinstance(l, torch.nn.Conv2d) for l in g) for g in list(deep.layers)[1:4]]
+    assert per_group == [1, 2, 3]
+    # depth 2 (the default) keeps the module names checkpoints written before depths existed use
+    assert set(create_model("fast", depths=[2, 2, 2]).state_dict()) == set(create_model("fast").state_dict())
+    assert "layers.1.4.weight" in base.state_dict() and "layers.3.7.weight" in deep.state_dict()
+
+
+def test_fast_residual_adds_the_first_block_to_the_last():
+    torch.manual_seed(0)
+    plain = create_model("fast", widths=[8, 16, 16], depths=[2, 3, 3]).eval()
+    res = create_model("fast", widths=[8, 16, 16], depths=[2, 3, 3], residual=True).eval()
+    res.load_state_dict(plain.state_dict())   # same weights: only the sum differs
+    x = torch.randn(4, 8, 16, 16)
+    group_plain, group_res = plain.layers[2], res.layers[2]
+    with torch.no_grad():
+        skip = group_plain[3](group_plain[2](group_plain[1](group_plain[0](x))))
+        assert torch.allclose(group_res(x), group_plain(x) + skip, atol=1e-6)
+        images = torch.randn(2, 3, 32, 32)
+        assert not torch.allclose(res(images), plain(images))
+    # a group of one convolution has nothing to skip over
+    one = create_model("fast", widths=[8, 16, 16], depths=[1, 1, 1], residual=True).eval()
+    assert not any(g.residual for g in list(one.layers)[1:4])

@@ -378,6 +378,8 @@ def test_bad_model_args_fail_before_reading_data(tmp_path, capsys):
     for text, needles in (("model_args: {widthz: [8, 16, 16]}\n", ("widthz", "did you mean widths")),
                           ("model_args: {whiten_width: 32}\n", ("whiten_width", "2 to 24")),
                           ("model_args: {widths: [64, 256]}\n", ("widths", "three")),
+                          ("model_args: {depths: [2, 0, 3]}\n", ("depths", "1 to 8")),
+                          ("model_args: {residual: 1}\n", ("residual", "true or false")),
                           ("model_args: [1, 2]\n", ("model_args", "should be dict"))):
         y.write_text(text)
         rc, _, err = cli(["train", "--recipe", "fast", "--config", y, "--data", tmp_path / "nodata",

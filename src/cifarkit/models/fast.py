@@ -28,28 +28,44 @@ class FrozenScaleBN(nn.BatchNorm2d):
 
 
 class ConvGroup(nn.Sequential):
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__(
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-            MaxPool2x2(),   # nn.MaxPool2d(2), with cifarkit's native CPU kernel when it is built
-            FrozenScaleBN(c_out),
-            nn.GELU(),
-            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-            FrozenScaleBN(c_out),
-            nn.GELU(),
-        )
+    """conv -> 2x2 max-pool -> BN -> GELU, then ``depth - 1`` more conv -> BN -> GELU at the pooled size.
+
+    With ``residual``, the output of the first block is added to that of the last (airbench96's
+    group): the extra convolutions then learn a correction on top of a pass-through.
+    """
+
+    def __init__(self, c_in: int, c_out: int, depth: int = 2, residual: bool = False):
+        layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                  MaxPool2x2(),   # nn.MaxPool2d(2), with cifarkit's native CPU kernel when it is built
+                  FrozenScaleBN(c_out), nn.GELU()]
+        for _ in range(depth - 1):
+            layers += [nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), FrozenScaleBN(c_out), nn.GELU()]
+        super().__init__(*layers)   # the same module indices as before depth existed: old files load
+        self.residual = residual and depth > 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.residual:
+            return super().forward(x)
+        layers = list(self)
+        for m in layers[:4]:
+            x = m(x)
+        skip = x
+        for m in layers[4:]:
+            x = m(x)
+        return x + skip
 
 
 class FastNet(nn.Module):
-    def __init__(self, num_classes: int = 10, widths=(64, 256, 256), whiten_width: int = 24):
+    def __init__(self, num_classes: int = 10, widths=(64, 256, 256), whiten_width: int = 24,
+                 depths=(2, 2, 2), residual: bool = False):
         super().__init__()
         self.whiten = nn.Conv2d(3, whiten_width, 2, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)   # set from the data by init_whitening
         self.layers = nn.Sequential(
             nn.GELU(),
-            ConvGroup(whiten_width, widths[0]),
-            ConvGroup(widths[0], widths[1]),
-            ConvGroup(widths[1], widths[2]),
+            ConvGroup(whiten_width, widths[0], depths[0], residual),
+            ConvGroup(widths[0], widths[1], depths[1], residual),
+            ConvGroup(widths[1], widths[2], depths[2], residual),
             nn.AdaptiveMaxPool2d(1),
             nn.Flatten(),
         )
@@ -86,8 +102,13 @@ class FastNet(nn.Module):
 
 
 @register_model
-def fast(num_classes: int = 10, widths=(64, 256, 256), whiten_width: int = 24) -> nn.Module:
-    """Speed-run network: 2x2 whitening conv + three conv-pool-BN-GELU groups (~1.9M params)."""
+def fast(num_classes: int = 10, widths=(64, 256, 256), whiten_width: int = 24, depths=(2, 2, 2),
+         residual: bool = False) -> nn.Module:
+    """Speed-run network: 2x2 whitening conv + three conv-pool-BN-GELU groups (~1.9M params).
+
+    ``depths``: convolutions per group (2 as in airbench94; airbench96 uses 3); ``residual``: add
+    each group's first block output to its last (only matters where a group has depth >= 2).
+    """
     if not (isinstance(widths, (list, tuple)) and len(widths) == 3
             and all(isinstance(w, int) and w > 0 for w in widths)):
         raise CifarkitError(f"model_args: fast's widths must be three positive whole numbers, got {widths!r}",
@@ -98,4 +119,11 @@ def fast(num_classes: int = 10, widths=(64, 256, 256), whiten_width: int = 24) -
         raise CifarkitError(f"model_args: fast's whiten_width must be an even number from 2 to 24, "
                             f"got {whiten_width!r}", "a 2x2 RGB patch has 12 directions, each used "
                             "with both signs; the default is 24", exit_code=2)
-    return FastNet(num_classes, tuple(widths), whiten_width)
+    if not (isinstance(depths, (list, tuple)) and len(depths) == 3
+            and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 8 for d in depths)):
+        raise CifarkitError(f"model_args: fast's depths must be three whole numbers from 1 to 8 "
+                            f"(convolutions per group), got {depths!r}", "e.g. depths: [2, 2, 3]", exit_code=2)
+    if not isinstance(residual, bool):
+        raise CifarkitError(f"model_args: fast's residual must be true or false, got {residual!r}",
+                            "e.g. residual: true", exit_code=2)
+    return FastNet(num_classes, tuple(widths), whiten_width, tuple(depths), residual)
