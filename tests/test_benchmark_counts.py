@@ -43,7 +43,6 @@ def test_run_flops_count_the_scoring_and_the_trained_share(fast_recipe):
     assert 0.3 < score / step < 0.37            # a forward pass is about a third of a training step
     assert fast_recipe.run_flops(own, 100) == pytest.approx(2 * 100 * (0.5 * step + score))
     proxied = resolve_config("fast", overrides={**base, "hard_proxy": [16, 64, 64]})
-    small = fast_recipe.train_step_flops(
-        dataclasses.replace(proxied, model_args={**proxied.model_args, "widths": [16, 64, 64]}), 32)
+    small = fast_recipe.train_step_flops(dataclasses.replace(proxied, model_args=proxied.proxy_model_args()), 32)
     assert small < step / 8                      # the proxy is a small fraction of the network
     assert fast_recipe.run_flops(proxied, 100) == pytest.approx(2 * 100 * (0.5 * step + small))

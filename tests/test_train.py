@@ -344,6 +344,21 @@ def test_bad_hard_fraction_settings_are_refused(bad):
     assert TrainConfig(model="fast", hard_fraction=0.5, hard_proxy=[8, 8, 8]).validate()
 
 
+def test_hard_proxy_args_set_the_proxy_apart_from_the_network():
+    cfg = TrainConfig(model="fast", model_args={"widths": [8, 16, 16], "depths": [2, 3, 3], "residual": True},
+                      hard_fraction=0.5, hard_proxy=[4, 8, 8], hard_proxy_args={"depths": [2, 2, 2]}).validate()
+    assert cfg.proxy_model_args() == {"widths": [4, 8, 8], "depths": [2, 2, 2], "residual": True}
+    cfg.hard_proxy_args = {"depths": [2, 2, 2], "widths": [99, 99, 99]}   # --hard-proxy's widths win
+    assert cfg.proxy_model_args()["widths"] == [4, 8, 8]
+    # without a proxy they are unused, so `--hard-proxy=` still turns the fast recipe's proxy off
+    assert TrainConfig(model="fast", hard_proxy_args={"depths": [2, 2, 2]}).validate()
+    for bad, needle in (({"hard_proxy_args": [2, 2, 2], "hard_fraction": 0.5, "hard_proxy": [4, 8, 8]}, "mapping"),
+                        ({"hard_proxy_args": {"depths": [0, 2, 2]}, "hard_fraction": 0.5, "hard_proxy": [4, 8, 8]},
+                         "--hard-proxy .*depths")):
+        with pytest.raises(CifarkitError, match=needle):
+            TrainConfig(model="fast", **bad).validate()
+
+
 def test_hard_proxy_picks_the_images_and_the_network_never_scores(tiny_folder, tmp_path, monkeypatch):
     import importlib
     train_mod = importlib.import_module("cifarkit.train")
@@ -368,3 +383,15 @@ def test_hard_proxy_picks_the_images_and_the_network_never_scores(tiny_folder, t
     assert ck.extra["proxy"]["model"]["head.weight"].shape == (3, 8)
     m = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
     assert round(m["images_per_s"] * m["seconds"]) == 96   # throughput counts every image of the epoch
+
+
+def test_a_deeper_network_trains_with_a_shallower_proxy(tiny_folder, tmp_path):
+    s = train(_cfg(tiny_folder, tmp_path / "r", model="fast", epochs=4, hard_fraction=0.5, lr=0.01,
+                   model_args={"widths": [8, 16, 16], "depths": [2, 3, 3], "residual": True},
+                   hard_proxy=[4, 8, 8], hard_proxy_args={"depths": [2, 2, 2], "residual": False}),
+              progress=False, log=lambda *a: None)
+    assert s["best_val_acc"] >= 0.6
+    ck = load_checkpoint(tmp_path / "r" / "last.ckpt")
+    assert "layers.3.7.weight" in ck.state_dict                # the network's third conv of group 3
+    assert "layers.3.7.weight" not in ck.extra["proxy"]["model"]  # the proxy has two per group
+    assert ck.extra["proxy"]["model"]["layers.3.4.weight"].shape == (8, 8, 3, 3)

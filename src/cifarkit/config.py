@@ -62,6 +62,9 @@ class TrainConfig:
     hard_proxy: list = field(default_factory=list)  # widths of a small copy of the network that
                                      # scores the batch instead (trained alongside on every whole
                                      # batch), e.g. [16, 64, 64]; empty = the network scores itself
+    hard_proxy_args: dict = field(default_factory=dict)  # the proxy's model_args where they differ
+                                     # from the network's, e.g. {depths: [2, 2, 2]} (YAML only;
+                                     # unused without hard_proxy)
     # augmentation on whole uint8 batches
     flip: bool = False               # random horizontal mirror
     alt_flip: bool = False           # with flip: mirror each image every other epoch (airbench's
@@ -134,6 +137,9 @@ class TrainConfig:
             raise CifarkitError(f"model_args should be a mapping of settings, got {self.model_args!r}",
                                 "e.g. model_args: {widths: [64, 256, 256]}", exit_code=2)
         _try_build(self.model, self.model_args)   # unknown settings and bad values, before any data
+        if not isinstance(self.hard_proxy_args, dict):
+            raise CifarkitError(f"hard_proxy_args should be a mapping of model settings, got "
+                                f"{self.hard_proxy_args!r}", "e.g. hard_proxy_args: {depths: [2, 2, 2]}", exit_code=2)
         if self.hard_proxy:
             from .models import model_settings
             if "widths" not in model_settings(self.model):
@@ -146,8 +152,8 @@ class TrainConfig:
         return self
 
     def proxy_model_args(self) -> dict:
-        """The --hard-proxy network's settings: the model's own, with the proxy's widths."""
-        return {**self.model_args, "widths": list(self.hard_proxy)}
+        """The --hard-proxy network's settings: the model's own < hard_proxy_args < the proxy's widths."""
+        return {**self.model_args, **self.hard_proxy_args, "widths": list(self.hard_proxy)}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -180,16 +186,21 @@ RECIPES: dict[str, dict[str, Any]] = {
                      flip=True, crop_pad=4, label_smoothing=0.1),
     # Speed run tuned for CPU FLOPs; see docs/benchmarks.md for its measured accuracy and time.
     "fast": dict(
-        model="fast", model_args={"widths": [64, 256, 384]},   # channels of the three conv groups
+        # Three conv groups of 64/224/320 channels with 2/3/3 convolutions, the extra ones behind a
+        # residual (airbench96's group): measured better than 64/256/384 with two convolutions per
+        # group at about the same CPU cost (docs/benchmarks.md).
+        model="fast", model_args={"widths": [64, 224, 320], "depths": [2, 3, 3], "residual": True},
         epochs=16, batch_size=2000,           # images per step (scored; half of them train)
         # Progressive resizing: the first 10 epochs see smaller images (side in px per epoch); a
         # 16 px step costs about 0.25 of a 32 px one on a CPU, 20 px 0.38, 24 px 0.53, 28 px
         # 0.73 (benchmarks/step_variants.py --sizes), so these 16 epochs cost about 10.4 full ones.
         progressive=[16, 16, 16, 20, 20, 20, 24, 24, 28, 28],
         # Selective backprop: each step trains on the half of the batch with the highest loss,
-        # as scored by a 16/64/64-wide copy of the network trained alongside on every whole batch;
-        # a step then costs about 0.66 of a full one (step_variants.py --select).
+        # as scored by a 16/64/64-wide copy of the network with two plain convolutions per group,
+        # trained alongside on every whole batch; a step then costs about 0.66 of a full one
+        # (step_variants.py --select).
         hard_fraction=0.5, hard_proxy=[16, 64, 64],
+        hard_proxy_args={"depths": [2, 2, 2], "residual": False},
         optimizer="muon", lr=0.24,            # Muon step size for conv filters (scale-free)
         optimizer_args={
             "muon_momentum": 0.6,
