@@ -75,6 +75,10 @@ _TRAIN_HELP = {
 }
 
 
+# Mappings have no flag: they are set in a --config YAML file (or a recipe).
+_YAML_ONLY = ("model_args", "optimizer_args", "hard_proxy_args")
+
+
 def _int_list(text: str) -> list:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -95,7 +99,7 @@ def _add_train(sub):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     types = {"int": int, "float": float, "str": str, "str | None": str, "list": _int_list}
     for f in fields(TrainConfig):
-        if f.name in ("recipe", "model_args", "optimizer_args", "hard_proxy_args"):   # YAML only
+        if f.name == "recipe" or f.name in _YAML_ONLY:
             continue
         flag = "--" + f.name.replace("_", "-")
         kw = {"default": None, "help": _TRAIN_HELP.get(f.name, "")}
@@ -113,8 +117,7 @@ def cmd_train(a) -> int:
     from .train import train
 
     overrides = {f.name: getattr(a, f.name) for f in fields(TrainConfig)
-                 if f.name not in ("model_args", "optimizer_args", "hard_proxy_args")
-                 and getattr(a, f.name, None) is not None}
+                 if f.name not in _YAML_ONLY and getattr(a, f.name, None) is not None}
     if a.resume:
         train(None, resume=a.resume, progress=not a.quiet, epochs=a.epochs)
         return 0

@@ -147,8 +147,9 @@ class TrainConfig:
                                     "use --model fast, or drop --hard-proxy", exit_code=2)
             try:
                 _try_build(self.model, self.proxy_model_args())
-            except CifarkitError as exc:   # say which setting it came from: the proxy's widths
-                raise CifarkitError(f"--hard-proxy {self.hard_proxy}: {exc.message}", exc.hint, 2) from None
+            except CifarkitError as exc:   # say which setting it came from: the proxy's
+                where = f"--hard-proxy {self.hard_proxy}" + (" with hard_proxy_args" if self.hard_proxy_args else "")
+                raise CifarkitError(f"{where}: {exc.message}", exc.hint, 2) from None
         return self
 
     def proxy_model_args(self) -> dict:
@@ -186,19 +187,20 @@ RECIPES: dict[str, dict[str, Any]] = {
                      flip=True, crop_pad=4, label_smoothing=0.1),
     # Speed run tuned for CPU FLOPs; see docs/benchmarks.md for its measured accuracy and time.
     "fast": dict(
-        # Three conv groups of 64/224/320 channels with 2/3/3 convolutions, the extra ones behind a
-        # residual (airbench96's group): measured better than 64/256/384 with two convolutions per
-        # group at about the same CPU cost (docs/benchmarks.md).
+        # Three conv groups of 64/224/320 channels with 2/3/3 convolutions, each group's convolutions
+        # after its first behind a residual (airbench96's group): measured better than 64/256/384
+        # with two plain convolutions per group at about the same CPU cost (docs/benchmarks.md).
         model="fast", model_args={"widths": [64, 224, 320], "depths": [2, 3, 3], "residual": True},
         epochs=16, batch_size=2000,           # images per step (scored; half of them train)
         # Progressive resizing: the first 10 epochs see smaller images (side in px per epoch); a
         # 16 px step costs about 0.25 of a 32 px one on a CPU, 20 px 0.38, 24 px 0.53, 28 px
-        # 0.73 (benchmarks/step_variants.py --sizes), so these 16 epochs cost about 10.4 full ones.
+        # 0.73 (benchmarks/step_variants.py --sizes, measured for the previous 64/256/256
+        # network), so these 16 epochs cost about 10.4 full ones.
         progressive=[16, 16, 16, 20, 20, 20, 24, 24, 28, 28],
         # Selective backprop: each step trains on the half of the batch with the highest loss,
         # as scored by a 16/64/64-wide copy of the network with two plain convolutions per group,
         # trained alongside on every whole batch; a step then costs about 0.66 of a full one
-        # (step_variants.py --select).
+        # (step_variants.py --select, measured for the previous 64/256/384 network).
         hard_fraction=0.5, hard_proxy=[16, 64, 64],
         hard_proxy_args={"depths": [2, 2, 2], "residual": False},
         optimizer="muon", lr=0.24,            # Muon step size for conv filters (scale-free)

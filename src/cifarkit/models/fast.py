@@ -44,15 +44,12 @@ class ConvGroup(nn.Sequential):
         self.residual = residual and depth > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.residual:
-            return super().forward(x)
-        layers = list(self)
-        for m in layers[:4]:
+        skip = None
+        for i, m in enumerate(self):
             x = m(x)
-        skip = x
-        for m in layers[4:]:
-            x = m(x)
-        return x + skip
+            if i == 3 and self.residual:   # after the first conv -> pool -> BN -> GELU
+                skip = x
+        return x if skip is None else x + skip
 
 
 class FastNet(nn.Module):
