@@ -79,7 +79,7 @@ class TrainConfig:
     device: str = "auto"
     channels_last: bool = True
     compile: bool = False
-    native_kernels: bool = True      # build/use cifarkit's C++ CPU max-pool (kernels.py) for bf16
+    native_kernels: bool = True      # build/use cifarkit's C++ CPU max-pool and conv weight gradient (kernels.py) for bf16
     sync_bn: bool = False            # torchrun: synchronise batch-norm statistics across GPUs
     threads: int = 0                 # 0: one per physical core
     deterministic: bool = False

@@ -34,7 +34,9 @@ _SOURCE = r'''
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 // bf16 is the top half of a float32: widen by shifting the bits.
 static inline float bf(uint16_t v) {
@@ -120,6 +122,131 @@ torch::Tensor pool_bwd(torch::Tensor g, torch::Tensor code, int64_t H, int64_t W
   });
   return gi;
 }
+
+// ---- Weight gradient of a 3x3, stride-1, padding-1 convolution (bf16 in, fp32 out) ----
+// oneDNN computes it at about two thirds of this CPU's bf16 peak (its bf16 forward and
+// input-gradient convolutions run near the peak), and at under half of it for 3x3-pixel inputs.
+// Here the sum over images, rows and columns is the reduction of AVX-512 BF16 dot products
+// (vdpbf16ps, two products per fp32 lane): two images are interleaved channel by channel, so
+// one 32-bit broadcast of an input pixel pair meets a vector of 16 output channels' gradient pairs.
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+
+// dwt[kh][kw][ci][co] += sum over pairs p, rows h, columns w of gs(p, h, w, co) . xs(p, h+kh-1, w+kw, ci)
+// gs: [P][H][W][Co][2]; xs: [P][H][W+2][Ci][2], with zero columns 0 and W+1 (the padding).
+// Accumulators: CV vectors of 16 output channels x CI input channels x the 3 kernel columns.
+template <int CV, int CI>
+static void wgrad_tile(const uint16_t* gs, const uint16_t* xs, int64_t P, int64_t H, int64_t W,
+                       int64_t Co, int64_t Ci, int64_t co0, int64_t ci0, int kh, float* dwt) {
+  __m512 acc[3][CI][CV];
+  for (int a = 0; a < 3; ++a)
+    for (int c = 0; c < CI; ++c)
+      for (int v = 0; v < CV; ++v) acc[a][c][v] = _mm512_setzero_ps();
+  const int64_t hlo = kh == 0 ? 1 : 0, hhi = kh == 2 ? H - 1 : H;   // rows whose input row exists
+  for (int64_t p = 0; p < P; ++p) {
+    for (int64_t h = hlo; h < hhi; ++h) {
+      const uint16_t* gp = gs + (p * H + h) * W * Co * 2 + co0 * 2;
+      const uint16_t* xp = xs + (p * H + h + kh - 1) * (W + 2) * Ci * 2 + ci0 * 2;
+      for (int64_t w = 0; w < W; ++w) {
+        __m512bh gv[CV];
+        for (int v = 0; v < CV; ++v)
+          gv[v] = (__m512bh)_mm512_loadu_si512((const void*)(gp + w * Co * 2 + v * 32));
+        for (int a = 0; a < 3; ++a) {
+          const uint16_t* xq = xp + (w + a) * Ci * 2;
+          for (int c = 0; c < CI; ++c) {
+            int32_t bits;
+            std::memcpy(&bits, xq + c * 2, 4);
+            __m512bh b = (__m512bh)_mm512_set1_epi32(bits);
+            for (int v = 0; v < CV; ++v) acc[a][c][v] = _mm512_dpbf16_ps(acc[a][c][v], gv[v], b);
+          }
+        }
+      }
+    }
+  }
+  for (int a = 0; a < 3; ++a)
+    for (int c = 0; c < CI; ++c)
+      for (int v = 0; v < CV; ++v) {
+        float* o = dwt + ((kh * 3 + a) * Ci + ci0 + c) * Co + co0 + v * 16;
+        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), acc[a][c][v]));
+      }
+}
+
+bool has_conv3x3_wgrad() { return true; }
+
+// x: [N, Ci, H, W], g: [N, Co, H, W], both bf16 channels_last; returns dW [Co, Ci, 3, 3] fp32
+// (channels_last). Deterministic for a given thread count: each thread sums a fixed range of
+// images into its own buffer, and the buffers are added in thread order.
+torch::Tensor conv3x3_wgrad(torch::Tensor x, torch::Tensor g) {
+  check(x, "x");
+  check(g, "grad");
+  int64_t N = x.size(0), Ci = x.size(1), H = x.size(2), W = x.size(3), Co = g.size(1);
+  TORCH_CHECK(g.size(0) == N && g.size(2) == H && g.size(3) == W, "conv3x3_wgrad: shapes differ");
+  TORCH_CHECK(Co % 16 == 0 && Ci % 4 == 0, "conv3x3_wgrad: needs Co % 16 == 0 and Ci % 4 == 0");
+  const uint16_t* X = (const uint16_t*)x.data_ptr();
+  const uint16_t* G = (const uint16_t*)g.data_ptr();
+  const int64_t NP = (N + 1) / 2;   // image pairs; an odd last image is paired with zeros
+  // Pairs per chunk: its repacked gradient and input (about 256 KB) stay in the core's L2 cache
+  // while every tile of the weight gradient reads them.
+  const int64_t PC = std::max<int64_t>(1, (int64_t)(256 * 1024) / ((H * W * Co + H * (W + 2) * Ci) * 4));
+  const int64_t chunks = (NP + PC - 1) / PC, DW = 9 * Ci * Co;
+  const int T = at::get_num_threads();
+  std::vector<float> bufs((size_t)T * DW, 0.f);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    float* dwt = bufs.data() + (size_t)at::get_thread_num() * DW;
+    std::vector<uint16_t> gs((size_t)PC * H * W * Co * 2), xs((size_t)PC * H * (W + 2) * Ci * 2);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t p0 = chunk * PC, P = std::min(PC, NP - p0);
+      for (int64_t p = 0; p < P; ++p) {   // repack: two images interleaved channel by channel
+        const int64_t n0 = 2 * (p0 + p), n1 = n0 + 1;
+        for (int64_t hw = 0; hw < H * W; ++hw) {
+          const uint16_t* a0 = G + (n0 * H * W + hw) * Co;
+          const uint16_t* a1 = G + (n1 * H * W + hw) * Co;
+          uint16_t* o = gs.data() + (p * H * W + hw) * Co * 2;
+          if (n1 < N) for (int64_t c = 0; c < Co; ++c) { o[2 * c] = a0[c]; o[2 * c + 1] = a1[c]; }
+          else for (int64_t c = 0; c < Co; ++c) { o[2 * c] = a0[c]; o[2 * c + 1] = 0; }
+        }
+        for (int64_t h = 0; h < H; ++h) {
+          uint16_t* row = xs.data() + (p * H + h) * (W + 2) * Ci * 2;
+          std::memset(row, 0, Ci * 4);
+          std::memset(row + (W + 1) * Ci * 2, 0, Ci * 4);
+          for (int64_t w = 0; w < W; ++w) {
+            const uint16_t* a0 = X + ((n0 * H + h) * W + w) * Ci;
+            const uint16_t* a1 = X + ((n1 * H + h) * W + w) * Ci;
+            uint16_t* o = row + (w + 1) * Ci * 2;
+            if (n1 < N) for (int64_t c = 0; c < Ci; ++c) { o[2 * c] = a0[c]; o[2 * c + 1] = a1[c]; }
+            else for (int64_t c = 0; c < Ci; ++c) { o[2 * c] = a0[c]; o[2 * c + 1] = 0; }
+          }
+        }
+      }
+      for (int64_t co0 = 0; co0 < Co; co0 += (Co - co0 >= 32 ? 32 : 16))
+        for (int kh = 0; kh < 3; ++kh) {
+          if (Co - co0 >= 32)
+            for (int64_t ci0 = 0; ci0 < Ci; ci0 += 4) wgrad_tile<2, 4>(gs.data(), xs.data(), P, H, W, Co, Ci, co0, ci0, kh, dwt);
+          else if (Ci % 8 == 0)
+            for (int64_t ci0 = 0; ci0 < Ci; ci0 += 8) wgrad_tile<1, 8>(gs.data(), xs.data(), P, H, W, Co, Ci, co0, ci0, kh, dwt);
+          else
+            for (int64_t ci0 = 0; ci0 < Ci; ci0 += 4) wgrad_tile<1, 4>(gs.data(), xs.data(), P, H, W, Co, Ci, co0, ci0, kh, dwt);
+        }
+    }
+  });
+  auto out = torch::empty({Co, Ci, 3, 3}, torch::dtype(torch::kFloat32).memory_format(at::MemoryFormat::ChannelsLast));
+  float* O = out.data_ptr<float>();   // [Co][kh][kw][Ci] in memory
+  for (int64_t co = 0; co < Co; ++co)
+    for (int64_t k = 0; k < 9; ++k)
+      for (int64_t ci = 0; ci < Ci; ++ci) {
+        float s = 0.f;
+        for (int t = 0; t < T; ++t) s += bufs[(size_t)t * DW + (k * Ci + ci) * Co + co];
+        O[(co * 9 + k) * Ci + ci] = s;
+      }
+  return out;
+}
+#else
+bool has_conv3x3_wgrad() { return false; }
+torch::Tensor conv3x3_wgrad(torch::Tensor x, torch::Tensor g) {
+  TORCH_CHECK(false, "conv3x3_wgrad: built without AVX-512 BF16");
+  return x;
+}
+#endif
 '''
 
 _state: dict = {"module": None, "reason": None, "off": 0}
@@ -156,7 +283,7 @@ def load(verbose: bool = False) -> str | None:
                 quiet.setLevel(level)
 
             _state["module"] = load_inline(
-                _build_name(), cpp_sources=_SOURCE, functions=["pool_fwd", "pool_bwd"],
+                _build_name(), cpp_sources=_SOURCE, functions=["pool_fwd", "pool_bwd", "conv3x3_wgrad", "has_conv3x3_wgrad"],
                 extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                 verbose=verbose)
         except Exception as exc:  # noqa: BLE001 - any build failure means: use PyTorch's kernels
@@ -238,3 +365,68 @@ class MaxPool2x2(torch.nn.MaxPool2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return max_pool2x2(x)
+
+
+def conv_wgrad_available() -> bool:
+    """The native 3x3 convolution weight gradient is built (needs AVX-512 BF16) and switched on."""
+    m = _state["module"]
+    return m is not None and not _state["off"] and bool(m.has_conv3x3_wgrad())
+
+
+class _Conv3x3(torch.autograd.Function):
+    """A bias-free 3x3, stride-1, padding-1 convolution in bf16 whose weight gradient is computed
+    by :func:`conv3x3_wgrad` (fp32 sums, returned in fp32 to the fp32 weight). The forward and the
+    gradient to the input are PyTorch's (oneDNN's), which already run near this CPU's bf16 peak."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        xb = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        wb = weight.to(torch.bfloat16)
+        with torch.autocast("cpu", enabled=False):
+            out = F.conv2d(xb, wb, None, 1, 1)
+        ctx.save_for_backward(xb, wb)
+        ctx.in_dtype = x.dtype
+        ctx.weight_channels_last = weight.is_contiguous(memory_format=torch.channels_last)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        xb, wb = ctx.saved_tensors
+        g = g.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.convolution_backward(
+                g, xb, wb, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])[0]
+            gx = gx.to(ctx.in_dtype)
+        if ctx.needs_input_grad[1]:
+            gw = _state["module"].conv3x3_wgrad(xb, g)
+            if not ctx.weight_channels_last:
+                gw = gw.contiguous()
+        return gx, gw
+
+
+def _conv_eligible(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
+    bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                         and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    return (bf16 and torch.is_grad_enabled() and conv.weight.requires_grad and conv.bias is None
+            and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and conv.out_channels % 16 == 0 and conv.in_channels % 4 == 0
+            and x.device.type == "cpu" and x.dim() == 4 and x.numel() > 0
+            and conv.weight.dtype == torch.float32
+            and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+            and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export())
+
+
+class Conv3x3(torch.nn.Conv2d):
+    """``nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)`` (same parameters and state dict)
+    whose training step uses the native weight gradient when it is loaded and the step runs in
+    bf16 on a CPU; anywhere else (eval, fp32, GPU, export) it is exactly ``nn.Conv2d``."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(c_in, c_out, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if conv_wgrad_available() and _conv_eligible(self, x):
+            return _Conv3x3.apply(x, self.weight)
+        return super().forward(x)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CifarkitError
-from ..kernels import MaxPool2x2
+from ..kernels import Conv3x3, MaxPool2x2
 from . import register_model
 
 
@@ -35,11 +35,11 @@ class ConvGroup(nn.Sequential):
     """
 
     def __init__(self, c_in: int, c_out: int, depth: int = 2, residual: bool = False):
-        layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        layers = [Conv3x3(c_in, c_out),   # nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
                   MaxPool2x2(),   # nn.MaxPool2d(2), with cifarkit's native CPU kernel when it is built
                   FrozenScaleBN(c_out), nn.GELU()]
         for _ in range(depth - 1):
-            layers += [nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), FrozenScaleBN(c_out), nn.GELU()]
+            layers += [Conv3x3(c_out, c_out), FrozenScaleBN(c_out), nn.GELU()]
         super().__init__(*layers)   # the same module indices as before depth existed: old files load
         self.residual = residual and depth > 1
 
