@@ -159,7 +159,8 @@ def main() -> int:
         from cifarkit import kernels
         t0 = time.perf_counter()
         reason = kernels.load()
-        native = f"C++ max-pool ready in {time.perf_counter() - t0:.1f}s" if reason is None else f"unused: {reason}"
+        native = (f"C++ max-pool{' and conv weight gradient' if kernels.conv_wgrad_available() else ''} ready in "
+                  f"{time.perf_counter() - t0:.1f}s" if reason is None else f"unused: {reason}")
     peak = matmul_peak_gflops(device)
     report = {"machine": _machine(device), "torch": str(torch.__version__),
               "threads": torch.get_num_threads(), "bf16_matmul_peak_gflops": peak,

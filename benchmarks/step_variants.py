@@ -3,9 +3,11 @@ eager vs torch.compile, with and without cifarkit's glibc malloc tuning, for the
 network (batch 64) and the fast network (batch 2000). `--profile` prints the op breakdown.
 `--sizes` times the fast network's step at several image sides instead (progressive resizing
 costs), interleaved in one process, and prints each median against the 32 px step. `--layers`
-times each convolution of the fast network (forward, backward to the input, backward to the
-weights) and a full step with and without the whitening bias's gradient (frozen after epoch 3).
-`--native` times a full 32 px step with cifarkit's C++ max-pool (kernels.py) against PyTorch's.
+times each convolution of the recipe's network (forward, backward to the input, backward to the
+weights: PyTorch's and, where built, cifarkit's native one) and a full step with and without the
+whitening bias's gradient (frozen after epoch 3).
+`--native` times a full 32 px step with PyTorch's ops, with cifarkit's C++ max-pool only, and
+with the max-pool and the native 3x3 convolution weight gradient (kernels.py).
 `--select` times selective backprop's parts: a full step, the network's own no-grad scoring pass,
 a step on the hardest share, and a proxy network's step (--hard-proxy).
 `--models` times a full 32 px step of several fast-network variants (model_args), interleaved.
@@ -13,7 +15,7 @@ a step on the hardest share, and a proxy network's step (--hard-proxy).
     python benchmarks/step_variants.py [--profile] [--only fast]
     python benchmarks/step_variants.py --sizes 16,20,24,28,32
     python benchmarks/step_variants.py --layers
-    python benchmarks/step_variants.py --native [--widths 64,256,384]
+    python benchmarks/step_variants.py --native [--widths 64,256,384]   # default: the recipe's network
     python benchmarks/step_variants.py --select --widths 64,256,384 --proxy 16,64,64 --fraction 0.5
     python benchmarks/step_variants.py --models '[{"widths": [64,256,384]}, {"widths": [64,256,384], "depths": [2,2,3]}]' [--size 16]
 """
@@ -111,16 +113,18 @@ def _median_ms(fn, repeats: int = 5) -> float:
     return _interleaved_medians({0: fn}, repeats)[0] * 1e3
 
 
-def layer_costs(batch: int = 2000, size: int = 32) -> None:
+def layer_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
     """Per-convolution times of the fast network in bf16/channels_last, then the frozen-bias ratio."""
     import torch
     import torch.nn.functional as F
 
-    from cifarkit import create_model
+    from cifarkit import create_model, kernels
     from cifarkit.device import set_threads
 
     set_threads(0)
-    model = create_model("fast")
+    kernels.load()
+    native = kernels.conv_wgrad_available()
+    model = create_model("fast", **model_args)
     shapes = []   # (name, input shape, conv) of every convolution, recorded on a small forward
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: shapes.append((n, i[0].shape, m)))
              for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
@@ -128,7 +132,9 @@ def layer_costs(batch: int = 2000, size: int = 32) -> None:
     for h in hooks:
         h.remove()
     cl = torch.channels_last
-    totals = [0.0, 0.0, 0.0]
+    totals = [0.0, 0.0, 0.0, 0.0]
+    print(f"fast network {json.dumps(model_args)}, batch {batch}, {size} px, bf16 channels_last "
+          f"(medians of 5; native weight gradient {'built' if native else 'unavailable'})")
     for name, shape, conv in shapes:
         x = torch.randn(batch, *shape[1:], dtype=torch.bfloat16).contiguous(memory_format=cl)
         w = conv.weight.detach().to(torch.bfloat16).contiguous(memory_format=cl)
@@ -137,15 +143,20 @@ def layer_costs(batch: int = 2000, size: int = 32) -> None:
         g = torch.randn_like(y).contiguous(memory_format=cl)
         flop = 2 * y.numel() * w[0].numel() / 1e9
         bwd = lambda mask: torch.ops.aten.convolution_backward(g, x, w, None, *args, mask)
+        mine = (lambda: kernels._state["module"].conv3x3_wgrad(x, g)) if (
+            native and isinstance(conv, kernels.Conv3x3) and conv.out_channels % 16 == 0
+            and conv.in_channels % 4 == 0) else None
         t = (_median_ms(lambda: F.conv2d(x, w, None, conv.stride, conv.padding)),
-             _median_ms(lambda: bwd([True, False, False])), _median_ms(lambda: bwd([False, True, False])))
-        totals = [a + b for a, b in zip(totals, t)]
+             _median_ms(lambda: bwd([True, False, False])), _median_ms(lambda: bwd([False, True, False])),
+             _median_ms(mine) if mine else float("nan"))
+        totals = [a + (b if b == b else c) for a, b, c in zip(totals, t, (0, 0, 0, t[2]))]
         print(f"{name:18} {tuple(shape[1:])!s:15} fwd {t[0]:6.1f} ms ({flop / t[0] * 1e3:4.0f} GFLOP/s) | "
               f"grad input {t[1]:6.1f} ms ({flop / t[1] * 1e3:4.0f}) | grad weight {t[2]:6.1f} ms "
-              f"({flop / t[2] * 1e3:4.0f})", flush=True)
+              f"({flop / t[2] * 1e3:4.0f}) | native grad weight {t[3]:6.1f} ms ({flop / t[3] * 1e3:4.0f})",
+              flush=True)
     print(f"{'all convolutions':34} fwd {totals[0]:6.1f} ms | grad input {totals[1]:6.1f} ms | "
-          f"grad weight {totals[2]:6.1f} ms")
-    train_step = _training_step("fast")
+          f"grad weight {totals[2]:6.1f} ms | native grad weight (PyTorch's where not built) {totals[3]:6.1f} ms")
+    train_step = _training_step("fast", model_args=model_args)
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=cl)
     y = torch.randint(0, 10, (batch,))
     net = train_step.model
@@ -159,8 +170,9 @@ def layer_costs(batch: int = 2000, size: int = 32) -> None:
           f"{off * 1e3:.0f} ms (ratio {off / on:.3f}; medians of 5 after one warm-up each)")
 
 
-def native_costs(widths: list[int], batch: int = 2000, size: int = 32) -> None:
-    """A full fast-network step with the native max-pool against PyTorch's, interleaved."""
+def native_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
+    """A full fast-network step with PyTorch's ops, with the native max-pool only, and with the
+    max-pool and the native convolution weight gradient, interleaved."""
     import torch
 
     from cifarkit import kernels
@@ -168,20 +180,28 @@ def native_costs(widths: list[int], batch: int = 2000, size: int = 32) -> None:
     reason = kernels.load()
     if reason is not None:
         raise SystemExit(f"native kernels unavailable: {reason}")
-    train_step = _training_step("fast", model_args={"widths": widths})
+    train_step = _training_step("fast", model_args=model_args)
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
+    wgrad = kernels.conv_wgrad_available
 
-    def step(native: bool):
-        if native:
-            train_step(x, y)
-        else:
+    def step(mode: str):
+        if mode == "pytorch":
             with kernels.disabled():
                 train_step(x, y)
-    med = _interleaved_medians({k: lambda k=k: step(k) for k in (False, True)}, repeats=7)
-    print(f"full step, fast widths {widths}, batch {batch}, {size} px: PyTorch max-pool "
-          f"{med[False] * 1e3:.0f} ms, native {med[True] * 1e3:.0f} ms (ratio {med[True] / med[False]:.3f}; "
-          f"medians of 7 after one warm-up each)")
+        elif mode == "pool":
+            kernels.conv_wgrad_available = lambda: False
+            try:
+                train_step(x, y)
+            finally:
+                kernels.conv_wgrad_available = wgrad
+        else:
+            train_step(x, y)
+    modes = ("pytorch", "pool", "pool+wgrad") if wgrad() else ("pytorch", "pool")
+    med = _interleaved_medians({k: lambda k=k: step(k) for k in modes}, repeats=7)
+    print(f"full step, fast {json.dumps(model_args)}, batch {batch}, {size} px (medians of 7 after one "
+          f"warm-up each): " + ", ".join(f"{k} {med[k] * 1e3:.0f} ms ({med[k] / med['pytorch']:.3f})"
+                                        for k in modes))
 
 
 def select_costs(widths: list[int], proxy: list[int], fraction: float, batch: int = 2000,
@@ -237,8 +257,9 @@ def main() -> int:
     ap.add_argument("--only", choices=("tudui", "fast"), help="measure one network only")
     ap.add_argument("--sizes", help="comma-separated image sides: time the fast step at each")
     ap.add_argument("--layers", action="store_true", help="time each convolution of the fast network")
-    ap.add_argument("--native", action="store_true", help="full step: native max-pool vs PyTorch's")
-    ap.add_argument("--widths", default="64,256,256", help="with --native or --select: the fast network's widths")
+    ap.add_argument("--native", action="store_true", help="full step: native kernels vs PyTorch's")
+    ap.add_argument("--widths", help="with --native, --layers or --select: the fast network's widths "
+                                     "(default: the recipe's network; --select: 64,256,256)")
     ap.add_argument("--select", action="store_true", help="selective backprop's costs per step")
     ap.add_argument("--proxy", default="16,64,64", help="with --select: the proxy's widths")
     ap.add_argument("--fraction", type=float, default=0.5, help="with --select: share trained on")
@@ -249,14 +270,14 @@ def main() -> int:
     if a.models:
         model_costs(json.loads(a.models), size=a.size)
         return 0
+    widths = [int(v) for v in a.widths.split(",")] if a.widths else None
     if a.select:
-        select_costs([int(v) for v in a.widths.split(",")], [int(v) for v in a.proxy.split(",")], a.fraction)
+        select_costs(widths or [64, 256, 256], [int(v) for v in a.proxy.split(",")], a.fraction)
         return 0
-    if a.native:
-        native_costs([int(v) for v in a.widths.split(",")])
-        return 0
-    if a.layers:
-        layer_costs()
+    if a.native or a.layers:
+        from cifarkit import resolve_config
+        model_args = {"widths": widths} if widths else dict(resolve_config("fast").model_args)
+        (native_costs if a.native else layer_costs)(model_args)
         return 0
     if a.sizes:
         med = size_costs([int(v) for v in a.sizes.split(",")])

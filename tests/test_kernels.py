@@ -1,5 +1,6 @@
-"""The native C++ max-pool (cifarkit.kernels): same results as PyTorch's, used only where it
-applies, and a clear fallback where it cannot be built."""
+"""The native C++ kernels (cifarkit.kernels): a max-pool with the same results as PyTorch's and
+a 3x3 convolution weight gradient with the same up to summation order, used only where they
+apply, and a clear fallback where they cannot be built."""
 import os
 
 import pytest
@@ -86,6 +87,8 @@ def test_other_inputs_use_pytorch_and_never_reach_the_native_code(fresh_state):
 
 
 def test_training_with_native_pool_gives_the_same_weights(native, tiny_folder, tmp_path, monkeypatch):
+    # the pool alone: the native weight gradient sums in fp32 and so changes the weights slightly
+    monkeypatch.setattr(kernels, "conv_wgrad_available", lambda: False)
     calls = []
     real = kernels._MaxPool2x2.apply
     monkeypatch.setattr(kernels._MaxPool2x2, "apply", lambda x: calls.append(1) or real(x))
@@ -96,7 +99,7 @@ def test_training_with_native_pool_gives_the_same_weights(native, tiny_folder, t
     train(resolve_config("fast", overrides={**kw, "out": str(tmp_path / "a")}), progress=False,
           log=logs.append)
     assert calls, "the fast network's pools did not use the native kernel"
-    assert any("native kernels: C++ max-pool ready" in line for line in logs)
+    assert any("native kernels: C++ max-pool and" in line for line in logs)
     used = len(calls)
     train(resolve_config("fast", overrides={**kw, "out": str(tmp_path / "b"), "native_kernels": False}),
           progress=False, log=lambda *a: None)
@@ -137,3 +140,97 @@ def test_a_failed_build_is_a_reason_not_a_crash(fresh_state, monkeypatch):
     reason = kernels.load()
     assert reason.startswith("building them failed (Error building extension") and "\n" not in reason
     assert kernels.load() == reason and not kernels.loaded()      # remembered: no second attempt
+
+
+@pytest.fixture
+def wgrad(native):
+    if not native.conv_wgrad_available():
+        pytest.skip("this CPU has no AVX-512 BF16: the native weight gradient is not built")
+    return native
+
+
+def _wgrad_ref(x, g):
+    w = torch.zeros(g.shape[1], x.shape[1], 3, 3, dtype=torch.float64)
+    return torch.ops.aten.convolution_backward(g.double(), x.double(), w, None, [1, 1], [1, 1], [1, 1],
+                                               False, [0, 0], 1, [False, True, False])[1]
+
+
+@pytest.mark.parametrize("shape", [(2000 // 40, 64, 224, 7, 7), (7, 24, 64, 31, 31), (3, 12, 48, 2, 5),
+                                   (5, 24, 16, 4, 3), (1, 4, 16, 1, 1), (9, 20, 80, 5, 5)])
+def test_native_conv_weight_gradient_is_the_exact_sum(wgrad, shape):
+    # odd batches (an image paired with zeros), 16-channel remainders, 1x1 and non-square inputs
+    n, ci, co, h, w = shape
+    gen = torch.Generator().manual_seed(n * co)
+    x = torch.randn(n, ci, h, w, generator=gen).to(torch.bfloat16).contiguous(memory_format=CL)
+    g = torch.randn(n, co, h, w, generator=gen).to(torch.bfloat16).contiguous(memory_format=CL)
+    got = wgrad._state["module"].conv3x3_wgrad(x, g)
+    ref = _wgrad_ref(x, g)
+    assert got.dtype == torch.float32 and got.shape == ref.shape and got.is_contiguous(memory_format=CL)
+    # fp32 sums of exact bf16 products: far closer to the float64 sum than bf16 output could be
+    assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert torch.equal(got, wgrad._state["module"].conv3x3_wgrad(x, g))   # deterministic
+
+
+def test_conv3x3_uses_the_native_gradient_only_when_training_in_bf16(wgrad, monkeypatch):
+    calls = []
+    real = kernels._Conv3x3.apply
+    monkeypatch.setattr(kernels._Conv3x3, "apply", lambda x, w: calls.append(1) or real(x, w))
+    torch.manual_seed(0)
+    conv = kernels.Conv3x3(32, 48).to(memory_format=CL)
+    plain = torch.nn.Conv2d(32, 48, 3, padding=1, bias=False).to(memory_format=CL)
+    plain.load_state_dict(conv.state_dict())
+    assert conv.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(6, 32, 9, 9).contiguous(memory_format=CL)
+    g = torch.randn(6, 48, 9, 9).to(torch.bfloat16)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya, yb = conv(xa), plain(xb)
+    assert calls == [1]
+    assert torch.equal(ya, yb)                                # the same oneDNN forward
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.equal(xa.grad, xb.grad)                      # and the same input gradient
+    # both round an fp32 sum to bf16: equal but where the summation order tips a rounding
+    a, b = conv.weight.grad, plain.weight.grad
+    assert a.dtype == torch.float32 and a.is_contiguous(memory_format=CL)
+    assert torch.equal(a, a.to(torch.bfloat16).float())     # rounded to bf16, as PyTorch's is
+    assert (a == b).float().mean() > 0.98 and (a - b).abs().max() <= 1e-2 * b.abs().max()
+    ref = _wgrad_ref(x.to(torch.bfloat16), g).float()        # and both are the true sum, rounded
+    assert (a - ref).abs().max() <= 2 ** -8 * ref.abs().max()
+    # not in eval, fp32, with the weight frozen or the kernels switched off: plain nn.Conv2d
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(conv(x), plain(x))
+    assert torch.equal(conv(x), plain(x))
+    conv.weight.requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        conv(xa)
+    conv.weight.requires_grad_(True)
+    with kernels.disabled(), torch.autocast("cpu", dtype=torch.bfloat16):
+        conv(xa)
+    assert calls == [1]
+    odd = kernels.Conv3x3(32, 40)                             # 40 output channels: not a multiple of 16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        odd(xa)
+    assert calls == [1]
+
+
+def test_training_with_the_native_gradient_is_deterministic_and_learns_like_pytorch(
+        wgrad, tiny_folder, tmp_path, monkeypatch):
+    calls = []
+    real = kernels._Conv3x3.apply
+    monkeypatch.setattr(kernels._Conv3x3, "apply", lambda x, w: calls.append(1) or real(x, w))
+    kw = dict(data=str(tiny_folder), val_size=24, epochs=4, batch_size=32, tensorboard=False,
+              model_args={"widths": [16, 16, 32]}, deterministic=True)   # the fast recipe, smaller
+    acc = {}
+    for name, native_on in (("a", True), ("b", True), ("torch", False)):
+        cfg = resolve_config("fast", overrides={**kw, "out": str(tmp_path / name), "native_kernels": native_on})
+        acc[name] = train(cfg, progress=False, log=lambda *a: None)["best_val_acc"]
+        if name == "a":
+            assert calls, "the fast network's convolutions did not use the native gradient"
+            used = len(calls)
+    assert len(calls) == 2 * used                             # none with --no-native-kernels
+    a, b = (load_checkpoint(tmp_path / n / "last.ckpt").state_dict for n in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)            # the same run twice: the same weights
+    # The weights part from PyTorch's run (Muon amplifies a rounding tipped the other way into a
+    # different trajectory), so what is compared is the learning (3 classes: chance is 0.33).
+    assert acc["a"] >= 0.8 and acc["torch"] >= 0.8
