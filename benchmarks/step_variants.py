@@ -143,13 +143,11 @@ def layer_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
         g = torch.randn_like(y).contiguous(memory_format=cl)
         flop = 2 * y.numel() * w[0].numel() / 1e9
         bwd = lambda mask: torch.ops.aten.convolution_backward(g, x, w, None, *args, mask)
-        mine = (lambda: kernels._state["module"].conv3x3_wgrad(x, g)) if (
-            native and isinstance(conv, kernels.Conv3x3) and conv.out_channels % 16 == 0
-            and conv.in_channels % 4 == 0) else None
-        t = (_median_ms(lambda: F.conv2d(x, w, None, conv.stride, conv.padding)),
-             _median_ms(lambda: bwd([True, False, False])), _median_ms(lambda: bwd([False, True, False])),
-             _median_ms(mine) if mine else float("nan"))
-        totals = [a + (b if b == b else c) for a, b, c in zip(totals, t, (0, 0, 0, t[2]))]
+        t = [_median_ms(lambda: F.conv2d(x, w, None, conv.stride, conv.padding)),
+             _median_ms(lambda: bwd([True, False, False])), _median_ms(lambda: bwd([False, True, False]))]
+        mine = native and isinstance(conv, kernels.Conv3x3) and kernels._conv_eligible(conv, x)
+        t.append(_median_ms(lambda: kernels._state["module"].conv3x3_wgrad(x, g)) if mine else float("nan"))
+        totals = [a + b for a, b in zip(totals, t[:3] + [t[3] if mine else t[2]])]
         print(f"{name:18} {tuple(shape[1:])!s:15} fwd {t[0]:6.1f} ms ({flop / t[0] * 1e3:4.0f} GFLOP/s) | "
               f"grad input {t[1]:6.1f} ms ({flop / t[1] * 1e3:4.0f}) | grad weight {t[2]:6.1f} ms "
               f"({flop / t[2] * 1e3:4.0f}) | native grad weight {t[3]:6.1f} ms ({flop / t[3] * 1e3:4.0f})",

@@ -65,9 +65,9 @@ _TRAIN_HELP = {
     "device": "auto picks cuda, then mps, then cpu",
     "channels_last": "NHWC memory layout (faster convolutions on CPU and tensor cores)",
     "compile": "torch.compile the model (falls back to eager with a warning)",
-    "native_kernels": "bf16 on CPU: build (once, ~20 s, cached) and use cifarkit's C++ max-pool and "
-                      "3x3 convolution weight gradient (AVX-512 BF16; sums in fp32): a ~12%% faster "
-                      "fast-recipe step; falls back with one line",
+    "native_kernels": "bf16 on CPU: build (once, ~25 s, cached) and use cifarkit's C++ max-pool and "
+                      "3x3 convolution weight gradient (AVX-512 BF16): a fast-recipe step in ~0.86 of "
+                      "the time; falls back with one line",
     "threads": "CPU threads (0 = one per available core)",
     "deterministic": "deterministic algorithms (bit-exact resume)",
     "eval_every": "validate every N epochs",

@@ -181,6 +181,12 @@ static void wgrad_tile(const uint16_t* gs, const uint16_t* xs, int64_t P, int64_
 
 bool has_conv3x3_wgrad() { return true; }
 
+// o[2c] = a0[c], o[2c+1] = a1[c] (or 0 without a second image): two images, channel by channel.
+static inline void interleave(uint16_t* o, const uint16_t* a0, const uint16_t* a1, int64_t C) {
+  if (a1) for (int64_t c = 0; c < C; ++c) { o[2 * c] = a0[c]; o[2 * c + 1] = a1[c]; }
+  else for (int64_t c = 0; c < C; ++c) { o[2 * c] = a0[c]; o[2 * c + 1] = 0; }
+}
+
 // x: [N, Ci, H, W], g: [N, Co, H, W], both bf16 channels_last; returns dW [Co, Ci, 3, 3] fp32
 // (channels_last). Deterministic for a given thread count: each thread sums a fixed range of
 // images into its own buffer, and the buffers are added in thread order.
@@ -206,24 +212,16 @@ torch::Tensor conv3x3_wgrad(torch::Tensor x, torch::Tensor g) {
       const int64_t p0 = chunk * PC, P = std::min(PC, NP - p0);
       for (int64_t p = 0; p < P; ++p) {   // repack: two images interleaved channel by channel
         const int64_t n0 = 2 * (p0 + p), n1 = n0 + 1;
-        for (int64_t hw = 0; hw < H * W; ++hw) {
-          const uint16_t* a0 = G + (n0 * H * W + hw) * Co;
-          const uint16_t* a1 = G + (n1 * H * W + hw) * Co;
-          uint16_t* o = gs.data() + (p * H * W + hw) * Co * 2;
-          if (n1 < N) for (int64_t c = 0; c < Co; ++c) { o[2 * c] = a0[c]; o[2 * c + 1] = a1[c]; }
-          else for (int64_t c = 0; c < Co; ++c) { o[2 * c] = a0[c]; o[2 * c + 1] = 0; }
-        }
+        for (int64_t hw = 0; hw < H * W; ++hw)
+          interleave(gs.data() + (p * H * W + hw) * Co * 2, G + (n0 * H * W + hw) * Co,
+                     n1 < N ? G + (n1 * H * W + hw) * Co : nullptr, Co);
         for (int64_t h = 0; h < H; ++h) {
           uint16_t* row = xs.data() + (p * H + h) * (W + 2) * Ci * 2;
           std::memset(row, 0, Ci * 4);
           std::memset(row + (W + 1) * Ci * 2, 0, Ci * 4);
-          for (int64_t w = 0; w < W; ++w) {
-            const uint16_t* a0 = X + ((n0 * H + h) * W + w) * Ci;
-            const uint16_t* a1 = X + ((n1 * H + h) * W + w) * Ci;
-            uint16_t* o = row + (w + 1) * Ci * 2;
-            if (n1 < N) for (int64_t c = 0; c < Ci; ++c) { o[2 * c] = a0[c]; o[2 * c + 1] = a1[c]; }
-            else for (int64_t c = 0; c < Ci; ++c) { o[2 * c] = a0[c]; o[2 * c + 1] = 0; }
-          }
+          for (int64_t w = 0; w < W; ++w)
+            interleave(row + (w + 1) * Ci * 2, X + ((n0 * H + h) * W + w) * Ci,
+                       n1 < N ? X + ((n1 * H + h) * W + w) * Ci : nullptr, Ci);
         }
       }
       for (int64_t co0 = 0; co0 < Co; co0 += (Co - co0 >= 32 ? 32 : 16))
@@ -350,12 +348,16 @@ class _MaxPool2x2(torch.autograd.Function):
         return _state["module"].pool_bwd(g, code, *ctx.hw)
 
 
+def _plain_eager() -> bool:
+    """Not inside tracing, scripting, torch.compile or ONNX export: they see PyTorch's ops only."""
+    return not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+                or torch.onnx.is_in_onnx_export())
+
+
 def _eligible(x: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4
             and x.shape[2] >= 2 and x.shape[3] >= 2 and x.numel() > 0
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and not torch.jit.is_tracing() and not torch.jit.is_scripting()
-            and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export())
+            and x.is_contiguous(memory_format=torch.channels_last) and _plain_eager())
 
 
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
@@ -425,9 +427,7 @@ def _conv_eligible(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
             and conv.out_channels % 16 == 0 and conv.in_channels % 4 == 0
             and x.device.type == "cpu" and x.dim() == 4 and x.numel() > 0
-            and conv.weight.dtype == torch.float32
-            and not torch.jit.is_tracing() and not torch.jit.is_scripting()
-            and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export())
+            and conv.weight.dtype == torch.float32 and _plain_eager())
 
 
 class Conv3x3(torch.nn.Conv2d):
