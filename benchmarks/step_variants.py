@@ -6,8 +6,9 @@ costs), interleaved in one process, and prints each median against the 32 px ste
 times each convolution of the recipe's network (forward, backward to the input, backward to the
 weights: PyTorch's and, where built, cifarkit's native one) and a full step with and without the
 whitening bias's gradient (frozen after epoch 3).
-`--native` times a full 32 px step with PyTorch's ops, with cifarkit's C++ max-pool only, and
-with the max-pool and the native 3x3 convolution weight gradient (kernels.py).
+`--native` times a full 32 px step with PyTorch's ops, with cifarkit's C++ max-pool only, with
+the max-pool and the native 3x3 convolution weight gradient everywhere (kernels.py), and with
+what kernels.choose keeps on this CPU (what training uses).
 `--select` times selective backprop's parts: a full step, the network's own no-grad scoring pass,
 a step on the hardest share, and a proxy network's step (--hard-proxy).
 `--models` times a full 32 px step of several fast-network variants (model_args), interleaved.
@@ -169,8 +170,9 @@ def layer_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
 
 
 def native_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
-    """A full fast-network step with PyTorch's ops, with the native max-pool only, and with the
-    max-pool and the native convolution weight gradient, interleaved."""
+    """A full fast-network step with PyTorch's ops, with the native max-pool only, with the
+    max-pool and the native convolution weight gradient everywhere, and with what
+    kernels.choose keeps on this CPU (what training uses), interleaved."""
     import torch
 
     from cifarkit import kernels
@@ -182,6 +184,8 @@ def native_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
     wgrad = kernels.conv_wgrad_available
+    chosen_map = kernels.choose([train_step.model], [size], batch=min(batch, 256))
+    chosen, kernels._state["choice"] = kernels._state["choice"], None   # None: native everywhere
 
     def step(mode: str):
         if mode == "pytorch":
@@ -193,13 +197,21 @@ def native_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
                 train_step(x, y)
             finally:
                 kernels.conv_wgrad_available = wgrad
+        elif mode == "chosen":
+            kernels._state["choice"] = chosen
+            try:
+                train_step(x, y)
+            finally:
+                kernels._state["choice"] = None
         else:
             train_step(x, y)
-    modes = ("pytorch", "pool", "pool+wgrad") if wgrad() else ("pytorch", "pool")
+    modes = ("pytorch", "pool", "pool+wgrad", "chosen") if wgrad() else ("pytorch", "pool", "chosen")
     med = _interleaved_medians({k: lambda k=k: step(k) for k in modes}, repeats=7)
     print(f"full step, fast {json.dumps(model_args)}, batch {batch}, {size} px (medians of 7 after one "
           f"warm-up each): " + ", ".join(f"{k} {med[k] * 1e3:.0f} ms ({med[k] / med['pytorch']:.3f})"
                                         for k in modes))
+    print(f"chosen: native on {chosen_map['pool'][0]} of {chosen_map['pool'][1]} pool shapes and "
+          f"{chosen_map['wgrad'][0]} of {chosen_map['wgrad'][1]} weight-gradient shapes")
 
 
 def select_costs(widths: list[int], proxy: list[int], fraction: float, batch: int = 2000,

@@ -9,26 +9,33 @@ Two of the fast network's training ops, where PyTorch's CPU kernels fall short:
   bit-identical to ``F.max_pool2d`` (the first maximum wins, as in PyTorch); on the fast network
   its three pools take 41 instead of 132 ms per batch-2000 step (``benchmarks/pool_kernel.py``).
 * The weight gradient of a 3x3, stride-1, padding-1 convolution in bf16 (:class:`Conv3x3`), on
-  CPUs with AVX-512 BF16. oneDNN's runs at about two thirds of the bf16 peak (under half for
-  3x3-pixel inputs), while its forward and input-gradient convolutions run near the peak; this
-  one sums bf16 products in fp32 with ``vdpbf16ps`` at about 0.9 of the peak and, like PyTorch's,
-  rounds the sums to bf16: the same gradient up to the order of summation
-  (``benchmarks/step_variants.py --layers`` and ``--native``).
+  CPUs with AVX-512 BF16. On the AMD Zen 5 it was tuned on, oneDNN's runs at about two thirds of
+  the bf16 peak (under half for 3x3-pixel inputs) while its forward and input-gradient
+  convolutions run near the peak; this one sums bf16 products in fp32 with ``vdpbf16ps`` at about
+  0.9 of the peak and, like PyTorch's, rounds the sums to bf16: the same gradient up to the order
+  of summation (``benchmarks/step_variants.py --layers`` and ``--native``).
 
-Nothing here is required: :func:`load` builds the extension (``torch.utils.cpp_extension``,
-about 25 s the first time, then cached in ``$TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions)
-and returns a reason instead when there is no compiler or ninja; until it has succeeded,
-:func:`max_pool2x2` is ``F.max_pool2d`` and :class:`Conv3x3` is ``nn.Conv2d``.
+Neither is always faster: on CPUs with AMX, oneDNN's convolutions use the matrix units and beat
+the weight-gradient kernel. :func:`choose` times each op against PyTorch's on the shapes the
+networks use and keeps the faster, shape by shape (cached beside the build).
+
+Nothing here is required: :func:`load` builds the extension from ``csrc/native.cpp``
+(``torch.utils.cpp_extension``, about 30 s the first time, then cached in
+``$TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions) and returns a reason instead when there is
+no compiler or ninja; until it has succeeded, :func:`max_pool2x2` is ``F.max_pool2d`` and
+:class:`Conv3x3` is ``nn.Conv2d``.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import platform
 import shutil
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,224 +45,13 @@ import torch.nn.functional as F
 # docs/benchmarks.md); only a loop that reads the input once and writes each output once wins.
 # The weight gradient likewise: as im2col + matmul, or as nine shifted matmuls, it was slower than
 # oneDNN's (the copies, and matmuls whose long side is the summed one).
-_SOURCE = r'''
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <cstdint>
-#include <algorithm>
-#include <cstring>
-#include <vector>
+# The C++ is a real file shipped with the package, so compiler messages point at its own lines.
+SOURCE = Path(__file__).with_name("csrc") / "native.cpp"
 
-// bf16 is the top half of a float32: widen by shifting the bits.
-static inline float bf(uint16_t v) {
-  uint32_t u = (uint32_t)v << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-static void check(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kBFloat16 && t.dim() == 4 &&
-              t.is_contiguous(at::MemoryFormat::ChannelsLast),
-              name, " must be a 4-D bf16 channels_last CPU tensor");
-}
-
-// 2x2, stride 2, floor mode: out[n, i, j, c] = max of its window; code = which pixel (0..3).
-std::vector<torch::Tensor> pool_fwd(torch::Tensor x, bool want_code) {
-  check(x, "x");
-  int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), h = H / 2, w = W / 2;
-  TORCH_CHECK(h > 0 && w > 0, "x must be at least 2x2");
-  auto out = torch::empty({N, C, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  auto code = torch::empty({want_code ? N : 0, h, w, C}, x.options().dtype(torch::kUInt8));
-  const uint16_t* X = (const uint16_t*)x.data_ptr();
-  uint16_t* O = (uint16_t*)out.data_ptr();
-  uint8_t* K = want_code ? code.data_ptr<uint8_t>() : nullptr;
-  at::parallel_for(0, N * h, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      int64_t n = r / h, i = r % h;
-      const uint16_t* top = X + (n * H + 2 * i) * W * C;
-      const uint16_t* bottom = top + W * C;
-      for (int64_t j = 0; j < w; ++j) {
-        const uint16_t *p0 = top + 2 * j * C, *p1 = p0 + C, *p2 = bottom + 2 * j * C, *p3 = p2 + C;
-        uint16_t* o = O + (r * w + j) * C;
-        uint8_t* k = K ? K + (r * w + j) * C : nullptr;
-        #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          // as max_pool2d: a strictly larger value wins (so the first maximum), and so does a NaN
-          float m = bf(p0[c]), v; uint8_t id = 0; uint16_t mv = p0[c];
-          v = bf(p1[c]); if (v > m || v != v) { m = v; id = 1; mv = p1[c]; }
-          v = bf(p2[c]); if (v > m || v != v) { m = v; id = 2; mv = p2[c]; }
-          v = bf(p3[c]); if (v > m || v != v) { id = 3; mv = p3[c]; }
-          o[c] = mv;
-          if (k) k[c] = id;
-        }
-      }
-    }
-  });
-  return {out, code};
-}
-
-// Every input-gradient element is written once: the output gradient where the code points, else 0.
-torch::Tensor pool_bwd(torch::Tensor g, torch::Tensor code, int64_t H, int64_t W) {
-  check(g, "grad");
-  int64_t N = g.size(0), C = g.size(1), h = g.size(2), w = g.size(3);
-  TORCH_CHECK(code.scalar_type() == torch::kUInt8 && code.is_contiguous() &&
-              code.sizes() == torch::IntArrayRef({N, h, w, C}) && H / 2 == h && W / 2 == w,
-              "pool_bwd: code and shapes do not match the forward");
-  auto gi = torch::empty({N, C, H, W}, g.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const uint16_t* G = (const uint16_t*)g.data_ptr();
-  const uint8_t* K = code.data_ptr<uint8_t>();
-  uint16_t* I = (uint16_t*)gi.data_ptr();
-  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      int64_t n = r / H, y = r % H;
-      uint16_t* row = I + r * W * C;
-      if (y >= 2 * h) {  // an odd last row is outside every window
-        std::memset(row, 0, W * C * 2);
-        continue;
-      }
-      int64_t i = y / 2;
-      const uint16_t* grow = G + (n * h + i) * w * C;
-      const uint8_t* krow = K + (n * h + i) * w * C;
-      for (int64_t x = 0; x < 2 * w; ++x) {
-        uint8_t want = (y & 1) * 2 + (x & 1);
-        const uint16_t* gj = grow + (x / 2) * C;
-        const uint8_t* kj = krow + (x / 2) * C;
-        uint16_t* o = row + x * C;
-        #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) o[c] = kj[c] == want ? gj[c] : (uint16_t)0;
-      }
-      if (W > 2 * w) std::memset(row + 2 * w * C, 0, (W - 2 * w) * C * 2);  // odd last column
-    }
-  });
-  return gi;
-}
-
-// ---- Weight gradient of a 3x3, stride-1, padding-1 convolution (bf16 in, fp32 out) ----
-// oneDNN computes it at about two thirds of this CPU's bf16 peak (its bf16 forward and
-// input-gradient convolutions run near the peak), and at under half of it for 3x3-pixel inputs.
-// Here the sum over images, rows and columns is the reduction of AVX-512 BF16 dot products
-// (vdpbf16ps, two products per fp32 lane): two images are interleaved channel by channel, so
-// one 32-bit broadcast of an input pixel pair meets a vector of 16 output channels' gradient pairs.
-#ifdef __AVX512BF16__
-#include <immintrin.h>
-
-// dwt[kh][kw][ci][co] += sum over pairs p, rows h, columns w of gs(p, h, w, co) . xs(p, h+kh-1, w+kw, ci)
-// gs: [P][H][W][Co][2]; xs: [P][H][W+2][Ci][2], with zero columns 0 and W+1 (the padding).
-// Accumulators: CV vectors of 16 output channels x CI input channels x the 3 kernel columns.
-template <int CV, int CI>
-static void wgrad_tile(const uint16_t* gs, const uint16_t* xs, int64_t P, int64_t H, int64_t W,
-                       int64_t Co, int64_t Ci, int64_t co0, int64_t ci0, int kh, float* dwt) {
-  __m512 acc[3][CI][CV];
-  for (int a = 0; a < 3; ++a)
-    for (int c = 0; c < CI; ++c)
-      for (int v = 0; v < CV; ++v) acc[a][c][v] = _mm512_setzero_ps();
-  const int64_t hlo = kh == 0 ? 1 : 0, hhi = kh == 2 ? H - 1 : H;   // rows whose input row exists
-  for (int64_t p = 0; p < P; ++p) {
-    for (int64_t h = hlo; h < hhi; ++h) {
-      const uint16_t* gp = gs + (p * H + h) * W * Co * 2 + co0 * 2;
-      const uint16_t* xp = xs + (p * H + h + kh - 1) * (W + 2) * Ci * 2 + ci0 * 2;
-      for (int64_t w = 0; w < W; ++w) {
-        __m512bh gv[CV];
-        for (int v = 0; v < CV; ++v)
-          gv[v] = (__m512bh)_mm512_loadu_si512((const void*)(gp + w * Co * 2 + v * 32));
-        for (int a = 0; a < 3; ++a) {
-          const uint16_t* xq = xp + (w + a) * Ci * 2;
-          for (int c = 0; c < CI; ++c) {
-            int32_t bits;
-            std::memcpy(&bits, xq + c * 2, 4);
-            __m512bh b = (__m512bh)_mm512_set1_epi32(bits);
-            for (int v = 0; v < CV; ++v) acc[a][c][v] = _mm512_dpbf16_ps(acc[a][c][v], gv[v], b);
-          }
-        }
-      }
-    }
-  }
-  for (int a = 0; a < 3; ++a)
-    for (int c = 0; c < CI; ++c)
-      for (int v = 0; v < CV; ++v) {
-        float* o = dwt + ((kh * 3 + a) * Ci + ci0 + c) * Co + co0 + v * 16;
-        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), acc[a][c][v]));
-      }
-}
-
-bool has_conv3x3_wgrad() { return true; }
-
-// o[2c] = a0[c], o[2c+1] = a1[c] (or 0 without a second image): two images, channel by channel.
-static inline void interleave(uint16_t* o, const uint16_t* a0, const uint16_t* a1, int64_t C) {
-  if (a1) for (int64_t c = 0; c < C; ++c) { o[2 * c] = a0[c]; o[2 * c + 1] = a1[c]; }
-  else for (int64_t c = 0; c < C; ++c) { o[2 * c] = a0[c]; o[2 * c + 1] = 0; }
-}
-
-// x: [N, Ci, H, W], g: [N, Co, H, W], both bf16 channels_last; returns dW [Co, Ci, 3, 3] fp32
-// (channels_last). Deterministic for a given thread count: each thread sums a fixed range of
-// images into its own buffer, and the buffers are added in thread order.
-torch::Tensor conv3x3_wgrad(torch::Tensor x, torch::Tensor g) {
-  check(x, "x");
-  check(g, "grad");
-  int64_t N = x.size(0), Ci = x.size(1), H = x.size(2), W = x.size(3), Co = g.size(1);
-  TORCH_CHECK(g.size(0) == N && g.size(2) == H && g.size(3) == W, "conv3x3_wgrad: shapes differ");
-  TORCH_CHECK(Co % 16 == 0 && Ci % 4 == 0, "conv3x3_wgrad: needs Co % 16 == 0 and Ci % 4 == 0");
-  const uint16_t* X = (const uint16_t*)x.data_ptr();
-  const uint16_t* G = (const uint16_t*)g.data_ptr();
-  const int64_t NP = (N + 1) / 2;   // image pairs; an odd last image is paired with zeros
-  // Pairs per chunk: its repacked gradient and input (about 256 KB) stay in the core's L2 cache
-  // while every tile of the weight gradient reads them.
-  const int64_t PC = std::max<int64_t>(1, (int64_t)(256 * 1024) / ((H * W * Co + H * (W + 2) * Ci) * 4));
-  const int64_t chunks = (NP + PC - 1) / PC, DW = 9 * Ci * Co;
-  const int T = at::get_num_threads();
-  std::vector<float> bufs((size_t)T * DW, 0.f);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    float* dwt = bufs.data() + (size_t)at::get_thread_num() * DW;
-    std::vector<uint16_t> gs((size_t)PC * H * W * Co * 2), xs((size_t)PC * H * (W + 2) * Ci * 2);
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t p0 = chunk * PC, P = std::min(PC, NP - p0);
-      for (int64_t p = 0; p < P; ++p) {   // repack: two images interleaved channel by channel
-        const int64_t n0 = 2 * (p0 + p), n1 = n0 + 1;
-        for (int64_t hw = 0; hw < H * W; ++hw)
-          interleave(gs.data() + (p * H * W + hw) * Co * 2, G + (n0 * H * W + hw) * Co,
-                     n1 < N ? G + (n1 * H * W + hw) * Co : nullptr, Co);
-        for (int64_t h = 0; h < H; ++h) {
-          uint16_t* row = xs.data() + (p * H + h) * (W + 2) * Ci * 2;
-          std::memset(row, 0, Ci * 4);
-          std::memset(row + (W + 1) * Ci * 2, 0, Ci * 4);
-          for (int64_t w = 0; w < W; ++w)
-            interleave(row + (w + 1) * Ci * 2, X + ((n0 * H + h) * W + w) * Ci,
-                       n1 < N ? X + ((n1 * H + h) * W + w) * Ci : nullptr, Ci);
-        }
-      }
-      for (int64_t co0 = 0; co0 < Co; co0 += (Co - co0 >= 32 ? 32 : 16))
-        for (int kh = 0; kh < 3; ++kh) {
-          if (Co - co0 >= 32)
-            for (int64_t ci0 = 0; ci0 < Ci; ci0 += 4) wgrad_tile<2, 4>(gs.data(), xs.data(), P, H, W, Co, Ci, co0, ci0, kh, dwt);
-          else if (Ci % 8 == 0)
-            for (int64_t ci0 = 0; ci0 < Ci; ci0 += 8) wgrad_tile<1, 8>(gs.data(), xs.data(), P, H, W, Co, Ci, co0, ci0, kh, dwt);
-          else
-            for (int64_t ci0 = 0; ci0 < Ci; ci0 += 4) wgrad_tile<1, 4>(gs.data(), xs.data(), P, H, W, Co, Ci, co0, ci0, kh, dwt);
-        }
-    }
-  });
-  auto out = torch::empty({Co, Ci, 3, 3}, torch::dtype(torch::kFloat32).memory_format(at::MemoryFormat::ChannelsLast));
-  float* O = out.data_ptr<float>();   // [Co][kh][kw][Ci] in memory
-  for (int64_t co = 0; co < Co; ++co)
-    for (int64_t k = 0; k < 9; ++k)
-      for (int64_t ci = 0; ci < Ci; ++ci) {
-        float s = 0.f;
-        for (int t = 0; t < T; ++t) s += bufs[(size_t)t * DW + (k * Ci + ci) * Co + co];
-        O[(co * 9 + k) * Ci + ci] = s;
-      }
-  return out;
-}
-#else
-bool has_conv3x3_wgrad() { return false; }
-torch::Tensor conv3x3_wgrad(torch::Tensor x, torch::Tensor g) {
-  TORCH_CHECK(false, "conv3x3_wgrad: built without AVX-512 BF16");
-  return x;
-}
-#endif
-'''
-
-_state: dict = {"module": None, "reason": None, "off": 0}
+# module: the built extension; reason: why it is not used; off: depth of `disabled()` blocks;
+# choice: {shape key: use the native op?} measured by `choose`, or None (not measured: native
+# wherever it applies, as in the tests of the kernels themselves).
+_state: dict = {"module": None, "reason": None, "off": 0, "choice": None}
 
 
 def _build_name() -> str:
@@ -265,14 +61,15 @@ def _build_name() -> str:
             cpu = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         cpu = platform.processor()
-    key = "\n".join([_SOURCE, cpu, platform.machine(), torch.__version__, sys.version])
-    return "cifarkit_native_" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    key = "\n".join([cpu, platform.machine(), torch.__version__, sys.version]).encode()
+    return "cifarkit_native_" + hashlib.sha256(SOURCE.read_bytes() + key).hexdigest()[:12]
 
 
 def load(verbose: bool = False) -> str | None:
     """Build (or load from the cache) the native kernels; ``None`` on success, else the reason.
 
-    Safe to call many times: the first outcome is remembered. Set ``CIFARKIT_NATIVE=0`` to skip.
+    Safe to call many times: the first outcome is remembered. Set ``CIFARKIT_NATIVE=0`` to skip
+    them, ``CIFARKIT_NATIVE=always`` to use them wherever they apply, faster or not (see choose).
     """
     if _state["module"] is not None or _state["reason"] is not None:
         return _state["reason"]
@@ -284,14 +81,13 @@ def load(verbose: bool = False) -> str | None:
             level = quiet.level
             quiet.setLevel(logging.ERROR)
             try:
-                from torch.utils.cpp_extension import load_inline
+                from torch.utils.cpp_extension import load as build
             finally:
                 quiet.setLevel(level)
 
-            _state["module"] = load_inline(
-                _build_name(), cpp_sources=_SOURCE, functions=["pool_fwd", "pool_bwd", "conv3x3_wgrad", "has_conv3x3_wgrad"],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                verbose=verbose)
+            _state["module"] = build(_build_name(), sources=[str(SOURCE)],
+                                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                     extra_ldflags=["-fopenmp"], verbose=verbose)
         except Exception as exc:  # noqa: BLE001 - any build failure means: use PyTorch's kernels
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             reason = f"building them failed ({first[:200]})"
@@ -330,7 +126,152 @@ def disabled():
 
 
 def _reset_for_tests() -> None:
-    _state.update(module=None, reason=None, off=0)
+    _state.update(module=None, reason=None, off=0, choice=None)
+
+
+# ----------------------------------------------------------------------------- choosing per shape
+# The kernels were tuned on one CPU (an AMD Zen 5 without AMX). On another CPU PyTorch's own op can
+# be the faster one: with AMX (Intel Sapphire Rapids and later) oneDNN's convolution weight
+# gradient runs on the matrix units and the native one took 1.56x as long per fast-recipe step.
+# So before training, each native op is timed against PyTorch's on every shape the networks will
+# feed it, and the faster is kept, shape by shape. The decisions are cached beside the build
+# (they depend on the CPU, the thread count and the build), so only the first run pays for them.
+
+MARGIN = 0.02   # the native op must be at least 2 % faster: a tie goes to PyTorch's
+
+
+def _pool_key(x: torch.Tensor) -> str:
+    return f"pool {x.shape[1]}x{x.shape[2]}x{x.shape[3]}"
+
+
+def _conv_key(conv: torch.nn.Conv2d, x: torch.Tensor) -> str:
+    return f"wgrad {conv.in_channels}->{conv.out_channels} {x.shape[2]}x{x.shape[3]}"
+
+
+def _wanted(key: str) -> bool:
+    choice = _state["choice"]
+    return choice is None or choice.get(key, False)
+
+
+def _shapes(models, sizes) -> dict:
+    """{key: (op, shape of one input image)} for every native-capable layer at every image side."""
+    found = {}
+
+    def hook(module, inputs, _out):
+        x = inputs[0]
+        if isinstance(module, Conv3x3):
+            if _conv_static_ok(module):
+                found[_conv_key(module, x)] = ("wgrad", module.in_channels, module.out_channels,
+                                               *x.shape[2:])
+        elif x.shape[2] >= 2 and x.shape[3] >= 2:
+            found[_pool_key(x)] = ("pool", *x.shape[1:])
+    for model in models:
+        handles = [m.register_forward_hook(hook) for m in model.modules()
+                   if isinstance(m, (MaxPool2x2, Conv3x3))]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), disabled():
+                for size in sizes:
+                    model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+        finally:
+            model.train(was_training)
+            for h in handles:
+                h.remove()
+    return found
+
+
+def _median_ms(fns: dict, repeats: int) -> dict:
+    """Median milliseconds of each function, run in turns after one warm-up each."""
+    import statistics
+    import time
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _pytorch_pool(x):
+    return F.max_pool2d(x, 2)
+
+
+def _pytorch_conv3x3(x, weight):
+    return F.conv2d(x, weight, None, 1, 1)
+
+
+def _time_op(spec: tuple, batch: int, repeats: int) -> dict:
+    """PyTorch's and the native op's forward + backward on random bf16 inputs of one shape."""
+    g = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
+    if spec[0] == "pool":
+        _, c, h, w = spec
+        x = torch.randn(batch, c, h, w, generator=g).to(torch.bfloat16).contiguous(memory_format=cl)
+        x.requires_grad_()
+        gy = torch.randn(batch, c, h // 2, w // 2, generator=g).to(torch.bfloat16).contiguous(memory_format=cl)
+        fns = {impl: lambda op=op: torch.autograd.grad(op(x), x, gy)
+               for impl, op in (("pytorch", _pytorch_pool), ("native", _MaxPool2x2.apply))}
+    else:
+        _, ci, co, h, w = spec
+        x = torch.randn(batch, ci, h, w, generator=g).to(torch.bfloat16).contiguous(memory_format=cl)
+        x.requires_grad_()
+        weight = torch.randn(co, ci, 3, 3, generator=g).contiguous(memory_format=cl).requires_grad_()
+        gy = torch.randn(batch, co, h, w, generator=g).to(torch.bfloat16).contiguous(memory_format=cl)
+
+        def step(conv):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = conv(x, weight)
+            return torch.autograd.grad(y, (x, weight), gy)
+        fns = {"pytorch": lambda: step(_pytorch_conv3x3), "native": lambda: step(_Conv3x3.apply)}
+    return _median_ms(fns, repeats)
+
+
+def _cache_path() -> Path:
+    return Path(_state["module"].__file__).with_name("choices.json")
+
+
+def choose(models, sizes, batch: int = 256, repeats: int = 5, cache: Path | None = None) -> dict:
+    """Time each native op against PyTorch's on the shapes ``models`` feed it at the image
+    ``sizes``, and use the native op only where it is faster. Decisions are read from and added
+    to ``cache`` (default: beside the build). Returns ``{op: [native shapes, all shapes],
+    "timed": shapes timed now}``. Does nothing (returns {}) unless the kernels are loaded."""
+    if _state["module"] is None:
+        return {}
+    if os.environ.get("CIFARKIT_NATIVE") == "always":   # for measuring the kernels themselves
+        _state["choice"] = None
+        return {"always": True}
+    cache = Path(cache) if cache is not None else _cache_path()
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    threads = torch.get_num_threads()
+    choice, summary, timed = {}, {"pool": [0, 0], "wgrad": [0, 0]}, 0
+    for key, spec in sorted(_shapes(models, sizes).items()):
+        if spec[0] == "wgrad" and not _state["module"].has_conv3x3_wgrad():
+            continue
+        entry = known.get(f"{threads} threads, {key}")
+        if entry is None:
+            ms = _time_op(spec, batch, repeats)
+            entry = {**ms, "batch": batch, "native_faster": ms["native"] < (1 - MARGIN) * ms["pytorch"]}
+            known[f"{threads} threads, {key}"] = entry
+            timed += 1
+        choice[key] = bool(entry["native_faster"])
+        summary[spec[0]][0] += choice[key]
+        summary[spec[0]][1] += 1
+    if timed:
+        try:   # a cache that cannot be written only costs the timing again next time
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+    _state["choice"] = choice
+    return {**summary, "timed": timed}
 
 
 class _MaxPool2x2(torch.autograd.Function):
@@ -362,7 +303,7 @@ def _eligible(x: torch.Tensor) -> bool:
 
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     """``F.max_pool2d(x, 2)``, with the native kernel when it is loaded and ``x`` suits it."""
-    if _state["module"] is not None and not _state["off"] and _eligible(x):
+    if _state["module"] is not None and not _state["off"] and _eligible(x) and _wanted(_pool_key(x)):
         return _MaxPool2x2.apply(x)
     return F.max_pool2d(x, 2)
 
@@ -419,15 +360,20 @@ class _Conv3x3(torch.autograd.Function):
         return gx, gw
 
 
+def _conv_static_ok(conv: torch.nn.Conv2d) -> bool:
+    """The layer's own settings are ones the native weight gradient handles."""
+    return (conv.bias is None and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and conv.out_channels % 16 == 0
+            and conv.in_channels % 4 == 0)
+
+
 def _conv_eligible(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
     bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
                                          and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-    return (bf16 and torch.is_grad_enabled() and conv.weight.requires_grad and conv.bias is None
-            and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
-            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-            and conv.out_channels % 16 == 0 and conv.in_channels % 4 == 0
+    return (bf16 and torch.is_grad_enabled() and conv.weight.requires_grad and _conv_static_ok(conv)
             and x.device.type == "cpu" and x.dim() == 4 and x.numel() > 0
-            and conv.weight.dtype == torch.float32 and _plain_eager())
+            and conv.weight.dtype == torch.float32 and _plain_eager() and _wanted(_conv_key(conv, x)))
 
 
 class Conv3x3(torch.nn.Conv2d):

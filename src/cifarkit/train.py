@@ -217,7 +217,7 @@ def prepare(cfg: TrainConfig, progress: bool = True, log=print, dist: Dist | Non
     _init_whitening(model, cfg, train.x, mean, std)
     _check_sizes(model, cfg, len(bundle.classes))
     model = _place(model, cfg, device)
-    _native_kernels(cfg, model, device, precision, log)
+    _native_kernels(cfg, model, device, precision, log, len(bundle.classes))
     # The whole data set lives on the training device as uint8 (150 MB for CIFAR-10).
     return Prepared(cfg, device, precision, train.to(device), val.to(device), bundle.classes,
                     mean, std, model, {k: v for k, v in bundle.splits.items() if k != "val"})
@@ -239,26 +239,51 @@ def _init_whitening(model: nn.Module, cfg: TrainConfig, images: torch.Tensor, me
         model.init_whitening(normalize(sample.cpu(), mean, std))
 
 
-def _native_kernels(cfg: TrainConfig, model: nn.Module, device, precision: str, log) -> None:
+def _native_kernels(cfg: TrainConfig, model: nn.Module, device, precision: str, log,
+                    num_classes: int) -> None:
     """Build cifarkit's C++ kernels where the network would use them (bf16 channels_last on CPU):
-    the max-pool, and the 3x3 convolution weight gradient where the CPU has AVX-512 BF16.
+    the max-pool, and the 3x3 convolution weight gradient where the CPU has AVX-512 BF16; then
+    keep each only on the shapes where it beats PyTorch's op on this CPU (kernels.choose).
 
-    Done here, before training starts, so their one-time build is reported like the data decode
-    and not counted in training time. Without them, one line says why and training uses PyTorch's
-    ops: the same max-pool results, weight gradients summed in bf16 instead of fp32.
+    Done here, before training starts, so the one-time build and timing are reported like the
+    data decode and not counted in training time. Without them, one line says why and training
+    uses PyTorch's ops: the same max-pool results, weight gradients equal up to summation order.
     """
     if not (cfg.native_kernels and device.type == "cpu" and precision == "bf16" and cfg.channels_last
             and any(isinstance(m, (kernels.MaxPool2x2, kernels.Conv3x3)) for m in model.modules())):
         return
     t0 = time.perf_counter()
     reason = kernels.load()
-    if reason is None:
-        conv = ("3x3 convolution weight gradient" if kernels.conv_wgrad_available()
-                else "no convolution weight gradient (this CPU lacks AVX-512 BF16)")
-        log(f"native kernels: C++ max-pool and {conv} ready ({time.perf_counter() - t0:.1f}s)")
-    else:
+    if reason is not None:
         log(f"native kernels: not used, {reason}; training uses PyTorch's max-pool and convolution "
-            f"gradients (a fast-recipe step takes about 1.17x as long; --no-native-kernels silences this)")
+            f"gradients (--no-native-kernels silences this)")
+        return
+    models = [model]
+    if cfg.hard_proxy:   # the proxy network's layers have their own shapes
+        with torch.random.fork_rng(devices=[]):   # its random init must not shift the run's
+            models.append(create_model(cfg.model, num_classes, **cfg.proxy_model_args()))
+    sizes = sorted(set(cfg.progressive) | {cfg.image_size})
+    chosen = kernels.choose(models, sizes, batch=min(cfg.batch_size, 256))
+    timed = f", {chosen['timed']} shapes timed against PyTorch's" if chosen.get("timed") else ""
+    log(f"native kernels: {_native_line(chosen)} ({time.perf_counter() - t0:.1f}s{timed})")
+
+
+def _native_line(chosen: dict) -> str:
+    """Which native ops are used, e.g. 'C++ max-pool (3 shapes); PyTorch's 3x3 ... (16 shapes)'."""
+    if chosen.get("always"):
+        return "C++ max-pool and 3x3 convolution weight gradient wherever they apply (CIFARKIT_NATIVE=always)"
+    parts = []
+    for op, name in (("pool", "max-pool"), ("wgrad", "3x3 convolution weight gradient")):
+        native, total = chosen.get(op, (0, 0))
+        if op == "wgrad" and not kernels.conv_wgrad_available():
+            parts.append("no native convolution weight gradient (this CPU lacks AVX-512 BF16)")
+        elif total and native == total:
+            parts.append(f"C++ {name} ({total} shapes)")
+        elif native:
+            parts.append(f"C++ {name} on {native} of {total} shapes, PyTorch's faster on the rest")
+        elif total:
+            parts.append(f"PyTorch's {name}, faster on this CPU ({total} shapes)")
+    return "; ".join(parts)
 
 
 def _check_sizes(model: nn.Module, cfg: TrainConfig, num_classes: int) -> None:
