@@ -12,7 +12,7 @@ ARGS   ?=
 REAL_DATA ?= $(abspath ../shared/data/cifar10-jpeg)
 PYTEST_ARGS ?=
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test bench bench-env clean
 
 setup: $(STAMP)
 
@@ -32,5 +32,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py --data $(REAL_DATA)
 	$(BIN)/python benchmarks/fast_recipe.py --data $(REAL_DATA) --seeds 3
 
+# A separate environment for comparing against airbench (never a cifarkit dependency).
+bench-env: .venv-bench/.installed
+.venv-bench/.installed: pyproject.toml
+	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install -q -e . airbench
+	touch $@
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-bench runs .pytest_cache

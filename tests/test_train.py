@@ -125,7 +125,7 @@ def test_interrupt_then_resume_is_bit_exact(tiny_folder, tmp_path, extra):
     assert all(torch.equal(a[k], b[k]) for k in a)
     fm = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     cm = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-    strip = lambda l: {k: v for k, v in json.loads(l).items() if k not in ("seconds", "images_per_s")}
+    strip = lambda l: {k: v for k, v in json.loads(l).items() if k not in ("seconds", "images_per_s", "val_seconds")}
     assert [strip(l) for l in fm] == [strip(l) for l in cm]
     assert full["best_val_acc"] == resumed["best_val_acc"]
 
@@ -395,3 +395,38 @@ def test_a_deeper_network_trains_with_a_shallower_proxy(tiny_folder, tmp_path):
     assert "layers.3.7.weight" in ck.state_dict                # the network's third conv of group 3
     assert "layers.3.7.weight" not in ck.extra["proxy"]["model"]  # the proxy has two per group
     assert ck.extra["proxy"]["model"]["layers.3.4.weight"].shape == (8, 8, 3, 3)
+
+
+def test_without_a_val_split_training_ends_cleanly_and_says_which_checkpoint(tiny_folder, tmp_path, capsys):
+    from cifarkit.cli import main
+    out = tmp_path / "r"
+    rc = main(["train", "--data", str(tiny_folder), "--out", str(out), "--val-size", "0", "--epochs", "2",
+               "--batch-size", "16", "--model", "tudui_relu", "--optimizer", "adamw", "--lr", "0.003",
+               "--no-tensorboard", "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    last = captured.out.strip().splitlines()[-1]
+    assert f"no validation split (--val-size 0): the final weights are {out / 'last.ckpt'}" in last
+    assert (out / "last.ckpt").exists() and not (out / "best.ckpt").exists()
+    s = json.loads((out / "summary.json").read_text())
+    assert s["best_val_acc"] is None and s["n_val"] == 0 and s["n_train"] == 120 and s["eval_seconds"] == 0
+    # evaluating it on its own (absent) val split is one clear line; on its training images it works
+    rc = main(["eval", str(out / "last.ckpt")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--val-size 0" in err and err.count("\n") == 1
+    rc = main(["eval", str(out / "last.ckpt"), "--split", "train", "--json"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["n"] == 120
+
+
+def test_validation_is_cheap_during_training_and_full_at_the_end(tiny_folder, tmp_path):
+    logs = []
+    s = train(_cfg(tiny_folder, tmp_path / "r", epochs=3, tta="flip_translate"), progress=False, log=logs.append)
+    lines = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["val_tta"] for l in lines] == ["none", "none", "flip_translate"]
+    ck = load_checkpoint(tmp_path / "r" / "last.ckpt")
+    from cifarkit import evaluate_checkpoint
+    assert evaluate_checkpoint(ck, progress=False)[0].accuracy == lines[-1]["val_acc"]   # the recipe's TTA
+    assert s["eval_seconds"] == pytest.approx(sum(l["val_seconds"] for l in lines))
+    assert s["train_seconds"] + s["eval_seconds"] + s["other_seconds"] == pytest.approx(s["wall_seconds"])
+    assert s["other_seconds"] > 0      # the data load at least
+    assert "s training, " in logs[-1] and "s validation, " in logs[-1] and "s other" in logs[-1]

@@ -116,7 +116,12 @@ def split_for_checkpoint(ckpt, data: str | None, split: str = "val", data_root: 
     if split == "test":
         raise CifarkitError(f"{data} has no test split", "add DIR/test/<class>/ or use --split val")
     if split in ("val", "train") and "val" not in bundle.splits:
-        tr, va = stratified_split(bundle.train.y, int(cfg.get("val_size", 5000)), int(cfg.get("seed", 0)))
+        val_size = int(cfg.get("val_size", 5000))
+        if split == "val" and val_size == 0:
+            raise CifarkitError(f"the model was trained on every image of {data} (--val-size 0): "
+                                "it has no val split", "evaluate with --split test, or --data on "
+                                "images it was not trained on")
+        tr, va = stratified_split(bundle.train.y, val_size, int(cfg.get("seed", 0)))
         return bundle.train.subset(va if split == "val" else tr), bundle.classes
     if split == "train":
         return bundle.train, bundle.classes

@@ -321,6 +321,7 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: b
     On resume the run's own config is used; ``epochs`` may extend it. ``stop_after_steps``
     simulates a Ctrl-C after that many optimiser steps (tests).
     """
+    started = time.perf_counter()   # the wall time a user waits for, data loading included
     state = None
     if resume:
         rpath = Path(resume)
@@ -348,12 +349,13 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: b
         raise CifarkitError("train() needs a config or a run to resume")
     dist = dist_setup(cfg.device)
     try:
-        return _train(cfg, state, dist, progress, log, stop_after_steps)
+        return _train(cfg, state, dist, progress, log, stop_after_steps, started)
     finally:
         dist.close()
 
 
-def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_steps) -> dict:
+def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_steps,
+           started: float) -> dict:
     if not dist.is_main:  # one voice: only rank 0 logs, shows progress and writes files
         log, progress = (lambda *a, **k: None), False
     if cfg.batch_size < dist.world:
@@ -470,7 +472,6 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
                                    {"mean": p.mean, "std": p.std, "size": cfg.image_size},
                                    cfg.to_dict(), metrics, epoch, extra)
 
-    wall0 = time.perf_counter()
     steps_done = 0
     epoch, pos, in_steps, bar = start_epoch, start_step, False, None
     epoch_data_state = data_gen.get_state()
@@ -645,7 +646,7 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
             f"The last good checkpoint ({run_dir / 'last.ckpt'}) is untouched")
 
     _close(writer)
-    summary = _summary(cfg, p, history, time.perf_counter() - wall0, run_dir, precision)
+    summary = _summary(cfg, p, history, time.perf_counter() - started, run_dir, precision)
     summary["processes"] = dist.world
     if not dist.is_main:
         return summary
@@ -655,9 +656,18 @@ def _train(cfg: TrainConfig, state, dist: Dist, progress: bool, log, stop_after_
         plot_curves(history, run_dir / "curves.png")
     except Exception as exc:  # a plotting problem must never lose a finished run
         warnings.warn(f"could not draw curves.png: {exc}")
-    log(f"best val accuracy {summary['best_val_acc']:.4f} | {summary['train_images_per_s']:,.0f} "
-        f"train images/s | run folder {run_dir}")
+    log(_final_line(summary, run_dir))
     return summary
+
+
+def _final_line(summary: dict, run_dir: Path) -> str:
+    if summary["best_val_acc"] is None:
+        result = (f"no validation split (--val-size 0): the final weights are {run_dir / 'last.ckpt'}")
+    else:
+        result = f"best val accuracy {summary['best_val_acc']:.4f}"
+    return (f"{result} | {summary['train_seconds']:.1f}s training, {summary['eval_seconds']:.1f}s "
+            f"validation, {summary['other_seconds']:.1f}s other | {summary['train_images_per_s']:,.0f} "
+            f"train images/s | run folder {run_dir}")
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -826,8 +836,13 @@ def _end_epoch(epoch, cfg, p: Prepared, ema, sums, opt, history):
     r = None
     if len(p.val) and (last or (epoch + 1) % max(cfg.eval_every, 1) == 0):
         net = ema.module if ema is not None else p.model
-        r = evaluate(net, p.val, p.classes, p.mean, p.std, p.device, p.precision, tta=cfg.tta)
+        # Test-time augmentation multiplies the cost of a validation pass (4 views for
+        # flip_translate): during training one view shows the progress, the last epoch gets all.
+        tta = cfg.tta if last else "none"
+        t0 = time.perf_counter()
+        r = evaluate(net, p.val, p.classes, p.mean, p.std, p.device, p.precision, tta=tta)
         metrics["val_loss"], metrics["val_acc"] = r.loss, r.accuracy
+        metrics["val_tta"], metrics["val_seconds"] = tta, time.perf_counter() - t0
     history.append(metrics)
     return metrics, r
 
@@ -871,6 +886,7 @@ def _close(writer) -> None:
 def _summary(cfg, p: Prepared, history, wall, run_dir, precision) -> dict:
     vals = [h["val_acc"] for h in history if h["val_acc"] is not None]
     seconds = sum(h["seconds"] for h in history)
+    eval_seconds = sum(h.get("val_seconds", 0.0) for h in history)
     seen = sum(h["images_per_s"] * h["seconds"] for h in history)
     return {
         "recipe": cfg.recipe, "model": cfg.model,
@@ -878,7 +894,10 @@ def _summary(cfg, p: Prepared, history, wall, run_dir, precision) -> dict:
         "final_val_acc": vals[-1] if vals else None,
         "epochs": len(history),
         "train_seconds": seconds,
+        "eval_seconds": eval_seconds,
         "wall_seconds": wall,
+        # data loading, kernel build, checkpoints, plots: what the user waits for beyond the work
+        "other_seconds": max(0.0, wall - seconds - eval_seconds),
         "train_images_per_s": seen / max(seconds, 1e-9),
         "device": str(p.device) if p.device.type != "cuda" else torch.cuda.get_device_name(p.device),
         "precision": precision,

@@ -1,0 +1,236 @@
+"""cifarkit's fast recipe side by side with airbench94, on the same split and the same machine.
+
+airbench (KellerJordan/cifar10-airbench) is the reference for fast CIFAR-10 training. Its package
+(`pip install airbench`: never a cifarkit dependency; `make bench-env` makes a `.venv-bench` with
+both) ships `train94`, which is CUDA-only: it calls `.half().cuda()`, times with CUDA events and
+loads its data onto GPU 0. On a CPU this script maps device and dtype *around* the package,
+without editing or copying it: modules stay on the CPU in fp32 and the whole call runs under
+bf16 autocast (cifarkit's own precision there), tensor `.half()` becomes `.bfloat16()`, CUDA events
+become a wall clock, and its data loader reads from the CPU. On a GPU it runs as shipped.
+
+Both train on the same images and are scored on the same held-out ones: for each seed, the
+`--val-size` images that `cifarkit train --seed S` holds out (stratified by class) are written in
+airbench's own `cifar10/test.pt` format, the rest as `train.pt`. With `--val-size 0` both train on
+everything (what a user ships) and only times are compared. Every run is a fresh process; the two
+alternate, seed by seed. Counted like airbench counts itself: training plus the final
+test-time-augmented evaluation (cifarkit: `train_seconds` plus the last epoch's validation);
+cifarkit's whole wall time (start-up, data load, kernels, checkpoints) is reported beside it.
+
+airbench's fastest published recipe (airbench94 with Muon, 2.59 s on an A100) is not in the
+package; its time is taken as 0.68x of the package's `train94` (3.83 s on the same A100).
+
+    make bench-env
+    .venv-bench/bin/python benchmarks/vs_airbench.py --data ../shared/data/cifar10-jpeg --seeds 3 [--json out.json]
+    .venv-bench/bin/python benchmarks/vs_airbench.py --data DIR --seeds 1 --val-size 0
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MUON_RECORD_SHARE = 2.59 / 3.83   # airbench94 with Muon against the package's train94, same A100
+
+
+def write_airbench_data(data: str, seed: int, val_size: int, dest: Path) -> dict:
+    """cifarkit's split of ``data`` for ``seed`` in airbench's format: DEST/cifar10/{train,test}.pt."""
+    import torch
+
+    from cifarkit.data import load_data, stratified_split
+
+    bundle = load_data(data, progress=False)
+    x, y = bundle.train.x, bundle.train.y
+    tr, va = stratified_split(y, val_size, seed)
+    if val_size == 0:   # airbench's train() always builds a test loader: give it a few images
+        va = tr[:1000]
+    root = dest / "cifar10"
+    root.mkdir(parents=True, exist_ok=True)
+    for name, idx in (("train.pt", tr), ("test.pt", va)):
+        torch.save({"images": x[idx].permute(0, 2, 3, 1).contiguous(), "labels": y[idx],
+                    "classes": list(bundle.classes)}, root / name)
+    return {"n_train": len(tr), "n_val": 0 if val_size == 0 else len(va)}
+
+
+@contextlib.contextmanager
+def on_cpu_in_bf16():
+    """airbench's CUDA calls, mapped onto the CPU for the duration of the block."""
+    import torch
+    import airbench.utils as utils
+
+    class WallClockEvent:          # stands in for torch.cuda.Event(enable_timing=True)
+        def __init__(self, *a, **k):
+            self.t = None
+
+        def record(self, *a):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    class CpuLoader(utils.CifarLoader):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **{**k, "gpu": "cpu"})
+
+    saved = (torch.nn.Module.cuda, torch.nn.Module.half, torch.Tensor.half, torch.cuda.Event,
+             torch.cuda.synchronize, utils.CifarLoader)
+    torch.nn.Module.cuda = lambda self, *a, **k: self
+    torch.nn.Module.half = lambda self: self                  # fp32 weights, bf16 autocast
+    torch.Tensor.half = lambda self, *a, **k: self.bfloat16()  # its fp16 images: bf16
+    torch.cuda.Event, torch.cuda.synchronize = WallClockEvent, lambda *a: None
+    utils.CifarLoader = CpuLoader
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield CpuLoader
+    finally:
+        (torch.nn.Module.cuda, torch.nn.Module.half, torch.Tensor.half, torch.cuda.Event,
+         torch.cuda.synchronize, utils.CifarLoader) = saved
+
+
+def airbench_child(data_dir: Path, seed: int, score: bool) -> dict:
+    """One airbench94 run (its package's train94 and hyper-parameters) in this process."""
+    import torch
+    import airbench
+    from airbench.lib_airbench94 import hyp
+
+    os.chdir(data_dir)                      # its loaders read ./cifar10/{train,test}.pt
+    torch.manual_seed(seed)
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        from cifarkit.device import set_threads
+        set_threads(0)
+    with (contextlib.nullcontext(airbench.CifarLoader) if cuda else on_cpu_in_bf16()) as Loader:
+        loader = Loader("cifar10", train=True, batch_size=hyp["opt"]["batch_size"], aug=hyp["aug"],
+                        altflip=True)
+        test = Loader("cifar10", train=False, batch_size=2000)
+        if cuda:   # as airbench times itself: after a warm-up run that builds cuDNN's plans
+            airbench.warmup94(train_loader=loader, verbose=False)
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model = airbench.train94(train_loader=loader, verbose=False)
+        if cuda:
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        acc = airbench.evaluate(model, test, tta_level=hyp["net"]["tta_level"]) if score else None
+        if cuda:
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+    return {"val_acc": acc, "train_seconds": t1 - t0, "eval_seconds": t2 - t1 if score else 0.0,
+            "seconds": (t2 if score else t1) - t0}
+
+
+def cifarkit_run(data: str, seed: int, val_size: int, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "cifarkit", "train", "--recipe", "fast", "--data", data,
+               "--seed", str(seed), "--val-size", str(val_size), "--out", tmp + "/run", "--quiet",
+               "--no-tensorboard", *extra]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+        s = json.loads(Path(tmp, "run", "summary.json").read_text())
+        last = [json.loads(l) for l in Path(tmp, "run", "metrics.jsonl").read_text().splitlines()][-1]
+    final_eval = last.get("val_seconds", 0.0)
+    return {"val_acc": s["final_val_acc"], "train_seconds": s["train_seconds"],
+            "eval_seconds": final_eval, "seconds": s["train_seconds"] + final_eval,
+            "all_validation_seconds": s["eval_seconds"], "wall_seconds": wall,
+            "summary_wall_seconds": s["wall_seconds"], "n_train": s["n_train"], "n_val": s["n_val"]}
+
+
+def airbench_run(data: str, seed: int, val_size: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        sizes = write_airbench_data(data, seed, val_size, Path(tmp))
+        cmd = [sys.executable, __file__, "--airbench-child", tmp, "--seed", str(seed)]
+        if val_size == 0:
+            cmd.append("--no-score")
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        wall = time.perf_counter() - t0
+    return {**json.loads(out.strip().splitlines()[-1]), **sizes, "wall_seconds": wall}
+
+
+def _stats(runs: list[dict], key: str) -> tuple[float, float]:
+    vals = [r[key] for r in runs if r[key] is not None]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", help="a folder DIR/train/<class>/*.jpg, or cifar10")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seed-start", type=int, default=0)
+    ap.add_argument("--val-size", type=int, default=5000,
+                    help="images held out and scored (0: train both on everything, compare times)")
+    ap.add_argument("--cifarkit-args", default="", help="extra flags for cifarkit train, e.g. '--epochs 2'")
+    ap.add_argument("--json", type=Path, help="write every run and the summary here")
+    ap.add_argument("--airbench-child", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--no-score", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.airbench_child:
+        print(json.dumps(airbench_child(a.airbench_child, a.seed, not a.no_score)))
+        return 0
+    try:
+        import airbench  # noqa: F401
+    except ImportError:
+        print("error: airbench is not installed here -- run this with .venv-bench/bin/python "
+              "(make bench-env), or pip install airbench into a benchmark environment", file=sys.stderr)
+        return 1
+    if not a.data:
+        ap.error("--data is required")
+    import torch
+
+    from cifarkit.data import load_data
+    load_data(a.data, progress=False)        # decode once (cached) before anything is timed
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fast_recipe import _machine
+    machine = _machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    print(f"# {machine} | torch {torch.__version__} | val-size {a.val_size}", flush=True)
+    report = {"machine": machine, "torch": str(torch.__version__), "val_size": a.val_size,
+              "cifarkit_args": a.cifarkit_args, "runs": []}
+    for seed in range(a.seed_start, a.seed_start + a.seeds):
+        order = ("airbench94", "cifarkit") if seed % 2 == 0 else ("cifarkit", "airbench94")
+        for who in order:
+            r = (airbench_run(a.data, seed, a.val_size) if who == "airbench94"
+                 else cifarkit_run(a.data, seed, a.val_size, a.cifarkit_args.split()))
+            r.update(who=who, seed=seed)
+            report["runs"].append(r)
+            acc = f"val {r['val_acc']:.4f}" if r["val_acc"] is not None else "val -"
+            print(f"{who:10} seed {seed}: {acc} | train {r['train_seconds']:.1f}s + final eval "
+                  f"{r['eval_seconds']:.1f}s = {r['seconds']:.1f}s | wall {r['wall_seconds']:.1f}s", flush=True)
+            if a.json:
+                a.json.write_text(json.dumps(report, indent=2))
+    ab = [r for r in report["runs"] if r["who"] == "airbench94"]
+    ck = [r for r in report["runs"] if r["who"] == "cifarkit"]
+    summary = {}
+    for who, runs in (("airbench94", ab), ("cifarkit", ck)):
+        acc, acc_sd = _stats(runs, "val_acc")
+        sec, sec_sd = _stats(runs, "seconds")
+        wall, _ = _stats(runs, "wall_seconds")
+        summary[who] = {"val_acc_mean": acc, "val_acc_std": acc_sd, "seconds_mean": sec,
+                        "seconds_std": sec_sd, "wall_seconds_mean": wall}
+        print(f"== {who:10}: val {acc:.4f} ± {acc_sd:.4f} | {sec:.1f} ± {sec_sd:.1f}s train + final eval "
+              f"| wall {wall:.1f}s (n={len(runs)})")
+    ratio = summary["cifarkit"]["seconds_mean"] / summary["airbench94"]["seconds_mean"]
+    summary["time_ratio_vs_train94"] = ratio
+    summary["time_ratio_vs_muon_record"] = ratio / MUON_RECORD_SHARE
+    summary["cifarkit_wall_over_training"] = (summary["cifarkit"]["wall_seconds_mean"]
+                                             / statistics.mean(r["train_seconds"] for r in ck))
+    print(f"== cifarkit / airbench94 time: {ratio:.3f} (against the Muon record, taken as "
+          f"{MUON_RECORD_SHARE:.2f}x of train94: {summary['time_ratio_vs_muon_record']:.3f}); "
+          f"cifarkit's wall time / its training time: {summary['cifarkit_wall_over_training']:.3f}")
+    report["summary"] = summary
+    if a.json:
+        a.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
