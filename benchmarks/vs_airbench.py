@@ -4,9 +4,10 @@ airbench (KellerJordan/cifar10-airbench) is the reference for fast CIFAR-10 trai
 (`pip install airbench`: never a cifarkit dependency; `make bench-env` makes a `.venv-bench` with
 both) ships `train94`, which is CUDA-only: it calls `.half().cuda()`, times with CUDA events and
 loads its data onto GPU 0. On a CPU this script maps device and dtype *around* the package,
-without editing or copying it: modules stay on the CPU in fp32 and the whole call runs under
-bf16 autocast (cifarkit's own precision there), tensor `.half()` becomes `.bfloat16()`, CUDA events
-become a wall clock, and its data loader reads from the CPU. On a GPU it runs as shipped.
+without editing or copying it: its network stays on the CPU in fp32 and runs its forward passes
+under bf16 autocast (cifarkit's own precision there; the whitening set-up stays in fp32, as on the
+GPU), tensor `.half()` becomes `.bfloat16()`, CUDA events become a wall clock, and its data loader
+reads from the CPU. On a GPU it runs as shipped.
 
 Both train on the same images and are scored on the same held-out ones: for each seed, the
 `--val-size` images that `cifarkit train --seed S` holds out (stratified by class) are written in
@@ -86,11 +87,25 @@ def on_cpu_in_bf16():
     torch.cuda.Event, torch.cuda.synchronize = WallClockEvent, lambda *a: None
     utils.CifarLoader = CpuLoader
     try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            yield CpuLoader
+        yield CpuLoader
     finally:
         (torch.nn.Module.cuda, torch.nn.Module.half, torch.Tensor.half, torch.cuda.Event,
          torch.cuda.synchronize, utils.CifarLoader) = saved
+
+
+def make_net_bf16():
+    """airbench94's network (fp32 weights on the CPU) whose forward runs under bf16 autocast."""
+    import torch
+    import airbench
+
+    net = airbench.make_net94()
+    forward = net.forward
+
+    def autocast_forward(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return forward(x)
+    net.forward = autocast_forward   # on the instance: its layers, names and indexing unchanged
+    return net
 
 
 def airbench_child(data_dir: Path, seed: int, score: bool) -> dict:
@@ -113,7 +128,8 @@ def airbench_child(data_dir: Path, seed: int, score: bool) -> dict:
             airbench.warmup94(train_loader=loader, verbose=False)
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model = airbench.train94(train_loader=loader, verbose=False)
+        model = airbench.train94(train_loader=loader, verbose=False,
+                                 make_net=airbench.make_net94 if cuda else make_net_bf16)
         if cuda:
             torch.cuda.synchronize()
         t1 = time.perf_counter()
