@@ -141,6 +141,20 @@ def test_whole_model_pickle_refused_without_trust_then_converted(tmp_path):
     assert "--trust-pickle" in str(e.value) and "code" in str(e.value)
     back = load_checkpoint(tmp_path / "whole.pth", trust_pickle=True)
     assert back.model_name == "tudui" and _same_outputs(m, back.build_model())
+    # cifarkit's own pickle keeps what the module alone cannot say: classes, preprocessing
+    assert back.classes == ck.classes and back.preprocess == ck.preprocess
+    # ... and the model's settings, so a non-default network is recognised too
+    torch.manual_seed(1)
+    fast = create_model("fast", 3, widths=[16, 32, 48])
+    custom = Checkpoint("fast", {"widths": [16, 32, 48]}, 3, fast.state_dict(), ["x", "y", "z"],
+                        {"mean": [0.1] * 3, "std": [0.3] * 3, "size": 32})
+    export_pickle(custom, tmp_path / "fast.pth")
+    back = load_checkpoint(tmp_path / "fast.pth", trust_pickle=True)
+    assert (back.model_name, back.model_args, back.classes) == ("fast", {"widths": [16, 32, 48]}, ["x", "y", "z"])
+    assert _same_outputs(fast, back.build_model())
+    # a foreign whole-model pickle (no such attribute) still gets default names
+    torch.save(create_model("tudui", 10), tmp_path / "foreign.pth")
+    assert load_checkpoint(tmp_path / "foreign.pth", trust_pickle=True).classes[0] == "airplane"
 
 
 class _Evil:

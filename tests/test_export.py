@@ -58,15 +58,91 @@ def test_torchscript_export_matches(trained_run, tmp_path, capsys):
     assert (loaded(x) - model(x)).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["fast", "resnet18"])
-def test_onnx_export_of_other_models(tmp_path, name):
+def _checkpoint_with_trained_looking_batch_norm(name):
+    """A checkpoint of ``name`` whose batch-norm layers hold running statistics and affine
+    weights far from their initial 0/1 (an export that dropped them would differ)."""
     from cifarkit import create_model
     from cifarkit.checkpoint import Checkpoint
+    torch.manual_seed(0)
+    m = create_model(name, 10)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                if mod.weight is not None:
+                    mod.weight.uniform_(0.5, 1.5)
+                if mod.bias is not None:
+                    mod.bias.uniform_(-0.2, 0.2)
+    return Checkpoint(name, {}, 10, m.state_dict(), [str(i) for i in range(10)],
+                      {"mean": [0.5] * 3, "std": [0.25] * 3, "size": 32})
+
+
+def _onnx_vs_pytorch(path, ck, n=6) -> float:
+    """Max abs difference between onnxruntime on ``path`` and the checkpoint's PyTorch model."""
+    sess = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = ck.build_model("cpu").eval()(x).numpy()
+    return float(np.abs(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0] - ref).max())
+
+
+@pytest.mark.parametrize("name", ["fast", "resnet18"])
+def test_onnx_export_of_batch_norm_networks_matches_onnxruntime(tmp_path, name):
     from cifarkit.export import export_onnx
-    m = create_model(name, 10).eval()
-    ck = Checkpoint(name, {}, 10, m.state_dict(), [str(i) for i in range(10)],
-                    {"mean": [0.5] * 3, "std": [0.25] * 3, "size": 32})
+    ck = _checkpoint_with_trained_looking_batch_norm(name)
     assert export_onnx(ck, tmp_path / "m.onnx") < 1e-4
+    assert _onnx_vs_pytorch(tmp_path / "m.onnx", ck) < 1e-4          # checked here, independently
+    # and the statistics matter: the same network with fresh ones answers differently
+    from cifarkit import create_model
+    fresh = create_model(name, 10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (fresh(x) - ck.build_model("cpu").eval()(x)).abs().max() > 1e-2
+
+
+def test_onnx_falls_back_to_the_torchscript_based_exporter(tmp_path, monkeypatch):
+    from cifarkit.export import export_onnx
+    real = torch.onnx.export
+    used = []
+
+    def no_dynamo(*a, dynamo=True, **k):
+        used.append(dynamo)
+        if dynamo:
+            raise RuntimeError("this exporter cannot handle the model")
+        return real(*a, dynamo=False, **k)
+    monkeypatch.setattr(torch.onnx, "export", no_dynamo)
+    ck = _checkpoint_with_trained_looking_batch_norm("fast")
+    assert export_onnx(ck, tmp_path / "m.onnx") < 1e-4
+    assert used == [True, False]
+    assert _onnx_vs_pytorch(tmp_path / "m.onnx", ck, n=5) < 1e-4     # dynamic batch there too
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_export_that_differs_from_pytorch_is_refused_and_leaves_no_file(trained_run, tmp_path, capsys,
+                                                                           monkeypatch, fmt):
+    data, out = trained_run
+    if fmt == "onnx":
+        real_run = onnxruntime.InferenceSession.run
+        monkeypatch.setattr(onnxruntime.InferenceSession, "run",
+                            lambda self, *a, **k: [o + 1e-3 for o in real_run(self, *a, **k)])
+    else:
+        real_load = torch.jit.load
+
+        class Off(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x):
+                return self.inner(x) + 1e-3
+        monkeypatch.setattr(torch.jit, "load", lambda *a, **k: Off(real_load(*a, **k)))
+    dest = tmp_path / "exports"
+    target = dest / f"m.{'onnx' if fmt == 'onnx' else 'pt'}"
+    rc = main(["export", str(out / "best.ckpt"), "--format", fmt, "--out", str(target)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "differs from PyTorch by 1.00e-03" in err and "was not written" in err
+    assert list(dest.iterdir()) == []                  # neither the file nor its temp file
 
 
 def test_missing_optional_packages_give_one_line(trained_run, tmp_path, capsys, monkeypatch):

@@ -8,6 +8,16 @@ from cifarkit.errors import TrainingInterrupted
 from cifarkit.train import lr_factor, make_loss
 
 
+@pytest.fixture
+def optimizer_steps():
+    """Every optimiser step taken while the test runs (a global hook: any optimiser, any module)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    steps = []
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: steps.append(opt))
+    yield steps
+    handle.remove()
+
+
 def _cfg(folder, out, **kw):
     base = dict(data=str(folder), out=str(out), val_size=24, epochs=3, batch_size=16,
                 model="tudui_relu", optimizer="adamw", lr=3e-3, tensorboard=False, precision="fp32")
@@ -112,14 +122,22 @@ def test_bf16_and_augmentation_and_ema_run(tiny_folder, tmp_path):
      "optimizer_args": {"whiten_bias_epochs": 1}, "hard_fraction": 0.5, "hard_proxy": [4, 8, 8]},
 ], ids=["tudui_relu", "fast-progressive-altflip", "fast-muon-frozen-whiten-bias", "hard-fraction",
         "hard-proxy"])
-def test_interrupt_then_resume_is_bit_exact(tiny_folder, tmp_path, extra):
+def test_interrupt_then_resume_is_bit_exact(tiny_folder, tmp_path, extra, optimizer_steps):
     kw = dict(epochs=3, deterministic=True, flip=True, crop_pad=2, **extra)
     full = train(_cfg(tiny_folder, tmp_path / "full", **kw), progress=False, log=lambda *a: None)
+    per_step = len(optimizer_steps) // 18          # 3 epochs x 6 steps; 2 optimisers with a proxy
+    optimizer_steps.clear()
     with pytest.raises(TrainingInterrupted) as e:
         train(_cfg(tiny_folder, tmp_path / "cut", **kw), progress=False, log=lambda *a: None,
               stop_after_steps=9)   # mid-epoch 2 (6 steps per epoch)
     assert "--resume" in str(e.value)
-    resumed = train(None, resume=str(tmp_path / "cut"), progress=False, log=lambda *a: None)
+    assert len(optimizer_steps) == 9 * per_step
+    optimizer_steps.clear()
+    logs = []
+    resumed = train(None, resume=str(tmp_path / "cut"), progress=False, log=logs.append)
+    # only the remaining steps are done (a resume that started again would also end bit-exact)
+    assert len(optimizer_steps) == (18 - 9) * per_step
+    assert logs[0] == f"resuming {tmp_path / 'cut'} at epoch 2, step 3"
     a = load_checkpoint(tmp_path / "full" / "last.ckpt").state_dict
     b = load_checkpoint(tmp_path / "cut" / "last.ckpt").state_dict
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -130,10 +148,13 @@ def test_interrupt_then_resume_is_bit_exact(tiny_folder, tmp_path, extra):
     assert full["best_val_acc"] == resumed["best_val_acc"]
 
 
-def test_resume_can_extend_epochs(tiny_folder, tmp_path):
+def test_resume_can_extend_epochs(tiny_folder, tmp_path, optimizer_steps):
     train(_cfg(tiny_folder, tmp_path / "r", epochs=1), progress=False, log=lambda *a: None)
+    optimizer_steps.clear()
     s = train(None, resume=str(tmp_path / "r"), epochs=2, progress=False, log=lambda *a: None)
-    assert s["epochs"] == 2
+    assert s["epochs"] == 2 and len(optimizer_steps) == 6          # one more epoch of 6 steps
+    lines = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2]
 
 
 def test_resume_refuses_fewer_epochs_than_done(tiny_folder, tmp_path):

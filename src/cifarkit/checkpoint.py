@@ -335,16 +335,22 @@ def _from_module(module: nn.Module, path: Path, model: str | None) -> Checkpoint
     from .models import create_model, list_models
 
     sd = strip_prefixes({k: v for k, v in module.state_dict().items()})
-    names = [model] if model else list_models()
+    # cifarkit's own pickle export keeps the model's settings, class names and preprocessing
+    meta = getattr(module, "cifarkit", None)
+    meta = meta if isinstance(meta, dict) else {}
+    args = meta.get("model_args") if isinstance(meta.get("model_args"), dict) else {}
+    names = [model] if model else ([meta["model"]] if meta.get("model") in list_models() else list_models())
     for name in names:
         try:
-            n = infer_num_classes(name, sd)
-            probe = create_model(name, n).state_dict()
+            n = infer_num_classes(name, sd, args)
+            probe = create_model(name, n, **args).state_dict()
         except Exception:
             continue
         if probe.keys() == sd.keys() and all(probe[k].shape == sd[k].shape for k in sd):
-            return Checkpoint(name, {}, n, sd, _default_classes(n), dict(DEFAULT_PREPROCESS),
-                              source="pickle", path=str(path))
+            classes = meta.get("classes")
+            classes = list(classes) if isinstance(classes, list) and len(classes) == n else _default_classes(n)
+            pre = meta.get("preprocess") if isinstance(meta.get("preprocess"), dict) else DEFAULT_PREPROCESS
+            return Checkpoint(name, dict(args), n, sd, classes, dict(pre), source="pickle", path=str(path))
     raise CifarkitError(f"{path} holds a {type(module).__name__} whose layers match no registered model",
                         "see `cifarkit models`; only registered architectures can be converted")
 
@@ -362,6 +368,9 @@ def export_safetensors(ckpt: Checkpoint, path) -> None:
 
 
 def export_pickle(ckpt: Checkpoint, path) -> None:
-    """The notes' method 1: the whole nn.Module pickled. Only for tools that insist on it."""
+    """The notes' method 1: the whole nn.Module pickled. Only for tools that insist on it.
+    Class names and preprocessing ride along as a plain ``cifarkit`` attribute of the module."""
     model = ckpt.build_model("cpu")
+    model.cifarkit = {"model": ckpt.model_name, "model_args": dict(ckpt.model_args),
+                      "classes": list(ckpt.classes), "preprocess": dict(ckpt.preprocess)}
     atomic_torch_save(model, Path(path))
