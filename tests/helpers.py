@@ -8,12 +8,18 @@ from pathlib import Path
 import numpy as np
 
 
-def synthetic_images(n_per_class: int, n_classes: int, size: int = 32, seed: int = 0):
-    """Learnable images: each class has its own colour and a bar at its own position, plus noise."""
+def synthetic_images(n_per_class: int, n_classes: int, size: int = 32, seed: int = 0,
+                     shape_only: bool = False):
+    """Learnable images: each class has its own colour and a bar at its own position, plus noise.
+
+    ``shape_only``: every class has the same colour, so only the bar's position tells them apart;
+    a network whose convolutions do not learn stays near chance on them (a linear head on random
+    convolution features separates the colours alone)."""
     rng = np.random.default_rng(seed)
     xs, ys = [], []
+    shared = rng.integers(40, 215, size=3)
     for c in range(n_classes):
-        colour = rng.integers(40, 215, size=3)
+        colour = shared if shape_only else rng.integers(40, 215, size=3)
         for _ in range(n_per_class):
             img = rng.normal(0, 28, size=(size, size, 3)) + colour
             pos = (c * size) // n_classes
@@ -24,10 +30,10 @@ def synthetic_images(n_per_class: int, n_classes: int, size: int = 32, seed: int
 
 
 def make_folder(root: Path, classes=("cat", "dog", "ship"), n_per_class: int = 30, size: int = 32,
-                split: str = "train", seed: int = 0, ext: str = ".png") -> Path:
+                split: str = "train", seed: int = 0, ext: str = ".png", shape_only: bool = False) -> Path:
     from PIL import Image
 
-    x, y = synthetic_images(n_per_class, len(classes), size, seed)
+    x, y = synthetic_images(n_per_class, len(classes), size, seed, shape_only)
     for i, (img, label) in enumerate(zip(x, y)):
         d = root / split / classes[label]
         d.mkdir(parents=True, exist_ok=True)

@@ -102,7 +102,8 @@ def test_fast_recipe_short_run_learns(tiny_folder, tmp_path):
                                             "epochs": 4, "batch_size": 32, "val_size": 24,
                                             "tensorboard": False})
     s = train(cfg, progress=False, log=lambda *a: None)
-    assert s["best_val_acc"] >= 0.8                    # 3 classes: chance is 0.33
+    # 3 classes: chance is 0.33; the same network with its convolutions frozen reaches 0.67
+    assert s["best_val_acc"] >= 0.9
 
 
 def test_multi_tta_averages_ten_views():

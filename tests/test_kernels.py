@@ -168,8 +168,11 @@ def test_native_conv_weight_gradient_is_the_exact_sum(wgrad, shape):
     got = wgrad._state["module"].conv3x3_wgrad(x, g)
     ref = _wgrad_ref(x, g)
     assert got.dtype == torch.float32 and got.shape == ref.shape and got.is_contiguous(memory_format=CL)
-    # fp32 sums of exact bf16 products: far closer to the float64 sum than bf16 output could be
-    assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # fp32 sums of exact bf16 products: each element within a few fp32 roundings (2^-24) of the
+    # size of its terms (measured: at most 2.3 of them), so a dropped or doubled term, or a
+    # perturbation of a millionth of the largest element on the small shapes, is seen
+    size = _wgrad_ref(x.abs(), g.abs())
+    assert ((got.double() - ref).abs() <= 4 * 2 ** -24 * size).all()
     assert torch.equal(got, wgrad._state["module"].conv3x3_wgrad(x, g))   # deterministic
 
 
@@ -217,7 +220,11 @@ def test_conv3x3_uses_the_native_gradient_only_when_training_in_bf16(wgrad, monk
 
 
 def test_training_with_the_native_gradient_is_deterministic_and_learns_like_pytorch(
-        wgrad, tiny_folder, tmp_path, monkeypatch):
+        wgrad, tmp_path, monkeypatch):
+    from helpers import make_folder
+    # classes told apart by shape only: with its convolutions frozen this network reaches 0.79
+    # (on the coloured set 1.0, so that set could not tell a broken weight gradient)
+    tiny_folder = make_folder(tmp_path / "images", n_per_class=40, shape_only=True)
     monkeypatch.setenv("CIFARKIT_NATIVE", "always")      # used even where PyTorch's is faster
     calls = []
     real = kernels._Conv3x3.apply
@@ -239,31 +246,38 @@ def test_training_with_the_native_gradient_is_deterministic_and_learns_like_pyto
     assert acc["a"] >= 0.9 and acc["torch"] >= 0.9
 
 
+def _much_slower(fn):
+    """``fn`` made slower by far more than the whole step it is part of costs at these sizes
+    (a few ms), so the choice does not depend on what else the machine is doing."""
+    def slow(*a, **k):
+        import time
+        time.sleep(0.1)
+        return fn(*a, **k)
+    return slow
+
+
 class _Slowed:
     """The built extension with chosen ops made slow (a CPU where they lose to PyTorch's)."""
 
-    def __init__(self, module, slow=("pool_fwd", "conv3x3_wgrad"), seconds=0.02):
-        self._module, self._slow, self._seconds = module, slow, seconds
+    def __init__(self, module, slow=("pool_fwd", "conv3x3_wgrad")):
+        self._module, self._slow = module, slow
         self.__file__ = module.__file__
 
     def __getattr__(self, name):
         fn = getattr(self._module, name)
-        if name not in self._slow:
-            return fn
-
-        def slow(*a):
-            import time
-            time.sleep(self._seconds)
-            return fn(*a)
-        return slow
+        return _much_slower(fn) if name in self._slow else fn
 
 
 @pytest.fixture
 def chooser(native, monkeypatch):
     monkeypatch.delenv("CIFARKIT_NATIVE", raising=False)
-    saved = dict(kernels._state)
+    saved, threads = dict(kernels._state), torch.get_num_threads()
+    # one thread: on a busy machine, threads waiting for each other at every op would make the
+    # tiny ops here take tens of milliseconds at random, and the timing mean nothing
+    torch.set_num_threads(1)
     yield kernels
     kernels._state.update(saved)
+    torch.set_num_threads(threads)
 
 
 def _net():
@@ -288,14 +302,8 @@ def test_chooser_keeps_pytorch_where_the_native_op_is_slower(chooser, tmp_path, 
 
 
 def test_chooser_keeps_the_native_op_where_pytorch_is_slower_and_caches_it(chooser, tmp_path, monkeypatch):
-    def slow(fn):
-        def wrapped(*a, **k):
-            import time
-            time.sleep(0.02)
-            return fn(*a, **k)
-        return wrapped
-    monkeypatch.setattr(kernels, "_pytorch_pool", slow(kernels._pytorch_pool))
-    monkeypatch.setattr(kernels, "_pytorch_conv3x3", slow(kernels._pytorch_conv3x3))
+    monkeypatch.setattr(kernels, "_pytorch_pool", _much_slower(kernels._pytorch_pool))
+    monkeypatch.setattr(kernels, "_pytorch_conv3x3", _much_slower(kernels._pytorch_conv3x3))
     cache = tmp_path / "c.json"
     got = kernels.choose([_net()], [16, 32], batch=8, repeats=3, cache=cache)
     assert got["pool"] == [5, 5]        # 3 pools x 2 image sides, one shape (32x7x7) in both

@@ -103,7 +103,8 @@ def test_bf16_and_augmentation_and_ema_run(tiny_folder, tmp_path):
                    ema=0.9, tta="flip_translate", schedule="onecycle", model="fast",
                    optimizer="muon", lr=0.24, label_smoothing=0.1, batch_size=32, epochs=4),
               progress=False, log=lambda *a: None)
-    assert s["best_val_acc"] >= 0.6 and s["precision"] == "bf16"
+    # 1.0 when it learns; the same network with its convolutions frozen reaches 0.33 here
+    assert s["best_val_acc"] >= 0.9 and s["precision"] == "bf16"
     ck = load_checkpoint(tmp_path / "r" / "last.ckpt")
     assert ck.extra["model_raw"] is not None   # EMA run keeps the raw weights for resuming
 
@@ -117,11 +118,13 @@ def test_bf16_and_augmentation_and_ema_run(tiny_folder, tmp_path):
      "optimizer_args": {"whiten_bias_epochs": 1}},
     # selective backprop from epoch 1: the selection depends only on the weights, so it resumes too
     {"hard_fraction": 0.5, "hard_start": 1},
+    # an averaged model (EMA): the raw weights and the average both resume
+    {"ema": 0.9},
     # a proxy network picks the images: its weights and optimiser resume too
     {"model": "fast", "model_args": {"widths": [8, 16, 16]}, "optimizer": "muon", "lr": 0.24,
      "optimizer_args": {"whiten_bias_epochs": 1}, "hard_fraction": 0.5, "hard_proxy": [4, 8, 8]},
 ], ids=["tudui_relu", "fast-progressive-altflip", "fast-muon-frozen-whiten-bias", "hard-fraction",
-        "hard-proxy"])
+        "ema", "hard-proxy"])
 def test_interrupt_then_resume_is_bit_exact(tiny_folder, tmp_path, extra, optimizer_steps):
     kw = dict(epochs=3, deterministic=True, flip=True, crop_pad=2, **extra)
     full = train(_cfg(tiny_folder, tmp_path / "full", **kw), progress=False, log=lambda *a: None)
@@ -350,7 +353,7 @@ def test_hard_fraction_trains_on_the_selected_share_and_still_learns(tiny_folder
     later = sizes[6:]
     assert [g for g, _ in later[:4]] == [False, True, False, True]   # score all, then train on half
     assert all(n == 16 for g, n in later if not g) and all(n == 8 for g, n in later if g)
-    assert s["best_val_acc"] >= 0.6                                  # it learns (3 easy classes)
+    assert s["best_val_acc"] >= 0.9                                  # it learns (3 easy classes)
     m = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert m[-1]["train_acc"] > 0.6                                  # metrics over every image seen
 
@@ -399,7 +402,7 @@ def test_hard_proxy_picks_the_images_and_the_network_never_scores(tiny_folder, t
     assert seen[4] == [(True, 16)] * 36              # the proxy trains on every whole batch
     assert seen[8][:6] == [(True, 16)] * 6           # epoch 0: the network trains on all
     assert seen[8][6:] == [(True, 8)] * 30           # then on the picked half, never scoring itself
-    assert s["best_val_acc"] >= 0.6
+    assert s["best_val_acc"] >= 0.9                  # with its convolutions frozen: 0.25
     ck = load_checkpoint(tmp_path / "r" / "last.ckpt")
     assert ck.extra["proxy"]["model"]["head.weight"].shape == (3, 8)
     m = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -411,7 +414,7 @@ def test_a_deeper_network_trains_with_a_shallower_proxy(tiny_folder, tmp_path):
                    model_args={"widths": [8, 16, 16], "depths": [2, 3, 3], "residual": True},
                    hard_proxy=[4, 8, 8], hard_proxy_args={"depths": [2, 2, 2], "residual": False}),
               progress=False, log=lambda *a: None)
-    assert s["best_val_acc"] >= 0.6
+    assert s["best_val_acc"] >= 0.9                  # with its convolutions frozen: 0.42
     ck = load_checkpoint(tmp_path / "r" / "last.ckpt")
     assert "layers.3.7.weight" in ck.state_dict                # the network's third conv of group 3
     assert "layers.3.7.weight" not in ck.extra["proxy"]["model"]  # the proxy has two per group

@@ -11,6 +11,8 @@ from PIL import Image
 
 from helpers import assert_one_clear_line, cli, make_folder
 
+from cifarkit import load_checkpoint
+
 
 def _good_image(path: Path, size=(32, 32), mode="RGB"):
     rng = np.random.default_rng(0)
@@ -66,17 +68,55 @@ def _exif_rotated(p):
     img.save(p, exif=exif.tobytes())
 
 
+def _variants(ship: np.ndarray, folder: Path) -> dict:
+    """Image files of other modes and forms, each beside the RGB PNG it must decode to exactly:
+    {variant file name: reference file name}."""
+    pairs = {}
+
+    def save(name, img, ref_array, **kw):
+        img.save(folder / name, **kw)
+        Image.fromarray(ref_array).save(folder / f"ref-{name}.png")
+        pairs[name] = f"ref-{name}.png"
+    rgb = Image.fromarray(ship)
+    alpha = np.full(ship.shape[:2], 255, np.uint8)
+    alpha[:, :8] = 0                                           # a transparent strip: white
+    white_strip = ship.copy()
+    white_strip[:, :8] = 255
+    save("rgba.png", Image.fromarray(np.dstack([ship, alpha]), "RGBA"), white_strip)
+    pal = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    save("palette.png", pal, np.asarray(pal.convert("RGB")))
+    grey = np.asarray(rgb.convert("L"))
+    save("grey.png", Image.fromarray(grey), np.dstack([grey] * 3))
+    save("sixteen.png", Image.fromarray(grey.astype(np.uint16) * 257), np.dstack([grey] * 3))
+    rotated = rgb.transpose(Image.Transpose.ROTATE_90)          # stored turned; EXIF says turn back
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    save("exif_rotated.png", rotated, ship, exif=exif.tobytes())
+    save("UPPER.PNG", rgb, ship)
+    save("ünïcödé 猫.png", rgb, ship)
+    save("one_pixel.png", Image.new("RGB", (1, 1), (30, 90, 200)), np.full((32, 32, 3), (30, 90, 200), np.uint8))
+    return pairs
+
+
 def test_predict_handles_every_image_variant(trained_run, tmp_path, capsys):
-    _, run = trained_run
+    import json
+    data, run = trained_run
     folder = tmp_path / "variants"
     folder.mkdir()
-    for name, make in GOOD_VARIANTS.items():
-        make(folder / name)
-    rc, out, err = cli(["predict", run / "best.ckpt", folder, "--json"], capsys)
-    import json
-    got = {Path(r["path"]).name for r in json.loads(out)}
+    ship = np.asarray(Image.open(sorted((data / "train" / "ship").iterdir())[0]).convert("RGB"))
+    pairs = _variants(ship, folder)
+    Image.fromarray(ship).convert("CMYK").save(folder / "cmyk.jpg", quality=95)
+    Image.new("RGB", (8000, 8000), (30, 90, 200)).save(folder / "huge.jpg", quality=50)
+    rc, out, err = cli(["predict", run / "best.ckpt", folder, "--json", "--top-k", "3"], capsys)
     assert rc == 0, err
-    assert got == set(GOOD_VARIANTS)
+    probs = {Path(r["path"]).name: {t["class"]: t["prob"] for t in r["top"]} for r in json.loads(out)}
+    assert set(probs) == set(pairs) | set(pairs.values()) | {"cmyk.jpg", "huge.jpg"}
+    for variant, ref in pairs.items():       # decoded to exactly the reference pixels
+        assert probs[variant] == probs[ref], variant
+    # lossy ones: the same answer as their exact counterparts
+    assert max(probs["cmyk.jpg"], key=probs["cmyk.jpg"].get) == "ship"
+    assert max(probs["huge.jpg"], key=probs["huge.jpg"].get) == max(probs["one_pixel.png"], key=probs["one_pixel.png"].get)
+    assert all(abs(probs["huge.jpg"][c] - probs["one_pixel.png"][c]) < 0.05 for c in probs["huge.jpg"])
 
 
 def test_predict_missing_file_and_empty_folder(trained_run, tmp_path, capsys):
@@ -137,6 +177,12 @@ def test_train_val_with_subset_of_classes_in_other_order_works(tmp_path, capsys)
     make_folder(data, classes=("c", "a"), n_per_class=3, split="val")   # sorted: a, c
     rc, out, err = _train(data, tmp_path, capsys)
     assert rc == 0, err
+    # the val images keep their own classes under train's indices: a is 0, c is 2 (not 1)
+    from cifarkit.evaluate import evaluate_checkpoint
+    with pytest.warns(UserWarning, match="lacks classes b"):
+        r, split = evaluate_checkpoint(load_checkpoint(tmp_path / "out" / "last.ckpt"), progress=False)
+    assert sorted(split.y.tolist()) == [0, 0, 0, 2, 2, 2] and r.n == 6
+    assert sum(r.confusion[1]) == 0
 
 
 def test_eval_class_count_differs_from_model(trained_run, tmp_path, capsys):
@@ -209,10 +255,16 @@ def test_foreign_files_load(trained_run, tmp_path, capsys):
         "compiled.pth": {f"_orig_mod.{k}": v for k, v in sd.items()},
     }
     img = next((data / "train" / "cat").iterdir())
+    answers = set()
     for name, obj in files.items():
         torch.save(obj, tmp_path / name)
-        rc, out, err = cli(["predict", tmp_path / name, img, "--model", "tudui_relu"], capsys)
+        loaded = load_checkpoint(tmp_path / name, model="tudui_relu")
+        assert loaded.state_dict.keys() == sd.keys() and all(torch.equal(loaded.state_dict[k], sd[k]) for k in sd)
+        rc, out, err = cli(["predict", tmp_path / name, img, "--model", "tudui_relu", "--json", "--top-k", "3"],
+                           capsys)
         assert rc == 0, (name, err)
+        answers.add(out)
+    assert len(answers) == 1                   # the same weights, so the same probabilities
 
 
 def _retag_storages_as_cuda(src: Path, dst: Path) -> None:
@@ -237,8 +289,10 @@ def test_cuda_checkpoint_on_cpu_machine(trained_run, tmp_path, capsys):
     with pytest.raises(Exception):       # plain torch.load cannot put them on a missing GPU
         torch.load(cuda_file, weights_only=True)
     img = next((data / "train" / "ship").iterdir())
-    rc, out, err = cli(["predict", cuda_file, img], capsys)
+    rc, out, err = cli(["predict", cuda_file, img, "--json", "--top-k", "3"], capsys)
     assert rc == 0, err
+    rc, same, _ = cli(["predict", run / "best.ckpt", img, "--json", "--top-k", "3"], capsys)
+    assert out.replace(str(cuda_file), "") == same.replace(str(run / "best.ckpt"), "")
 
 
 def test_other_architecture_and_class_count(trained_run, tmp_path, capsys):
