@@ -61,7 +61,9 @@ def _build_name() -> str:
             cpu = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         cpu = platform.processor()
-    key = "\n".join([cpu, platform.machine(), torch.__version__, sys.version]).encode()
+    # torch's own path too: two environments with the same torch must not rebuild each other's
+    # (torch.utils.cpp_extension rebuilds a name whose include paths changed)
+    key = "\n".join([cpu, platform.machine(), torch.__version__, torch.__file__, sys.version]).encode()
     return "cifarkit_native_" + hashlib.sha256(SOURCE.read_bytes() + key).hexdigest()[:12]
 
 
