@@ -17,9 +17,10 @@ def synthetic_images(n_per_class: int, n_classes: int, size: int = 32, seed: int
     convolution features separates the colours alone)."""
     rng = np.random.default_rng(seed)
     xs, ys = [], []
-    shared = rng.integers(40, 215, size=3)
+    colour = None
     for c in range(n_classes):
-        colour = shared if shape_only else rng.integers(40, 215, size=3)
+        if colour is None or not shape_only:   # one draw per class: the sets the tests are tuned on
+            colour = rng.integers(40, 215, size=3)
         for _ in range(n_per_class):
             img = rng.normal(0, 28, size=(size, size, 3)) + colour
             pos = (c * size) // n_classes
