@@ -12,7 +12,7 @@ ARGS   ?=
 REAL_DATA ?= $(abspath ../shared/data/cifar10-jpeg)
 PYTEST_ARGS ?=
 
-.PHONY: setup train test bench bench-env clean
+.PHONY: setup train test mutate coverage bench bench-env clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,27 @@ train: $(STAMP)
 
 test: $(STAMP)
 	CIFARKIT_REAL_DATA=$(REAL_DATA) $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Mutation testing (docs/testing.md): atomic writes, checkpoint safety, resume (the training
+# state and loader), evaluation, export parity, the kernel chooser, data splits. Not in `make test`.
+MUTATE ?= 'cifarkit.atomic.*' 'cifarkit.training.state.*' 'cifarkit.training.loader.*' \
+          'cifarkit.checkpoint.x_load_checkpoint*' 'cifarkit.checkpoint.x__torch_load*' \
+          'cifarkit.checkpoint.x_load_weights*' 'cifarkit.checkpoint.x_save_checkpoint*' \
+          'cifarkit.checkpoint.x_strip_prefixes*' 'cifarkit.checkpoint.x__find_state_dict*' \
+          'cifarkit.evaluate.x_evaluate__*' 'cifarkit.data.tensors.x_stratified_split*' \
+          'cifarkit.export.x__check_inputs*' 'cifarkit.export.x__failed*' 'cifarkit.export.x__finish*' \
+          'cifarkit.kernels.x_choose*' 'cifarkit.kernels.x__best_ms*'
+mutate: $(STAMP)
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children 2 $(MUTATE)
+	$(BIN)/mutmut results
+
+# Line coverage per module, subprocess runs included (docs/testing.md): the default test run.
+coverage: $(STAMP)
+	rm -f .coverage .coverage.*
+	CIFARKIT_REAL_DATA=$(REAL_DATA) $(BIN)/python -m pytest -q -m "not slow" --cov=cifarkit --cov-report= $(PYTEST_ARGS)
+	$(BIN)/python -m coverage combine -q || true
+	$(BIN)/python -m coverage report
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py --data $(REAL_DATA)

@@ -44,7 +44,7 @@ def matmul_peak_gflops(device: torch.device, dtype=torch.bfloat16, n: int = 4096
 def train_step_flops(cfg, size: int | None = None, bias_frozen: bool = False) -> float:
     """FLOPs of one forward+backward of one image of the recipe's model (flop_counter).
 
-    ``bias_frozen``: the whitening bias has stopped training, so (as in cifarkit.train) it gets no
+    ``bias_frozen``: the whitening bias has stopped training, so (as in cifarkit.optim.freeze_stopped) it gets no
     gradient and the first convolution's gradient to its input is not computed or counted.
     """
     from torch.utils.flop_counter import FlopCounterMode
@@ -78,7 +78,8 @@ def run_flops(cfg, n_train: int) -> float:
     step of the proxy network, --hard-proxy) plus a training step on the selected share."""
     from collections import Counter
 
-    from cifarkit.train import epoch_size, whiten_bias_epochs
+    from cifarkit.optim import whiten_bias_epochs
+    from cifarkit.training import epoch_size
     stop = whiten_bias_epochs(cfg) if cfg.model == "fast" else None   # frozen from this epoch on
     epochs_at = Counter((epoch_size(cfg, e), stop is not None and e >= stop,
                          cfg.hard_fraction < 1 and e >= cfg.hard_start) for e in range(cfg.epochs))
@@ -138,7 +139,7 @@ def main() -> int:
     grid = json.loads(a.grid)
 
     import cifarkit.data
-    import cifarkit.train
+    import cifarkit.training.prep
     from cifarkit.data import load_data
     t0 = time.perf_counter()
     load_data(a.data, progress=False)          # decode once (cached); reported, not counted
@@ -149,7 +150,7 @@ def main() -> int:
     # Keep the decoded data in memory between runs: loading is not timed, only repeated, and
     # reading the disk cache again costs seconds per run on some machines.
     memo = functools.lru_cache(maxsize=2)(load_data)
-    cifarkit.train.load_data = cifarkit.data.load_data = memo
+    cifarkit.training.prep.load_data = cifarkit.data.load_data = memo   # where prepare() looks it up
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         from cifarkit.device import set_threads

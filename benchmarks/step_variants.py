@@ -37,7 +37,7 @@ def _training_step(model_name: str, compiled: bool = False, model_args: dict | N
 
     from cifarkit import create_model, resolve_config
     from cifarkit.device import set_threads
-    from cifarkit.train import make_optimizer
+    from cifarkit.optim import make_optimizer
 
     set_threads(0)
     cfg = resolve_config("fast" if model_name == "fast" else "tutorial")

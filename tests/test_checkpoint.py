@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from cifarkit import CifarkitError, create_model, load_checkpoint, save_checkpoint
-from cifarkit.checkpoint import (Checkpoint, FORMAT_VERSION, atomic_torch_save, export_pickle,
+from cifarkit.atomic import torch_save as atomic_torch_save
+from cifarkit.checkpoint import (Checkpoint, FORMAT_VERSION, export_pickle,
                                  export_safetensors)
 
 

@@ -129,3 +129,23 @@ def test_bad_arguments_one_line_no_traceback(argv, needle, capsys, tmp_path):
 def test_python_dash_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "cifarkit", "models"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "vgg16" in r.stdout
+
+
+def test_train_help_comes_from_the_config_fields():
+    """One source for a setting's help: the TrainConfig field. Every flag shows it, every field
+    with a flag has one, and choices come from config.CHOICES (so --optimizer lists muon)."""
+    import argparse
+    from dataclasses import fields
+    from cifarkit.cli import _YAML_ONLY, build_parser
+    from cifarkit.config import CHOICES, TrainConfig
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    train_p = sub.choices["train"]
+    by_dest = {a.dest: a for a in train_p._actions}
+    for f in fields(TrainConfig):
+        assert f.metadata["help"], f.name
+        if f.name == "recipe" or f.name in _YAML_ONLY:   # --recipe has its own help; mappings are YAML only
+            continue
+        assert by_dest[f.name].help == f.metadata["help"], f.name
+        if f.name in CHOICES:
+            assert tuple(by_dest[f.name].choices) == CHOICES[f.name]
+    assert "muon" in by_dest["optimizer"].choices

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cifarkit import kernels, load_checkpoint, resolve_config, train
-from cifarkit.train import _native_kernels
+from cifarkit.training.prep import native_kernels as _native_kernels
 
 CL = torch.channels_last
 
@@ -27,7 +27,7 @@ def native():
 @pytest.fixture
 def fresh_state():
     saved = dict(kernels._state)
-    kernels._reset_for_tests()
+    kernels._state.update(module=None, reason=None, off=0, choice=None)   # as before any load()
     yield
     kernels._state.update(saved)
 

@@ -5,7 +5,8 @@ import torch
 
 from cifarkit import CifarkitError, TrainConfig, load_checkpoint, resolve_config, train
 from cifarkit.errors import TrainingInterrupted
-from cifarkit.train import lr_factor, make_loss
+from cifarkit.optim import lr_factor
+from cifarkit.training import make_loss
 
 
 @pytest.fixture
@@ -16,6 +17,17 @@ def optimizer_steps():
     handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: steps.append(opt))
     yield steps
     handle.remove()
+
+
+def ctrl_c_after(steps: list, n: int):
+    """Press Ctrl-C (a real SIGINT) inside the optimiser step that makes ``steps`` n long."""
+    import signal
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    def hook(opt, args, kwargs):
+        if len(steps) == n:
+            signal.raise_signal(signal.SIGINT)
+    return register_optimizer_step_post_hook(hook)
 
 
 def _cfg(folder, out, **kw):
@@ -130,10 +142,12 @@ def test_interrupt_then_resume_is_bit_exact(tiny_folder, tmp_path, extra, optimi
     full = train(_cfg(tiny_folder, tmp_path / "full", **kw), progress=False, log=lambda *a: None)
     per_step = len(optimizer_steps) // 18          # 3 epochs x 6 steps; 2 optimisers with a proxy
     optimizer_steps.clear()
+    # Ctrl-C in the middle of step 9 (mid-epoch 2, 6 steps per epoch): honoured after that step
+    pressed = ctrl_c_after(optimizer_steps, 9 * per_step)
     with pytest.raises(TrainingInterrupted) as e:
-        train(_cfg(tiny_folder, tmp_path / "cut", **kw), progress=False, log=lambda *a: None,
-              stop_after_steps=9)   # mid-epoch 2 (6 steps per epoch)
-    assert "--resume" in str(e.value)
+        train(_cfg(tiny_folder, tmp_path / "cut", **kw), progress=False, log=lambda *a: None)
+    pressed.remove()
+    assert "interrupted at epoch 2, step 3" in str(e.value) and "--resume" in str(e.value)
     assert len(optimizer_steps) == 9 * per_step
     optimizer_steps.clear()
     logs = []
@@ -191,15 +205,14 @@ def test_single_class_is_clear(tmp_path):
 
 def test_running_totals_keep_no_graph():
     """The notes' `running_loss += loss` keeps every step's autograd graph alive; ours must not."""
-    from importlib import import_module
-    acc = import_module("cifarkit.train")._accumulate
+    from cifarkit.training.state import EpochSums
     w = torch.ones(3, requires_grad=True)
     out = torch.stack([w * 2, w * 3])
     loss = out.sum()
-    loss_acc, correct = torch.zeros(()), torch.zeros((), dtype=torch.int64)
-    acc(loss_acc, correct, loss, out, torch.tensor([2, 0]))
-    assert loss_acc.grad_fn is None and not loss_acc.requires_grad
-    assert loss_acc.item() == pytest.approx(2 * 15.0) and correct.item() == 1
+    sums = EpochSums("cpu")
+    sums.add(loss, out, torch.tensor([2, 0]))
+    assert sums.loss.grad_fn is None and not sums.loss.requires_grad
+    assert sums.loss.item() == pytest.approx(2 * 15.0) and sums.correct.item() == 1 and sums.seen == 2
 
 
 def test_compile_failure_falls_back_with_one_warning(tiny_folder, tmp_path, monkeypatch):
@@ -271,8 +284,7 @@ def test_progressive_config_is_checked_and_scaled_with_epochs():
 
 
 def test_stopped_whitening_bias_is_frozen_without_changing_the_result(tiny_folder, tmp_path, monkeypatch):
-    import importlib
-    train_mod = importlib.import_module("cifarkit.train")   # the package exports a function of that name
+    import cifarkit.training.loop as train_mod
     kw = dict(model="fast", model_args={"widths": [8, 16, 16]}, optimizer="muon", lr=0.24,
               optimizer_args={"whiten_bias_epochs": 1}, epochs=3, deterministic=True, flip=True)
     frozen_at = []
@@ -294,7 +306,7 @@ def test_stopped_whitening_bias_is_frozen_without_changing_the_result(tiny_folde
 
 
 def test_hardest_keeps_the_highest_loss_images_in_order():
-    from cifarkit.train import _hardest
+    from cifarkit.training.selective import hardest as _hardest
     logits = torch.tensor([[5.0, 0.0], [0.0, 5.0], [1.0, 0.0], [0.0, 0.2], [3.0, 0.0]])
     y = torch.tensor([0, 0, 1, 1, 0])            # losses: low, high, mid-high, mid-low, low
     x = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 3, 2, 2).contiguous(memory_format=torch.channels_last)
@@ -305,7 +317,7 @@ def test_hardest_keeps_the_highest_loss_images_in_order():
 
 
 def test_hardest_per_class_keeps_the_class_mix_against_a_biased_scorer():
-    from cifarkit.train import _hardest
+    from cifarkit.training.selective import hardest as _hardest
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 4, (400,), generator=g)
     logits = torch.randn(400, 4, generator=g)
@@ -329,23 +341,24 @@ def test_hardest_per_class_keeps_the_class_mix_against_a_biased_scorer():
 @pytest.mark.parametrize("per_class", [False, True])
 def test_hard_fraction_trains_on_the_selected_share_and_still_learns(tiny_folder, tmp_path, monkeypatch,
                                                                      per_class):
-    import importlib
-    train_mod = importlib.import_module("cifarkit.train")   # the package exports a function of that name
-    real_hardest, modes = train_mod._hardest, set()
+    import cifarkit.models
+    import cifarkit.training.prep
+    import cifarkit.training.selective as selective
+    real_hardest, modes = selective.hardest, set()
 
     def spying_hardest(*a):
         modes.add(a[4])
         return real_hardest(*a)
-    monkeypatch.setattr(train_mod, "_hardest", spying_hardest)
+    monkeypatch.setattr(selective, "hardest", spying_hardest)
     sizes = []   # (graph recorded?, batch size) of every training-mode forward pass
-    real_create = train_mod.create_model
+    real_create = cifarkit.models.create_model
 
     def spying_create(*a, **k):
         m = real_create(*a, **k)
         m.register_forward_hook(lambda mod, i, o: sizes.append((torch.is_grad_enabled(), len(i[0])))
                                 if mod.training else None)
         return m
-    monkeypatch.setattr(train_mod, "create_model", spying_create)
+    monkeypatch.setattr(cifarkit.training.prep, "create_model", spying_create)
     s = train(_cfg(tiny_folder, tmp_path / "r", epochs=6, hard_fraction=0.5, hard_start=1,
                    hard_per_class=per_class), progress=False, log=lambda *a: None)
     assert modes == {per_class}                   # --hard-per-class reaches the selection
@@ -384,10 +397,11 @@ def test_hard_proxy_args_set_the_proxy_apart_from_the_network():
 
 
 def test_hard_proxy_picks_the_images_and_the_network_never_scores(tiny_folder, tmp_path, monkeypatch):
-    import importlib
-    train_mod = importlib.import_module("cifarkit.train")
+    import cifarkit.models
+    import cifarkit.training.prep
+    import cifarkit.training.selective
     seen = {}   # network width -> [(graph recorded?, batch size)] of its training-mode passes
-    real_create = train_mod.create_model
+    real_create = cifarkit.models.create_model
 
     def spying_create(*a, **k):
         m = real_create(*a, **k)
@@ -395,7 +409,8 @@ def test_hard_proxy_picks_the_images_and_the_network_never_scores(tiny_folder, t
         m.register_forward_hook(lambda mod, i, o: seen.setdefault(w, []).append(
             (torch.is_grad_enabled(), len(i[0]))) if mod.training else None)
         return m
-    monkeypatch.setattr(train_mod, "create_model", spying_create)
+    monkeypatch.setattr(cifarkit.training.prep, "create_model", spying_create)    # the network
+    monkeypatch.setattr(cifarkit.training.selective, "create_model", spying_create)  # the proxy
     s = train(_cfg(tiny_folder, tmp_path / "r", model="fast", model_args={"widths": [8, 16, 16]},
                    epochs=6, hard_fraction=0.5, hard_proxy=[4, 8, 8], hard_start=1, lr=0.01),
               progress=False, log=lambda *a: None)

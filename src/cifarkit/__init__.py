@@ -10,7 +10,7 @@ from .errors import CifarkitError
 from .config import TrainConfig, RECIPES, list_recipes, resolve as resolve_config
 from .models import create_model, list_models, register_model, count_parameters
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint, export_safetensors, export_pickle
-from .train import train
+from .training import train
 from .evaluate import evaluate, evaluate_checkpoint
 from .predict import Predictor
 from .data import load_data

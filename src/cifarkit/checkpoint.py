@@ -14,16 +14,14 @@ Other files are recognised too: our safetensors export, a bare ``state_dict`` (t
 DataParallel ``module.`` and torch.compile ``_orig_mod.`` prefixes. A whole pickled model (the
 notes' "method 1") is refused unless the caller passes ``trust_pickle=True``.
 
-Writes are atomic: temp file in the same folder, fsync, ``os.replace``. A crash at any moment
-leaves either the old file or the new one, never a torn one.
+Writes are atomic (``atomic.py``): temp file in the same folder, fsync, ``os.replace``. A crash
+at any moment leaves either the old file or the new one, never a torn one.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,67 +30,13 @@ import torch
 import torch.nn as nn
 
 from .data.sources import CIFAR10_CLASSES
+from . import atomic
 from .errors import CifarkitError
 
 FORMAT = "cifarkit"
 FORMAT_VERSION = 1
 PREFIXES = ("module.", "_orig_mod.")
 DEFAULT_PREPROCESS = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "size": 32}  # ToTensor only
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-def _atomic_write(path: Path, write) -> None:
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        # A process killed mid-write leaves its temp file behind; the next writer sweeps it.
-        for stale in folder.glob(f".{path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise CifarkitError(f"cannot write {path}: {exc.strerror or exc}",
-                            "choose a writable folder with free space (e.g. --out elsewhere)")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        try:  # make the rename itself durable
-            dfd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise CifarkitError(f"cannot write {path}: {exc.strerror or exc}",
-                                "free some disk space or choose another folder; the previous file "
-                                "(if any) is untouched") from None
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # ----------------------------------------------------------------------------- the format
@@ -145,7 +89,7 @@ def save_checkpoint(ckpt: Checkpoint, path, with_training_state: bool = True) ->
     state = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in ckpt.state_dict.items()}
     data = ckpt.to_dict(with_training_state)
     data["state_dict"] = state
-    atomic_torch_save(data, Path(path))
+    atomic.torch_save(data, Path(path))
 
 
 def strip_prefixes(state_dict: dict) -> dict:
@@ -363,8 +307,8 @@ def export_safetensors(ckpt: Checkpoint, path) -> None:
             "classes": list(ckpt.classes), "preprocess": ckpt.preprocess, "metrics": ckpt.metrics,
             "config": ckpt.config, "epoch": ckpt.epoch}
     tensors = {k: v.detach().cpu().contiguous() for k, v in strip_prefixes(ckpt.state_dict).items()}
-    atomic_write_bytes(Path(path), st_save(tensors, metadata={"cifarkit": json.dumps(info)}))
-    atomic_write_bytes(Path(str(path) + ".json"), json.dumps(info, indent=2).encode())
+    atomic.write_bytes(Path(path), st_save(tensors, metadata={"cifarkit": json.dumps(info)}))
+    atomic.write_bytes(Path(str(path) + ".json"), json.dumps(info, indent=2).encode())
 
 
 def export_pickle(ckpt: Checkpoint, path) -> None:
@@ -373,4 +317,4 @@ def export_pickle(ckpt: Checkpoint, path) -> None:
     model = ckpt.build_model("cpu")
     model.cifarkit = {"model": ckpt.model_name, "model_args": dict(ckpt.model_args),
                       "classes": list(ckpt.classes), "preprocess": dict(ckpt.preprocess)}
-    atomic_torch_save(model, Path(path))
+    atomic.torch_save(model, Path(path))

@@ -26,56 +26,6 @@ def _one_line_warnings() -> None:
 
 # ----------------------------------------------------------------------------- train
 
-_TRAIN_HELP = {
-    "model": "network from the registry (see `cifarkit models`)",
-    "data": "'cifar10' (downloaded when missing) or a folder DIR/train/<class>/*.jpg",
-    "data_root": "where CIFAR-10 is stored/downloaded (default $CIFARKIT_DATA or ~/.cache/cifarkit/data)",
-    "download": "download CIFAR-10 when missing (--no-download to forbid)",
-    "val_size": "images held out for validation when the data has no val/ folder",
-    "image_size": "side in pixels; other sizes are resized",
-    "seed": "seed for the split, initialisation, data order and augmentation",
-    "epochs": "passes over the training images",
-    "batch_size": "images per optimiser step; GLOBAL under torchrun (split over the processes)",
-    "sync_bn": "torchrun on GPUs: synchronise batch-norm statistics across processes",
-    "optimizer": "sgd or adamw",
-    "lr": "peak learning rate",
-    "momentum": "SGD momentum",
-    "nesterov": "Nesterov momentum (SGD)",
-    "weight_decay": "weight decay (biases and norm weights are never decayed)",
-    "schedule": "learning-rate schedule after warm-up",
-    "warmup_epochs": "linear warm-up length in epochs",
-    "label_smoothing": "label smoothing for the cross-entropy",
-    "loss": "ce (cross-entropy), mse or l1 (on softmax vs one-hot)",
-    "ema": "exponential moving average of the weights, decay per step (0 = off)",
-    "hard_fraction": "selective backprop: train each step on this share of the batch with the highest "
-                     "loss (scored by a no-grad forward pass); 1 = all",
-    "hard_start": "first epoch (0-based) of --hard-fraction selection",
-    "hard_per_class": "with --hard-fraction: take that share of each class in the batch, so the trained "
-                      "images keep the batch's class mix (safer with a weak --hard-proxy; the fast "
-                      "recipe ranks the whole batch, which measured more accurate)",
-    "hard_proxy": "comma-separated widths of a small copy of the network that scores the images "
-                  "for --hard-fraction, trained alongside (e.g. 16,64,64); default: the network itself",
-    "flip": "random horizontal flips",
-    "alt_flip": "with --flip: mirror each image every other epoch instead of at random (airbench)",
-    "progressive": "comma-separated image sides for the first epochs, e.g. 20,24,24 (cheaper early epochs)",
-    "crop_pad": "random translation by up to N pixels (pad-and-crop)",
-    "cutout": "zero a random NxN square per image",
-    "tta": "test-time augmentation during validation",
-    "precision": "auto = bf16 where the device does it fast (CUDA, AVX-512-BF16/AMX CPUs), else fp32",
-    "device": "auto picks cuda, then mps, then cpu",
-    "channels_last": "NHWC memory layout (faster convolutions on CPU and tensor cores)",
-    "compile": "torch.compile the model (falls back to eager with a warning)",
-    "native_kernels": "bf16 on CPU: build (once, ~25 s, cached) and use cifarkit's C++ max-pool and "
-                      "3x3 convolution weight gradient (AVX-512 BF16): a fast-recipe step in ~0.86 of "
-                      "the time; falls back with one line",
-    "threads": "CPU threads (0 = one per available core)",
-    "deterministic": "deterministic algorithms (bit-exact resume)",
-    "eval_every": "validate every N epochs",
-    "out": "run folder (default runs/<recipe>-<time>)",
-    "tensorboard": "write TensorBoard events into RUN/tb",
-}
-
-
 # Mappings have no flag: they are set in a --config YAML file (or a recipe).
 _YAML_ONLY = ("model_args", "optimizer_args", "hard_proxy_args")
 
@@ -103,7 +53,7 @@ def _add_train(sub):
         if f.name == "recipe" or f.name in _YAML_ONLY:
             continue
         flag = "--" + f.name.replace("_", "-")
-        kw = {"default": None, "help": _TRAIN_HELP.get(f.name, "")}
+        kw = {"default": None, "help": f.metadata["help"]}   # one source: the config field
         if f.type == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
@@ -115,7 +65,7 @@ def _add_train(sub):
 
 def cmd_train(a) -> int:
     from .config import TrainConfig, resolve
-    from .train import train
+    from .training import train
 
     overrides = {f.name: getattr(a, f.name) for f in fields(TrainConfig)
                  if f.name not in _YAML_ONLY and getattr(a, f.name, None) is not None}
@@ -302,8 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
 
-    from . import inspect as _inspect_cli
+    # The learning commands live beside what they show: inspect.py (summary, shape, demo) and
+    # pictures.py (show-data, mistakes, features); each adds its own flags here.
+    from . import inspect as _inspect_cli, pictures
     _inspect_cli.add_commands(sub)
+    pictures.add_commands(sub)
     return parser
 
 

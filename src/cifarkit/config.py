@@ -25,67 +25,82 @@ CHOICES = {
 }
 
 
+def setting(default, help: str):
+    """A TrainConfig field with its help text: the one source of `cifarkit train --help`."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # what
-    recipe: str = "tutorial"
-    model: str = "tudui"
-    model_args: dict = field(default_factory=dict)
+    recipe: str = setting("tutorial", "named settings the others start from (config.RECIPES)")
+    model: str = setting("tudui", "network from the registry (see `cifarkit models`)")
+    model_args: dict = setting({}, "the network's settings, e.g. {widths: [64, 256, 256]} (YAML only)")
     # data
-    data: str = "cifar10"            # "cifar10" or a folder DIR/train/<class>/*
-    data_root: str | None = None     # where CIFAR-10 lives/downloads (default: $CIFARKIT_DATA or cache)
-    download: bool = True
-    val_size: int = 5000             # images held out when the data has no val/ split
-    image_size: int = 32             # pixels; images of another size are resized
-    seed: int = 0
+    data: str = setting("cifar10", "'cifar10' (downloaded when missing) or a folder DIR/train/<class>/*.jpg")
+    data_root: str | None = setting(None, "where CIFAR-10 is stored/downloaded (default $CIFARKIT_DATA "
+                                          "or ~/.cache/cifarkit/data)")
+    download: bool = setting(True, "download CIFAR-10 when missing (--no-download to forbid)")
+    val_size: int = setting(5000, "images held out for validation when the data has no val/ folder "
+                                  "(0: none; the final weights are RUN/last.ckpt)")
+    image_size: int = setting(32, "side in pixels; images of another size are resized")
+    seed: int = setting(0, "seed for the split, initialisation, data order and augmentation")
     # optimisation
-    epochs: int = 10
-    batch_size: int = 64             # images per step (global, summed over devices)
-    optimizer: str = "sgd"           # muon: orthogonalised updates for conv filters (optim.py)
-    optimizer_args: dict = field(default_factory=dict)  # muon: bias_lr, head_lr, ... (see train.py)
-    lr: float = 0.01                 # peak learning rate (of the conv filters under muon)
-    momentum: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 0.0        # decoupled for adamw; L2 for sgd
-    schedule: str = "constant"
-    warmup_epochs: float = 0.0       # linear warm-up from 0 (epochs, may be fractional)
-    label_smoothing: float = 0.0
-    loss: str = "ce"
-    ema: float = 0.0                 # EMA decay of the weights per step; 0 = off
-    hard_fraction: float = 1.0       # selective backprop: train each step on this share of its
-                                     # batch, the images with the highest loss under a no-grad
-                                     # forward pass of the whole batch; 1 = train on all
-    hard_start: int = 0              # first epoch (0-based) that selects; earlier ones use all
-    hard_per_class: bool = False     # select the hardest share of each class in the batch, so the
-                                     # trained images keep the batch's class mix (a weak scorer that
-                                     # under-rates some classes otherwise picks mostly those)
-    hard_proxy: list = field(default_factory=list)  # widths of a small copy of the network that
-                                     # scores the batch instead (trained alongside on every whole
-                                     # batch), e.g. [16, 64, 64]; empty = the network scores itself
-    hard_proxy_args: dict = field(default_factory=dict)  # the proxy's model_args where they differ
-                                     # from the network's, e.g. {depths: [2, 2, 2]} (YAML only;
-                                     # unused without hard_proxy)
+    epochs: int = setting(10, "passes over the training images")
+    batch_size: int = setting(64, "images per optimiser step; GLOBAL under torchrun (split over the processes)")
+    optimizer: str = setting("sgd", "muon: orthogonalised updates for conv filters, Nesterov SGD for "
+                                    "the rest (optim.py)")
+    optimizer_args: dict = setting({}, "muon's settings, e.g. {bias_lr: 0.053} (optim.MUON_DEFAULTS; YAML only)")
+    lr: float = setting(0.01, "peak learning rate (of the conv filters under muon)")
+    momentum: float = setting(0.0, "SGD momentum")
+    nesterov: bool = setting(False, "Nesterov momentum (SGD)")
+    weight_decay: float = setting(0.0, "weight decay: decoupled for adamw, L2 for sgd (biases and norm "
+                                       "weights are never decayed)")
+    schedule: str = setting("constant", "learning-rate schedule after warm-up")
+    warmup_epochs: float = setting(0.0, "linear warm-up from 0, in epochs (may be fractional)")
+    label_smoothing: float = setting(0.0, "label smoothing of the targets")
+    loss: str = setting("ce", "ce (cross-entropy), mse or l1 (on softmax vs one-hot)")
+    ema: float = setting(0.0, "exponential moving average of the weights, decay per step (0 = off)")
+    hard_fraction: float = setting(1.0, "selective backprop: train each step on this share of the batch "
+                                        "with the highest loss, scored by a no-grad forward pass of the "
+                                        "network or by --hard-proxy; 1 = train on all")
+    hard_start: int = setting(0, "first epoch (0-based) of --hard-fraction selection; earlier ones use all")
+    hard_per_class: bool = setting(False, "with --hard-fraction: take that share of each class in the "
+                                          "batch, so the trained images keep the batch's class mix (a "
+                                          "weak scorer that under-rates some classes otherwise picks "
+                                          "mostly those)")
+    hard_proxy: list = setting([], "comma-separated widths of a small copy of the network that scores "
+                                   "the images for --hard-fraction, trained alongside on every whole "
+                                   "batch (e.g. 16,64,64); empty: the network scores itself")
+    hard_proxy_args: dict = setting({}, "the proxy's model_args where they differ from the network's, "
+                                        "e.g. {depths: [2, 2, 2]} (YAML only; unused without hard_proxy)")
     # augmentation on whole uint8 batches
-    flip: bool = False               # random horizontal mirror
-    alt_flip: bool = False           # with flip: mirror each image every other epoch (airbench's
-                                     # alternating flip), from a random per-image start
-    crop_pad: int = 0                # random translate by up to this many pixels (pad-and-crop)
-    cutout: int = 0                  # zero a random square of this side; 0 = off
-    tta: str = "none"                # test-time augmentation for val/eval
-    progressive: list = field(default_factory=list)  # image sides (px) of the first epochs, e.g.
-                                     # [20, 24]: cheaper low-resolution epochs; the rest at image_size
+    flip: bool = setting(False, "random horizontal flips")
+    alt_flip: bool = setting(False, "with --flip: mirror each image every other epoch, from a random "
+                                    "per-image start, instead of at random (airbench)")
+    crop_pad: int = setting(0, "random translation by up to N pixels (pad-and-crop)")
+    cutout: int = setting(0, "zero a random NxN square per image (0 = off)")
+    tta: str = setting("none", "test-time augmentation of the final validation pass and of eval")
+    progressive: list = setting([], "comma-separated image sides of the first epochs, e.g. 20,24,24: "
+                                    "cheaper low-resolution epochs; the rest at --image-size")
     # execution
-    precision: str = "auto"          # auto: bf16 where the device does it fast, else fp32
-    device: str = "auto"
-    channels_last: bool = True
-    compile: bool = False
-    native_kernels: bool = True      # build/use cifarkit's C++ CPU max-pool and conv weight gradient (kernels.py) for bf16
-    sync_bn: bool = False            # torchrun: synchronise batch-norm statistics across GPUs
-    threads: int = 0                 # 0: one per physical core
-    deterministic: bool = False
-    eval_every: int = 1              # epochs between val passes (the last epoch is always evaluated)
-    out: str | None = None           # run folder; default runs/<recipe>-<time>
-    tensorboard: bool = True
+    precision: str = setting("auto", "auto = bf16 where the device does it fast (CUDA, AVX-512-BF16/AMX "
+                                      "CPUs), else fp32")
+    device: str = setting("auto", "auto picks cuda, then mps, then cpu")
+    channels_last: bool = setting(True, "NHWC memory layout (faster convolutions on CPU and tensor cores)")
+    compile: bool = setting(False, "torch.compile the model (falls back to eager with a warning)")
+    native_kernels: bool = setting(True, "bf16 on CPU: build (once, cached) cifarkit's C++ max-pool and "
+                                         "3x3 convolution weight gradient, and use each on the shapes "
+                                         "where it is faster than PyTorch's on this CPU; falls back "
+                                         "with one line")
+    sync_bn: bool = setting(False, "torchrun on GPUs: synchronise batch-norm statistics across processes")
+    threads: int = setting(0, "CPU threads (0 = one per available core)")
+    deterministic: bool = setting(False, "deterministic algorithms (bit-exact resume)")
+    eval_every: int = setting(1, "validate every N epochs (the last epoch always, with --tta)")
+    out: str | None = setting(None, "run folder (default runs/<recipe>-<time>)")
+    tensorboard: bool = setting(True, "write TensorBoard events into RUN/tb")
 
     def validate(self) -> "TrainConfig":
         for key, allowed in CHOICES.items():
@@ -188,19 +203,19 @@ RECIPES: dict[str, dict[str, Any]] = {
     # Speed run tuned for CPU FLOPs; see docs/benchmarks.md for its measured accuracy and time.
     "fast": dict(
         # Three conv groups of 64/224/320 channels with 2/3/3 convolutions, each group's convolutions
-        # after its first behind a residual (airbench96's group): measured better than 64/256/384
+        # after its first behind a residual (airbench96's group): more accurate than 64/256/384
         # with two plain convolutions per group at about the same CPU cost (docs/benchmarks.md).
         model="fast", model_args={"widths": [64, 224, 320], "depths": [2, 3, 3], "residual": True},
         epochs=16, batch_size=2000,           # images per step (scored; half of them train)
-        # Progressive resizing: the first 10 epochs see smaller images (side in px per epoch); a
-        # 16 px step costs about 0.25 of a 32 px one on a CPU, 20 px 0.38, 24 px 0.53, 28 px
-        # 0.73 (benchmarks/step_variants.py --sizes, measured for the previous 64/256/256
-        # network), so these 16 epochs cost about 10.4 full ones.
+        # Progressive resizing: the first 10 epochs see smaller images (side in px per epoch). A
+        # step's work scales with the pixel count, (side/32)^2: 0.25 at 16 px, 0.39 at 20, 0.56
+        # at 24, 0.77 at 28, so these 16 epochs cost about 10.6 full ones (step_variants.py
+        # --sizes times it on a machine).
         progressive=[16, 16, 16, 20, 20, 20, 24, 24, 28, 28],
         # Selective backprop: each step trains on the half of the batch with the highest loss,
         # as scored by a 16/64/64-wide copy of the network with two plain convolutions per group,
-        # trained alongside on every whole batch; a step then costs about 0.66 of a full one
-        # (step_variants.py --select, measured for the previous 64/256/384 network).
+        # trained alongside on every whole batch: the backward pass (about 2/3 of a step) runs on
+        # half the images, so a step costs about 2/3 of a full one (step_variants.py --select).
         hard_fraction=0.5, hard_proxy=[16, 64, 64],
         hard_proxy_args={"depths": [2, 2, 2], "residual": False},
         optimizer="muon", lr=0.24,            # Muon step size for conv filters (scale-free)
@@ -308,6 +323,6 @@ def scale_schedule(sizes: list, epochs: int, new_epochs: int) -> list:
 def save_yaml(cfg: TrainConfig, path: str | os.PathLike) -> None:
     import yaml
 
-    from .checkpoint import atomic_write_bytes
+    from . import atomic
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    atomic_write_bytes(Path(path), text.encode("utf-8"))
+    atomic.write_bytes(Path(path), text.encode("utf-8"))

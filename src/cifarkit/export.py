@@ -4,14 +4,13 @@ moved into place; a file that disagrees (max abs difference >= 1e-4 in fp32) is 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import atomic
 from .checkpoint import Checkpoint, FORMAT_VERSION
 from .errors import CifarkitError
 from .predict import ImagePredictor
@@ -48,17 +47,9 @@ def _metadata(ckpt: Checkpoint) -> dict:
             "metrics": ckpt.metrics}
 
 
-def _tmp_beside(out: Path, suffix: str) -> str:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent)
-    os.close(fd)
-    return tmp
-
-
 def _failed(tmp: str, exc: Exception, what: str, hint: str):
     """Remove the half-made file and raise one line saying what failed."""
-    if os.path.exists(tmp):
-        os.unlink(tmp)
+    atomic.discard(tmp)
     if isinstance(exc, CifarkitError):
         raise exc
     first = str(exc).splitlines()[0][:200] if str(exc) else ""
@@ -67,10 +58,10 @@ def _failed(tmp: str, exc: Exception, what: str, hint: str):
 
 def _finish(tmp: str, out: Path, diff: float, what: str) -> float:
     if not diff < TOLERANCE:
-        os.unlink(tmp)
+        atomic.discard(tmp)
         raise CifarkitError(f"the {what} export differs from PyTorch by {diff:.2e} (limit {TOLERANCE:g}); "
                             f"{out} was not written", "please report this model/exporter combination")
-    os.replace(tmp, out)
+    atomic.commit(tmp, out)   # fsync'd, then moved in place: never a torn model file
     return diff
 
 
@@ -87,7 +78,7 @@ def export_onnx(ckpt: Checkpoint, out, check_images=None, opset: int = 18) -> fl
     model = ckpt.build_model("cpu").float().eval()
     size = int(ckpt.preprocess.get("size", 32))
     example = torch.randn(2, 3, size, size)
-    tmp = _tmp_beside(out, ".onnx")
+    tmp = atomic.temp_beside(out, ".onnx")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -125,7 +116,7 @@ def export_torchscript(ckpt: Checkpoint, out, check_images=None) -> float:
     out = Path(out)
     model = ckpt.build_model("cpu").float().eval()
     size = int(ckpt.preprocess.get("size", 32))
-    tmp = _tmp_beside(out, ".pt")
+    tmp = atomic.temp_beside(out, ".pt")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

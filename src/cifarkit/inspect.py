@@ -384,6 +384,3 @@ def add_commands(sub) -> None:
     p = sub.add_parser("demo", help="the notes' worked examples, computed and explained by hand")
     p.add_argument("which", nargs="?", default="all", choices=("conv", "pool", "activation", "loss", "all"))
     p.set_defaults(func=cmd_demo)
-
-    from . import pictures
-    pictures.add_commands(sub)

@@ -127,10 +127,6 @@ def disabled():
         _state["off"] -= 1
 
 
-def _reset_for_tests() -> None:
-    _state.update(module=None, reason=None, off=0, choice=None)
-
-
 # ----------------------------------------------------------------------------- choosing per shape
 # The kernels were tuned on one CPU (an AMD Zen 5 without AMX). On another CPU PyTorch's own op can
 # be the faster one: with AMX (Intel Sapphire Rapids and later) oneDNN's convolution weight
@@ -183,9 +179,10 @@ def _shapes(models, sizes) -> dict:
     return found
 
 
-def _median_ms(fns: dict, repeats: int) -> dict:
-    """Median milliseconds of each function, run in turns after one warm-up each."""
-    import statistics
+def _best_ms(fns: dict, repeats: int) -> dict:
+    """Fastest of ``repeats`` runs of each function in milliseconds, run in turns after one
+    warm-up each. The fastest, not the median: the decision is cached for good, and other work
+    on the machine only ever adds time (a run stalled by another process must not decide)."""
     import time
     times = {k: [] for k in fns}
     for fn in fns.values():
@@ -195,7 +192,7 @@ def _median_ms(fns: dict, repeats: int) -> dict:
             t0 = time.perf_counter()
             fn()
             times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: min(v) for k, v in times.items()}
 
 
 def _pytorch_pool(x):
@@ -229,7 +226,7 @@ def _time_op(spec: tuple, batch: int, repeats: int) -> dict:
                 y = conv(x, weight)
             return torch.autograd.grad(y, (x, weight), gy)
         fns = {"pytorch": lambda: step(_pytorch_conv3x3), "native": lambda: step(_Conv3x3.apply)}
-    return _median_ms(fns, repeats)
+    return _best_ms(fns, repeats)
 
 
 def _cache_path() -> Path:

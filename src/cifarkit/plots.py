@@ -16,11 +16,11 @@ def _plt():
 def _save(fig, path) -> None:
     import io
 
-    from .checkpoint import atomic_write_bytes
+    from . import atomic
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     _plt().close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())
+    atomic.write_bytes(Path(path), buf.getvalue())
 
 
 def plot_curves(history: list, path) -> None:

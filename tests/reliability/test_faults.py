@@ -83,22 +83,22 @@ def test_kill_while_checkpoint_is_written_keeps_the_old_one(tmp_path):
     target = tmp_path / "last.ckpt"
     script = f"""
 import os, signal, torch
-from cifarkit.checkpoint import atomic_torch_save
-atomic_torch_save({{"v": torch.ones(4)}}, {str(target)!r})
+from cifarkit.atomic import torch_save
+torch_save({{"v": torch.ones(4)}}, {str(target)!r})
 real_save = torch.save
 def half_then_die(obj, f, *a, **k):
     f.write(b"PK\\x03\\x04 half a checkpoint")
     f.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 torch.save = half_then_die
-atomic_torch_save({{"v": torch.zeros(4)}}, {str(target)!r})
+torch_save({{"v": torch.zeros(4)}}, {str(target)!r})
 """
     r = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert r.returncode == -signal.SIGKILL
     assert torch.equal(torch.load(target, weights_only=True)["v"], torch.ones(4))
     # the next save sweeps the stale temp file away
-    from cifarkit.checkpoint import atomic_torch_save
-    atomic_torch_save({"v": torch.full((4,), 2.0)}, target)
+    from cifarkit.atomic import torch_save
+    torch_save({"v": torch.full((4,), 2.0)}, target)
     assert os.listdir(tmp_path) == ["last.ckpt"]
 
 
@@ -143,7 +143,7 @@ def test_nan_loss_stops_clearly_and_keeps_last_good(tmp_path, capsys):
 def test_disk_full_while_saving_keeps_earlier_checkpoint(tmp_path, capsys, monkeypatch):
     data = make_folder(tmp_path / "d", classes=("a", "b"), n_per_class=20)
     run = tmp_path / "r"
-    import cifarkit.checkpoint as ck
+    import cifarkit.atomic as ck
     real_fsync = os.fsync
 
     def fsync(fd):

@@ -229,9 +229,9 @@ def decode_folder(split_dir: Path, size: int, workers: int | None = None, progre
     x = torch.from_numpy(np.stack([a for a, _ in arrays]).transpose(0, 3, 1, 2).copy())
     y = torch.tensor([label for _, label in items], dtype=torch.int64)
     try:
-        from ..checkpoint import atomic_torch_save
+        from .. import atomic
         cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save({"version": CACHE_VERSION, "x": x, "y": y, "classes": classes}, cache)
+        atomic.torch_save({"version": CACHE_VERSION, "x": x, "y": y, "classes": classes}, cache)
     except OSError as exc:  # a read-only or full cache disk only costs speed
         warnings.warn(f"could not write decode cache {cache}: {exc}")
     return TensorSplit(x, y), classes

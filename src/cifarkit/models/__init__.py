@@ -61,6 +61,25 @@ def check_model_args(name: str, args: dict) -> None:
             raise CifarkitError(f"model_args: model {name!r} has no setting {key!r}", hint, exit_code=2)
 
 
+def parameter_roles(model: nn.Module) -> dict:
+    """Parameters a network asks to be treated specially by the optimiser, by role.
+
+    A network declares them with a ``parameter_roles()`` method returning ``{role: [params]}``;
+    the known role is "whiten_bias" (trained only for the first epochs of a Muon recipe, then
+    frozen). Networks without the method (any plain nn.Module) have none.
+    """
+    declare = getattr(model, "parameter_roles", None)
+    return dict(declare()) if callable(declare) else {}
+
+
+def init_from_data(model: nn.Module, images) -> None:
+    """Let a network set layers from training images before training, if it declares
+    ``init_from_data(images)`` (normalised float NCHW; fast's whitening layer). Others: nothing."""
+    init = getattr(model, "init_from_data", None)
+    if callable(init):
+        init(images)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

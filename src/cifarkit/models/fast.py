@@ -40,7 +40,7 @@ class ConvGroup(nn.Sequential):
                   FrozenScaleBN(c_out), nn.GELU()]
         for _ in range(depth - 1):
             layers += [Conv3x3(c_out, c_out), FrozenScaleBN(c_out), nn.GELU()]
-        super().__init__(*layers)   # the same module indices as before depth existed: old files load
+        super().__init__(*layers)   # module indices = state_dict keys: conv 0, pool 1, BN 2, GELU 3, ...
         self.residual = residual and depth > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +93,12 @@ class FastNet(nn.Module):
         w = torch.cat([w[-half:], -w[-half:]]).view(-1, c, k, k)      # the largest `half` directions
         self.whiten.weight.copy_(w.to(self.whiten.weight.dtype))
         self.whiten.bias.zero_()
+
+    def init_from_data(self, x: torch.Tensor) -> None:   # models.init_from_data calls it
+        self.init_whitening(x)
+
+    def parameter_roles(self) -> dict:   # models.parameter_roles: for the optimiser's groups
+        return {"whiten_bias": [self.whiten.bias]}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.layers(self.whiten(x))) * self.head_scale

@@ -1,0 +1,170 @@
+"""Before the first step: device, threads, seeds, data and split, the network on its device,
+and the native CPU kernels built and chosen. ``prepare(cfg)`` returns it all as ``Prepared``,
+which tests and benchmarks reuse too.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .. import kernels
+from ..config import TrainConfig
+from ..data import channel_stats, load_data, stratified_split
+from ..data.tensors import TensorSplit, normalize
+from ..device import resolve_device, resolve_precision, set_threads
+from ..distributed import Dist
+from ..errors import CifarkitError
+from ..models import create_model, init_from_data
+
+
+@dataclass
+class Prepared:
+    """What the loop needs; also what tests and benchmarks reuse."""
+    cfg: TrainConfig
+    device: torch.device
+    precision: str
+    train: TensorSplit
+    val: TensorSplit
+    classes: list
+    mean: list
+    std: list
+    model: nn.Module
+    extra_splits: dict = field(default_factory=dict)
+
+
+def prepare(cfg: TrainConfig, progress: bool = True, log=print, dist: Dist | None = None) -> Prepared:
+    dist = dist or Dist()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
+    precision = resolve_precision(cfg.precision, device)
+    if device.type == "cpu":
+        # ranks on one machine share its cores
+        set_threads(cfg.threads or max(1, len(os.sched_getaffinity(0)) // dist.local_world))
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda" and not cfg.deterministic:
+        torch.backends.cudnn.benchmark = True   # fixed shapes: let cuDNN pick the fastest kernels
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
+
+    t0 = time.perf_counter()
+    if not dist.is_main:
+        dist.barrier()          # rank 0 downloads / decodes first; the others then read its cache
+    bundle = load_data(cfg.data, cfg.data_root, cfg.download, cfg.image_size, progress and dist.is_main)
+    if dist.is_main:
+        dist.barrier()
+    if "val" in bundle.splits:
+        train, val = bundle.train, bundle.splits["val"]
+    else:
+        tr_idx, va_idx = stratified_split(bundle.train.y, cfg.val_size, cfg.seed)
+        train, val = bundle.train.subset(tr_idx), bundle.train.subset(va_idx)
+    if len(train) == 0:
+        raise CifarkitError(f"no training images in {cfg.data}", "add images to DIR/train/<class>/")
+    if len(bundle.classes) < 2:
+        raise CifarkitError(f"{cfg.data} has only one class ({bundle.classes[0]!r}): nothing to learn",
+                            "a classifier needs at least two class folders")
+    if cfg.batch_size > len(train):
+        raise CifarkitError(f"--batch-size {cfg.batch_size} is larger than the training set "
+                            f"({len(train)} images)", f"use --batch-size {len(train)} or less", 2)
+    mean, std = channel_stats(train.x)
+    log(f"data: {len(train)} train / {len(val)} val images, {len(bundle.classes)} classes, "
+        f"{cfg.image_size}x{cfg.image_size} ({bundle.source}, {time.perf_counter() - t0:.1f}s)")
+
+    model = create_model(cfg.model, len(bundle.classes), **cfg.model_args)
+    init_from_data(model, whitening_sample(cfg, train.x, mean, std))
+    check_sizes(model, cfg, len(bundle.classes))
+    model = place(model, cfg, device)
+    native_kernels(cfg, model, device, precision, log, len(bundle.classes))
+    # The whole data set lives on the training device as uint8 (150 MB for CIFAR-10).
+    return Prepared(cfg, device, precision, train.to(device), val.to(device), bundle.classes,
+                    mean, std, model, {k: v for k, v in bundle.splits.items() if k != "val"})
+
+
+def place(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """On the training device, NHWC where asked (MPS keeps NCHW)."""
+    model = model.to(device)
+    if cfg.channels_last and device.type != "mps":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def whitening_sample(cfg: TrainConfig, images: torch.Tensor, mean, std) -> torch.Tensor:
+    """5,000 training images (seeded), normalised: what a network's ``init_from_data`` sees."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    return normalize(images[torch.randperm(len(images), generator=g)[:5000]].cpu(), mean, std)
+
+
+def native_kernels(cfg: TrainConfig, model: nn.Module, device, precision: str, log,
+                    num_classes: int) -> None:
+    """Build cifarkit's C++ kernels where the network would use them (bf16 channels_last on CPU):
+    the max-pool, and the 3x3 convolution weight gradient where the CPU has AVX-512 BF16; then
+    keep each only on the shapes where it beats PyTorch's op on this CPU (kernels.choose).
+
+    Done here, before training starts, so the one-time build and timing are reported like the
+    data decode and not counted in training time. Without them, one line says why and training
+    uses PyTorch's ops: the same max-pool results, weight gradients equal up to summation order.
+    """
+    if not (cfg.native_kernels and device.type == "cpu" and precision == "bf16" and cfg.channels_last
+            and any(isinstance(m, (kernels.MaxPool2x2, kernels.Conv3x3)) for m in model.modules())):
+        return
+    t0 = time.perf_counter()
+    reason = kernels.load()
+    if reason is not None:
+        log(f"native kernels: not used, {reason}; training uses PyTorch's max-pool and convolution "
+            f"gradients (--no-native-kernels silences this)")
+        return
+    models = [model]
+    if cfg.hard_proxy:   # the proxy network's layers have their own shapes
+        with torch.random.fork_rng(devices=[]):   # its random init must not shift the run's
+            models.append(create_model(cfg.model, num_classes, **cfg.proxy_model_args()))
+    sizes = sorted(set(cfg.progressive) | {cfg.image_size})
+    chosen = kernels.choose(models, sizes, batch=min(cfg.batch_size, 256))
+    timed = f", {chosen['timed']} shapes timed against PyTorch's" if chosen.get("timed") else ""
+    log(f"native kernels: {native_line(chosen)} ({time.perf_counter() - t0:.1f}s{timed})")
+
+
+def native_line(chosen: dict) -> str:
+    """Which native ops are used, e.g. 'C++ max-pool (3 shapes); PyTorch's 3x3 ... (16 shapes)'."""
+    if chosen.get("always"):
+        return "C++ max-pool and 3x3 convolution weight gradient wherever they apply (CIFARKIT_NATIVE=always)"
+    parts = []
+    for op, name in (("pool", "max-pool"), ("wgrad", "3x3 convolution weight gradient")):
+        native, total = chosen.get(op, (0, 0))
+        if op == "wgrad" and not kernels.conv_wgrad_available():
+            parts.append("no native convolution weight gradient (this CPU lacks AVX-512 BF16)")
+        elif total and native == total:
+            parts.append(f"C++ {name} ({total} shapes)")
+        elif native:
+            parts.append(f"C++ {name} on {native} of {total} shapes, PyTorch's faster on the rest")
+        elif total:
+            parts.append(f"PyTorch's {name}, faster on this CPU ({total} shapes)")
+    return "; ".join(parts)
+
+
+def check_sizes(model: nn.Module, cfg: TrainConfig, num_classes: int) -> None:
+    """Fail before training if the network cannot take the --progressive image sizes."""
+    sizes = sorted(set(cfg.progressive) - {cfg.image_size})
+    if not sizes:
+        return
+    was_training = model.training
+    model.eval()   # no batch-norm statistics are touched
+    try:
+        with torch.no_grad():
+            for size in sizes:
+                out = model(torch.zeros(2, 3, size, size))
+                if tuple(out.shape) != (2, num_classes):
+                    raise RuntimeError(f"output shape {tuple(out.shape)}")
+    except RuntimeError as exc:
+        raise CifarkitError(
+            f"model {cfg.model} cannot take {size}x{size} images for --progressive "
+            f"({str(exc).splitlines()[0][:100]})",
+            "use a network that ends in global pooling (fast, resnet18) or drop --progressive", 2)
+    finally:
+        model.train(was_training)

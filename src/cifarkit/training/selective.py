@@ -1,0 +1,137 @@
+"""Selective backprop: train each step on the hardest share of the batch only.
+
+``--hard-fraction F`` (from epoch ``--hard-start``) ranks the images of every batch by their loss
+and takes the backward pass on the top F of them: the backward pass is about two thirds of a
+step, so F = 0.5 saves about a third. Who ranks: the network itself (a forward pass without a
+graph), or, with ``--hard-proxy``, a small copy of it trained alongside on every whole batch.
+
+The loop sees one object: ``Selector.pick(xb, yb, epoch)`` returns the images to train on, and
+the whole batch's outputs when the network scored them itself (the epoch's train metrics then
+cover every image seen).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..device import autocast
+from ..models import create_model, init_from_data
+from ..optim import freeze_stopped, make_optimizer, make_scheduler
+
+
+class Selector:
+    def __init__(self, cfg, model: nn.Module, loss_fn, prepared, total_steps: int, steps_per_epoch: int):
+        self.cfg, self.model, self.loss_fn = cfg, model, loss_fn
+        self.device, self.precision = prepared.device, prepared.precision
+        self.proxy = Proxy(cfg, prepared, total_steps, steps_per_epoch) if cfg.hard_proxy else None
+
+    def selecting(self, epoch: int) -> bool:
+        return self.cfg.hard_fraction < 1 and epoch >= self.cfg.hard_start
+
+    def start_epoch(self, global_step: int) -> None:
+        if self.proxy is not None:
+            freeze_stopped(self.proxy.opt, global_step)
+            self.proxy.model.train()
+
+    def pick(self, xb, yb, epoch: int):
+        """(images to train on, their labels, None or the whole batch's (outputs, loss, labels))."""
+        scores = None
+        if self.proxy is not None:   # trained on every whole batch, selecting or not
+            scores = self.proxy.step(xb, yb, self.loss_fn, self.device, self.precision)
+        if not self.selecting(epoch):
+            return xb, yb, None
+        whole = None
+        if scores is None:
+            out_all, loss_all = score(self.model, self.loss_fn, xb, yb, self.device, self.precision)
+            scores, whole = out_all, (out_all, loss_all, yb)
+        xb, yb = hardest(xb, yb, scores, self.cfg.hard_fraction, self.cfg.hard_per_class)
+        return xb, yb, whole
+
+    def state_dict(self):
+        return self.proxy.state_dict() if self.proxy is not None else None
+
+    def load_state_dict(self, state) -> None:
+        if self.proxy is not None:
+            self.proxy.load_state_dict(state)
+
+
+def score(model: nn.Module, loss_fn, xb, yb, device, precision):
+    """Logits and mean loss of the whole batch, without a graph.
+
+    A forward pass without saved activations costs about a third of a training step; the
+    batch-norm layers see the whole batch here (train mode), so their running statistics follow
+    all images, not only the hard ones.
+    """
+    with torch.no_grad(), autocast(device, precision):
+        out = model(xb)
+        return out, loss_fn(out, yb)
+
+
+class Proxy:
+    """A small copy of the network (narrower widths, same recipe and optimiser) that picks the
+    images, as airbench96's fastest variant does: one training step of it on the whole batch
+    costs a fraction of the network's own no-grad scoring pass, and its loss per image (before
+    its update) ranks the batch."""
+
+    def __init__(self, cfg, p, total_steps: int, steps_per_epoch: int):
+        from .prep import place, whitening_sample
+        self.model = create_model(cfg.model, len(p.classes), **cfg.proxy_model_args())
+        init_from_data(self.model, whitening_sample(cfg, p.train.x, p.mean, p.std))
+        self.model = place(self.model, cfg, p.device)
+        self.opt = make_optimizer(cfg, self.model)
+        self.sched = make_scheduler(cfg, self.opt, total_steps, steps_per_epoch)
+
+    def step(self, xb, yb, loss_fn, device, precision) -> torch.Tensor:
+        with autocast(device, precision):
+            out = self.model(xb)
+            loss = loss_fn(out, yb)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        return out.detach()
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+
+
+def hardest(xb, yb, logits, fraction: float, per_class: bool = False):
+    """The ``fraction`` of the batch with the highest cross-entropy (at least one image).
+
+    Ranking the whole batch lets the scorer's view of the classes decide too: a proxy that finds
+    a few classes hard picks mostly their images. For a proxy too small to learn (16/32/32 under
+    the fast recipe) that is all it picks, and the network forgets the other classes (82 % on
+    the GPU against 91 %, docs/benchmarks.md). ``per_class`` ranks images within their own class
+    and takes about ``fraction`` of each, so the trained images keep the batch's class mix; a
+    bias for or against a class shifts all its losses alike and no longer changes the ranking.
+    It helps early (3 epochs at 16 px with a 16/64/64 proxy: 53.7 % val accuracy against 37.9 %)
+    but costs the full fast recipe about half a point (seeds 0 and 1: 90.28/90.38 % against
+    90.76/91.02 %), which gains from training most on the classes it finds hard.
+    """
+    per_image = F.cross_entropy(logits.float(), yb, reduction="none")
+    k = max(1, round(len(yb) * fraction))
+    if per_class:
+        # Sort by loss (hardest first), then stably by class: each class's images in a run,
+        # hardest first. An image's rank within its class as a share of the class's count
+        # (0 = hardest) makes the classes comparable; the k smallest shares take about
+        # `fraction` of every class and exactly k images in all.
+        order = per_image.argsort(descending=True)
+        order = order[yb[order].argsort(stable=True)]
+        ys = yb[order]
+        counts = torch.bincount(ys)
+        first = counts.cumsum(0) - counts
+        share = (torch.arange(len(ys), device=ys.device) - first[ys]).float() / counts[ys]
+        keep = order[share.topk(k, largest=False).indices].sort().values
+    else:
+        keep = per_image.topk(k).indices.sort().values
+    x = xb[keep]
+    if xb.is_contiguous(memory_format=torch.channels_last):
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, yb[keep]
