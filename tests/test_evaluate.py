@@ -114,3 +114,29 @@ def test_test_split_missing_is_one_clear_error(tmp_path):
     data = make_folder(tmp_path / "d", classes=("cat", "dog"), n_per_class=4)
     with pytest.raises(CifarkitError, match="no test split"):
         evaluate_checkpoint(_checkpoint(data, ["cat", "dog"]), split="test", progress=False)
+
+
+def test_precision_f1_macro_and_top5_on_a_known_answer():
+    y = [0, 0, 0, 1, 1, 2]
+    pred = [0, 1, 0, 1, 2, 2]          # confusion [[2,1,0],[0,1,1],[0,0,1]]
+    r = evaluate(_Lookup(pred, 3), _split(y), ["a", "b", "c"], [0, 0, 0], [1, 1, 1], torch.device("cpu"))
+    # precision: right answers over the predictions of that class (columns)
+    assert r.precision == pytest.approx({"a": 1.0, "b": 1 / 2, "c": 1 / 2})
+    f1 = lambda p, q: 2 * p * q / (p + q)
+    assert r.f1 == pytest.approx({"a": f1(1, 2 / 3), "b": f1(1 / 2, 1 / 2), "c": f1(1 / 2, 1)})
+    assert r.macro == pytest.approx({"recall": (2 / 3 + 1 / 2 + 1) / 3, "precision": (1 + 1 / 2 + 1 / 2) / 3,
+                                     "f1": (f1(1, 2 / 3) + 1 / 2 + f1(1 / 2, 1)) / 3})
+    assert r.top5 is None                                   # fewer than 5 classes
+    # a class never predicted although it has images: precision 0 (all missed); one with neither: None
+    r = evaluate(_Lookup([0, 0, 0], 3), _split([0, 1, 0]), ["a", "b", "c"], [0] * 3, [1] * 3, torch.device("cpu"))
+    assert r.precision == pytest.approx({"a": 2 / 3, "b": 0.0, "c": None})
+    assert r.f1["b"] == 0.0 and r.f1["c"] is None and r.macro["recall"] == pytest.approx(0.5)
+
+
+def test_top5_counts_the_true_class_among_the_five_highest_scores():
+    class Ranked(torch.nn.Module):
+        def forward(self, x):          # scores 6,5,4,...: class 0 first, class 6 seventh
+            return torch.arange(7, 0, -1).float().expand(len(x), 7)
+    y = [0, 4, 5, 6]                   # ranks 1, 5 (in the top 5), 6, 7 (not)
+    r = evaluate(Ranked(), _split(y), list("abcdefg"), [0] * 3, [1] * 3, torch.device("cpu"))
+    assert r.top5 == pytest.approx(2 / 4) and r.accuracy == pytest.approx(1 / 4)

@@ -118,17 +118,32 @@ def test_onnx_falls_back_to_the_torchscript_based_exporter(tmp_path, monkeypatch
     assert _onnx_vs_pytorch(tmp_path / "m.onnx", ck, n=5) < 1e-4     # dynamic batch there too
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_an_export_that_differs_from_pytorch_is_refused_and_leaves_no_file(trained_run, tmp_path, capsys,
-                                                                           monkeypatch, fmt):
-    data, out = trained_run
+@pytest.mark.parametrize("name", ["tudui", "fast"])
+def test_pt2_export_matches_pytorch_with_a_dynamic_batch(tmp_path, capsys, name):
+    from cifarkit import save_checkpoint
+    ck = _checkpoint_with_trained_looking_batch_norm(name)
+    save_checkpoint(ck, tmp_path / "m.ckpt")
+    rc = main(["export", str(tmp_path / "m.ckpt"), "--format", "pt2", "--out", str(tmp_path / "m.pt2")])
+    assert rc == 0 and "max abs difference" in capsys.readouterr().out
+    prog = torch.export.load(str(tmp_path / "m.pt2")).module()
+    net = ck.build_model("cpu").eval()
+    for n in (1, 7):                                   # any batch size
+        x = torch.randn(n, 3, 32, 32)
+        with torch.no_grad():
+            assert (prog(x) - net(x)).abs().max() < 1e-4
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # no temp file left
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "pt2"])
+def test_an_export_that_differs_from_pytorch_is_refused_and_leaves_no_file(tmp_path, capsys, monkeypatch, fmt):
+    from cifarkit import save_checkpoint
+    save_checkpoint(_checkpoint_with_trained_looking_batch_norm("tudui_relu"), tmp_path / "best.ckpt")
+    out = tmp_path
     if fmt == "onnx":
         real_run = onnxruntime.InferenceSession.run
         monkeypatch.setattr(onnxruntime.InferenceSession, "run",
                             lambda self, *a, **k: [o + 1e-3 for o in real_run(self, *a, **k)])
     else:
-        real_load = torch.jit.load
-
         class Off(torch.nn.Module):
             def __init__(self, inner):
                 super().__init__()
@@ -136,9 +151,14 @@ def test_an_export_that_differs_from_pytorch_is_refused_and_leaves_no_file(train
 
             def forward(self, x):
                 return self.inner(x) + 1e-3
-        monkeypatch.setattr(torch.jit, "load", lambda *a, **k: Off(real_load(*a, **k)))
+
+            def module(self):                 # torch.export.load(...).module()
+                return Off(self.inner.module())
+        mod, fn = (torch.jit, "load") if fmt == "torchscript" else (torch.export, "load")
+        real_load = getattr(mod, fn)
+        monkeypatch.setattr(mod, fn, lambda *a, **k: Off(real_load(*a, **k)))
     dest = tmp_path / "exports"
-    target = dest / f"m.{'onnx' if fmt == 'onnx' else 'pt'}"
+    target = dest / f"m.{ {'onnx': 'onnx', 'torchscript': 'pt', 'pt2': 'pt2'}[fmt] }"
     rc = main(["export", str(out / "best.ckpt"), "--format", fmt, "--out", str(target)])
     err = capsys.readouterr().err
     assert rc == 1 and "differs from PyTorch by 1.00e-03" in err and "was not written" in err

@@ -135,8 +135,10 @@ def test_bf16_and_augmentation_and_ema_run(tiny_folder, tmp_path):
     # a proxy network picks the images: its weights and optimiser resume too
     {"model": "fast", "model_args": {"widths": [8, 16, 16]}, "optimizer": "muon", "lr": 0.24,
      "optimizer_args": {"whiten_bias_epochs": 1}, "hard_fraction": 0.5, "hard_proxy": [4, 8, 8]},
+    # MixUp/CutMix draw from the global RNG, which the checkpoint carries
+    {"mixup": 0.4, "cutmix": 1.0},
 ], ids=["tudui_relu", "fast-progressive-altflip", "fast-muon-frozen-whiten-bias", "hard-fraction",
-        "ema", "hard-proxy"])
+        "ema", "hard-proxy", "mixup-cutmix"])
 def test_interrupt_then_resume_is_bit_exact(tiny_folder, tmp_path, extra, optimizer_steps):
     kw = dict(epochs=3, deterministic=True, flip=True, crop_pad=2, **extra)
     full = train(_cfg(tiny_folder, tmp_path / "full", **kw), progress=False, log=lambda *a: None)
@@ -469,3 +471,55 @@ def test_validation_is_cheap_during_training_and_full_at_the_end(tiny_folder, tm
     assert s["train_seconds"] + s["eval_seconds"] + s["other_seconds"] == pytest.approx(s["wall_seconds"])
     assert s["other_seconds"] > 0      # the data load at least
     assert "s training, " in logs[-1] and "s validation, " in logs[-1] and "s other" in logs[-1]
+
+
+def test_patience_stops_when_val_accuracy_stops_improving(tiny_folder, tmp_path):
+    logs = []
+    s = train(_cfg(tiny_folder, tmp_path / "r", epochs=10, lr=1e-12, patience=2), progress=False, log=logs.append)
+    # lr 1e-12: nothing changes, the first epoch stays the best; two epochs later the run ends
+    assert s["epochs"] == 3 and len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert any(l.startswith("early stop after epoch 3") and "at epoch 1" in l for l in logs)
+    assert (tmp_path / "r" / "best.ckpt").exists() and (tmp_path / "r" / "summary.json").exists()
+    s = train(_cfg(tiny_folder, tmp_path / "all", epochs=4, lr=1e-12), progress=False, log=lambda *a: None)
+    assert s["epochs"] == 4                                    # patience 0: every epoch
+
+
+def test_clip_grad_bounds_every_update(tiny_folder, tmp_path):
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    before, moved = {}, []
+
+    def pre(opt, args, kwargs):
+        before.update({id(p): p.detach().clone() for g in opt.param_groups for p in g["params"]})
+
+    def post(opt, args, kwargs):
+        d = [(p.detach() - before[id(p)]).flatten() for g in opt.param_groups for p in g["params"]]
+        moved.append(torch.cat(d).norm().item())
+    handles = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+    try:
+        kw = dict(epochs=1, optimizer="sgd", lr=1.0, momentum=0.0)
+        train(_cfg(tiny_folder, tmp_path / "c", clip_grad=1e-3, **kw), progress=False, log=lambda *a: None)
+        clipped, moved[:] = list(moved), []
+        train(_cfg(tiny_folder, tmp_path / "n", **kw), progress=False, log=lambda *a: None)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(clipped) == 6 and max(clipped) <= 1e-3 * (1 + 1e-4)    # SGD, lr 1: the update is the gradient
+    assert min(moved) > 1e-2                                           # unclipped steps are far larger
+
+
+@pytest.mark.parametrize("mix", [{"mixup": 0.4}, {"cutmix": 1.0}, {"mixup": 0.4, "cutmix": 1.0}])
+def test_mixup_and_cutmix_train_on_soft_targets_and_still_learn(tiny_folder, tmp_path, monkeypatch, mix):
+    targets = []
+    real = torch.nn.CrossEntropyLoss.forward
+
+    def spy(self, logits, target):
+        if torch.is_grad_enabled():
+            targets.append(target.detach().clone())
+        return real(self, logits, target)
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", spy)
+    s = train(_cfg(tiny_folder, tmp_path / "r", epochs=8, **mix), progress=False, log=lambda *a: None)
+    assert targets and all(t.ndim == 2 and t.shape[1] == 3 for t in targets)
+    t = torch.cat(targets)
+    assert torch.allclose(t.sum(1), torch.ones(len(t)))          # each row a distribution over classes
+    assert ((t > 0) & (t < 1)).any()                            # and some rows really are mixed
+    assert s["best_val_acc"] >= 0.9                             # it still learns the easy classes

@@ -55,9 +55,15 @@ class Checkpoint:
     extra: dict = field(default_factory=dict)   # optimizer, scheduler, rng, ema, train_state
     source: str = ""                            # how it was read (for messages)
     path: str = ""
+    model_source: dict = field(default_factory=dict)   # your own network: {path, name, sha256}
 
     def build_model(self, device="cpu") -> nn.Module:
-        from .models import create_model
+        from .models import create_model, list_models, user
+        if self.model_name not in list_models() and not user.is_file_ref(self.model_name) \
+                and ":" in self.model_name:   # cifarkit.fit() of a class defined in a notebook
+            raise CifarkitError(f"{self.path or 'this checkpoint'} holds weights of {self.model_name}, a class "
+                                "cifarkit.fit() trained that no file defines",
+                                "build your network in Python and load them: net.load_state_dict(ckpt.state_dict)")
 
         model = create_model(self.model_name, self.num_classes, **self.model_args)
         load_weights(model, self.state_dict, self.path or "checkpoint")
@@ -66,7 +72,8 @@ class Checkpoint:
     def to_dict(self, with_training_state: bool = True) -> dict:
         d = {
             "format": FORMAT, "version": FORMAT_VERSION,
-            "model": {"name": self.model_name, "args": self.model_args, "num_classes": self.num_classes},
+            "model": {"name": self.model_name, "args": self.model_args, "num_classes": self.num_classes,
+                      **({"source": self.model_source} if self.model_source else {})},
             "state_dict": self.state_dict, "classes": list(self.classes),
             "preprocess": self.preprocess, "config": self.config, "metrics": self.metrics,
             "epoch": self.epoch, "created": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -224,7 +231,7 @@ def load_checkpoint(path, model: str | None = None, num_classes: int | None = No
         raise CifarkitError(f"cannot read {path}: {exc.strerror or exc}", "check the path and permissions")
     if is_st:
         tensors, info = _load_safetensors(path)
-        name = model or info.get("model", {}).get("name")
+        name = _network_for(path, info.get("model", {}), model) or model or info.get("model", {}).get("name")
         if not name:
             raise CifarkitError(f"{path} is a safetensors file without cifarkit metadata",
                                 "pass --model NAME (see `cifarkit models`)")
@@ -233,7 +240,7 @@ def load_checkpoint(path, model: str | None = None, num_classes: int | None = No
         return Checkpoint(name, args, int(n), tensors, info.get("classes") or _default_classes(n),
                           info.get("preprocess") or dict(DEFAULT_PREPROCESS), info.get("config", {}),
                           info.get("metrics", {}), int(info.get("epoch", 0)), source="safetensors",
-                          path=str(path))
+                          path=str(path), model_source=info.get("model", {}).get("source") or {})
 
     obj = _torch_load(path, trust_pickle, map_location)
 
@@ -248,11 +255,11 @@ def load_checkpoint(path, model: str | None = None, num_classes: int | None = No
         m = obj["model"]
         known = {"format", "version", "model", "state_dict", "classes", "preprocess", "config",
                  "metrics", "epoch"}
-        return Checkpoint(m["name"], dict(m.get("args", {})), int(m["num_classes"]),
+        return Checkpoint(_network_for(path, m, model) or m["name"], dict(m.get("args", {})), int(m["num_classes"]),
                           obj["state_dict"], list(obj["classes"]), dict(obj["preprocess"]),
                           dict(obj.get("config", {})), dict(obj.get("metrics", {})),
                           int(obj.get("epoch", 0)), {k: v for k, v in obj.items() if k not in known},
-                          source="cifarkit", path=str(path))
+                          source="cifarkit", path=str(path), model_source=dict(m.get("source") or {}))
 
     sd = _find_state_dict(obj)
     if sd is None:
@@ -268,6 +275,30 @@ def load_checkpoint(path, model: str | None = None, num_classes: int | None = No
     return Checkpoint(model, {}, int(n), strip_prefixes(sd), _default_classes(n),
                       dict(DEFAULT_PREPROCESS), {}, {}, meta.get("epoch", 0), source="state_dict",
                       path=str(path))
+
+
+def _network_for(path: Path, recorded: dict, given) -> str | None:
+    """For a checkpoint of your own network (``file.py:Name``): the reference to build it from,
+    which must be the caller's ``--model`` (cifarkit never imports code that a file it reads
+    names). None for a registered network."""
+    from .models import user
+    name = recorded.get("name")
+    if not user.is_file_ref(name):
+        return None
+    src = recorded.get("source") or {}
+    where = f"{src.get('path') or user.split_ref(name)[0]}:{src.get('name') or user.split_ref(name)[1]}"
+    if not given:
+        raise CifarkitError(f"{path} holds your own network {where}; cifarkit never imports code "
+                            "that a checkpoint names", f"pass --model {where} (the file you trust) to load it")
+    if not user.is_file_ref(given):
+        raise CifarkitError(f"{path} holds your own network {where}, not the registered {given!r}",
+                            f"pass --model {where}")
+    file = user.split_ref(given)[0].expanduser()
+    if src.get("sha256") and file.is_file() and user.file_sha256(file) != src["sha256"]:
+        import warnings
+        warnings.warn(f"{file} has changed since {path} was trained (its SHA-256 differs); "
+                      "loading the weights into the network it defines now")
+    return given
 
 
 def _default_classes(n: int) -> list[str]:
@@ -303,7 +334,8 @@ def export_safetensors(ckpt: Checkpoint, path) -> None:
     from safetensors.torch import save as st_save
 
     info = {"format": FORMAT, "version": FORMAT_VERSION,
-            "model": {"name": ckpt.model_name, "args": ckpt.model_args, "num_classes": ckpt.num_classes},
+            "model": {"name": ckpt.model_name, "args": ckpt.model_args, "num_classes": ckpt.num_classes,
+                      **({"source": ckpt.model_source} if ckpt.model_source else {})},
             "classes": list(ckpt.classes), "preprocess": ckpt.preprocess, "metrics": ckpt.metrics,
             "config": ckpt.config, "epoch": ckpt.epoch}
     tensors = {k: v.detach().cpu().contiguous() for k, v in strip_prefixes(ckpt.state_dict).items()}

@@ -70,7 +70,7 @@ def cmd_train(a) -> int:
     overrides = {f.name: getattr(a, f.name) for f in fields(TrainConfig)
                  if f.name not in _YAML_ONLY and getattr(a, f.name, None) is not None}
     if a.resume:
-        train(None, resume=a.resume, progress=not a.quiet, epochs=a.epochs)
+        train(None, resume=a.resume, progress=not a.quiet, epochs=a.epochs, model=a.model)
         return 0
     cfg = resolve(a.recipe or "tutorial", a.config, overrides)
     train(cfg, progress=not a.quiet)
@@ -88,7 +88,8 @@ def _load(a):
 
 def _add_ckpt_args(p):
     p.add_argument("checkpoint", help="a cifarkit .ckpt, a safetensors export, or a state_dict file")
-    p.add_argument("--model", help="architecture of a bare state_dict (the notes' method 2)")
+    p.add_argument("--model", help="architecture of a bare state_dict (the notes' method 2), or the "
+                                   "file.py:Name of your own network the checkpoint was trained with")
     p.add_argument("--num-classes", type=int, help="class count of a bare state_dict (default: from its head)")
 
 
@@ -104,11 +105,15 @@ def cmd_eval(a) -> int:
     if a.json:
         print(json.dumps(r.to_json()))
         return 0
-    print(f"{a.split} accuracy {r.accuracy:.4f}  loss {r.loss:.4f}  n {r.n}")
-    width = max(len(c) for c in ckpt.classes)
-    print(f"{'class':<{width}}  accuracy")
-    for c, acc in r.per_class.items():
-        print(f"{c:<{width}}  {'-' if acc is None else f'{acc:.4f}'}")
+    top5 = f"  top-5 {r.top5:.4f}" if r.top5 is not None else ""
+    print(f"{a.split} accuracy {r.accuracy:.4f}{top5}  loss {r.loss:.4f}  n {r.n}")
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"
+    width = max(len(c) for c in list(ckpt.classes) + ["macro mean"])
+    print(f"{'class':<{width}}  {'recall':>8}  {'precision':>9}  {'F1':>8}   (recall = per-class accuracy)")
+    for c in ckpt.classes:
+        print(f"{c:<{width}}  {fmt(r.per_class.get(c)):>8}  {fmt(r.precision.get(c)):>9}  {fmt(r.f1.get(c)):>8}")
+    print(f"{'macro mean':<{width}}  {fmt(r.macro.get('recall')):>8}  {fmt(r.macro.get('precision')):>9}  "
+          f"{fmt(r.macro.get('f1')):>8}")
     print("confusion (rows: true, columns: predicted)")
     for c, row in zip(ckpt.classes, r.confusion):
         print(f"{c:<{width}}  " + " ".join(f"{v:>5}" for v in row))
@@ -156,8 +161,8 @@ def cmd_export(a) -> int:
         export_pickle(ckpt, a.out)
         print(f"wrote {a.out} (whole pickled model: loading it needs weights_only=False, i.e. trust)")
     else:
-        from .export import export_onnx, export_torchscript
-        fn = export_onnx if a.format == "onnx" else export_torchscript
+        from .export import export_onnx, export_pt2, export_torchscript
+        fn = {"onnx": export_onnx, "torchscript": export_torchscript, "pt2": export_pt2}[a.format]
         diff = fn(ckpt, a.out)
         print(f"wrote {a.out} (max abs difference to PyTorch {diff:.2e})")
     return 0
@@ -205,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_train(sub)
 
-    p = sub.add_parser("eval", help="accuracy, loss, per-class accuracy and confusion matrix")
+    p = sub.add_parser("eval", help="accuracy (top-1, top-5), loss, per-class recall/precision/F1, confusion matrix")
     _add_ckpt_args(p)
     p.add_argument("--data", help="'cifar10' or a folder (default: the data the model was trained on)")
     p.add_argument("--data-root", help="where CIFAR-10 is stored")
@@ -226,9 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="write the model as safetensors, pickle, ONNX or TorchScript")
+    p = sub.add_parser("export", help="write the model as safetensors, pickle, ONNX, TorchScript or torch.export (.pt2)")
     _add_ckpt_args(p)
-    p.add_argument("--format", required=True, choices=("safetensors", "pickle", "onnx", "torchscript"))
+    p.add_argument("--format", required=True, choices=("safetensors", "pickle", "onnx", "torchscript", "pt2"))
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
 

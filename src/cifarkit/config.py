@@ -36,7 +36,8 @@ def setting(default, help: str):
 class TrainConfig:
     # what
     recipe: str = setting("tutorial", "named settings the others start from (config.RECIPES)")
-    model: str = setting("tudui", "network from the registry (see `cifarkit models`)")
+    model: str = setting("tudui", "network from the registry (see `cifarkit models`), or your own "
+                                  "nn.Module: path/to/file.py:Name")
     model_args: dict = setting({}, "the network's settings, e.g. {widths: [64, 256, 256]} (YAML only)")
     # data
     data: str = setting("cifar10", "'cifar10' (downloaded when missing) or a folder DIR/train/<class>/*.jpg")
@@ -63,6 +64,9 @@ class TrainConfig:
     label_smoothing: float = setting(0.0, "label smoothing of the targets")
     loss: str = setting("ce", "ce (cross-entropy), mse or l1 (on softmax vs one-hot)")
     ema: float = setting(0.0, "exponential moving average of the weights, decay per step (0 = off)")
+    clip_grad: float = setting(0.0, "clip the gradients' global norm to this value before each step (0 = off)")
+    patience: int = setting(0, "stop early when the val accuracy has not improved for this many epochs "
+                               "(0 = train all --epochs)")
     hard_fraction: float = setting(1.0, "selective backprop: train each step on this share of the batch "
                                         "with the highest loss, scored by a no-grad forward pass of the "
                                         "network or by --hard-proxy; 1 = train on all")
@@ -82,6 +86,10 @@ class TrainConfig:
                                     "per-image start, instead of at random (airbench)")
     crop_pad: int = setting(0, "random translation by up to N pixels (pad-and-crop)")
     cutout: int = setting(0, "zero a random NxN square per image (0 = off)")
+    mixup: float = setting(0.0, "MixUp on whole batches: blend each image and its label with another's, "
+                                "weight ~ Beta(a, a) for this a (0 = off; torchvision's v2.MixUp)")
+    cutmix: float = setting(0.0, "CutMix on whole batches: paste a box of another image, labels mixed by "
+                                 "area, Beta(a, a) (0 = off); with --mixup, one of the two per batch")
     tta: str = setting("none", "test-time augmentation of the final validation pass and of eval")
     progressive: list = setting([], "comma-separated image sides of the first epochs, e.g. 20,24,24: "
                                     "cheaper low-resolution epochs; the rest at --image-size")
@@ -114,7 +122,7 @@ class TrainConfig:
                 raise CifarkitError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}",
                                     exit_code=2)
         for key in ("val_size", "crop_pad", "cutout", "warmup_epochs", "weight_decay",
-                    "momentum", "eval_every", "threads"):
+                    "momentum", "eval_every", "threads", "clip_grad", "patience", "mixup", "cutmix"):
             if getattr(self, key) < 0:
                 raise CifarkitError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(self, key)}",
                                     exit_code=2)
@@ -142,6 +150,12 @@ class TrainConfig:
         if self.hard_proxy and self.hard_fraction == 1:
             raise CifarkitError("--hard-proxy scores images for --hard-fraction, which is 1 (train on all)",
                                 "add e.g. --hard-fraction 0.5, or drop --hard-proxy", exit_code=2)
+        if (self.mixup or self.cutmix) and self.loss != "ce":
+            raise CifarkitError(f"--mixup/--cutmix give soft targets, which --loss {self.loss} does not take",
+                                "use --loss ce with them", exit_code=2)
+        if (self.mixup or self.cutmix) and self.hard_per_class:
+            raise CifarkitError("--hard-per-class ranks by class, which mixed labels no longer have",
+                                "drop --hard-per-class or --mixup/--cutmix", exit_code=2)
         if not 0 <= self.ema < 1:
             raise CifarkitError(f"--ema must be in [0, 1), got {self.ema}", exit_code=2)
         from .models import list_models

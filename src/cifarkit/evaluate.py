@@ -1,7 +1,8 @@
-"""Accuracy, loss, per-class accuracy and the confusion matrix, with optional test-time augmentation."""
+"""Accuracy (top-1 and top-5), loss, per-class recall, precision and F1 with their macro means, and
+the confusion matrix, with optional test-time augmentation."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -16,14 +17,39 @@ class EvalResult:
     accuracy: float
     loss: float
     n: int
-    per_class: dict
+    per_class: dict  # recall ("per-class accuracy"): right answers over the images of the class
     confusion: list  # confusion[true][pred] counts
     probs: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    top5: float | None = None        # with 5 or more classes
+    precision: dict = field(default_factory=dict)   # right answers over the predictions of the class
+    f1: dict = field(default_factory=dict)
+    macro: dict = field(default_factory=dict)        # unweighted means over the classes with images
 
     def to_json(self) -> dict:
-        return {"accuracy": self.accuracy, "loss": self.loss, "n": self.n,
-                "per_class": self.per_class, "confusion": self.confusion}
+        return {"accuracy": self.accuracy, "top5": self.top5, "loss": self.loss, "n": self.n,
+                "per_class": self.per_class, "recall": self.per_class, "precision": self.precision,
+                "f1": self.f1, "macro": self.macro, "confusion": self.confusion}
+
+
+def class_metrics(confusion: torch.Tensor, classes: list) -> tuple[dict, dict, dict, dict]:
+    """(recall, precision, F1 per class, their macro means) from confusion[true][pred].
+
+    Recall is None for a class without images. Precision is None for a class with neither images
+    nor predictions, and 0 for one with images that was never predicted (all of them missed), as
+    scikit-learn counts it. The macro means average the classes that have images.
+    """
+    c = confusion.double()
+    tp, true_n, pred_n = c.diag(), c.sum(1), c.sum(0)
+    recall, precision, f1 = {}, {}, {}
+    for i, name in enumerate(classes):
+        recall[name] = (tp[i] / true_n[i]).item() if true_n[i] else None
+        precision[name] = (tp[i] / pred_n[i]).item() if pred_n[i] else (0.0 if true_n[i] else None)
+        r, p = recall[name], precision[name]
+        f1[name] = None if r is None else (2 * p * r / (p + r) if p + r else 0.0)
+    present = [name for i, name in enumerate(classes) if true_n[i]]
+    mean = lambda d: sum(d[n] for n in present) / len(present) if present else None
+    return recall, precision, f1, {"recall": mean(recall), "precision": mean(precision), "f1": mean(f1)}
 
 
 def _translate(x: torch.Tensor, dx: int, dy: int | None = None) -> torch.Tensor:
@@ -85,11 +111,11 @@ def evaluate(model: nn.Module, split: TensorSplit, classes: list, mean, std, dev
     pred = logits.argmax(1)
     k = len(classes)
     confusion = torch.bincount(y * k + pred, minlength=k * k).view(k, k)
-    totals = confusion.sum(1)
-    per_class = {c: (confusion[i, i].item() / totals[i].item()) if totals[i] else None
-                 for i, c in enumerate(classes)}
-    return EvalResult((pred == y).double().mean().item(), loss, n, per_class, confusion.tolist(),
-                      logits.softmax(1) if keep_probs else None, y if keep_probs else None)
+    recall, precision, f1, macro = class_metrics(confusion, classes)
+    top5 = ((logits.topk(5, 1).indices == y[:, None]).any(1).double().mean().item() if k >= 5 else None)
+    return EvalResult((pred == y).double().mean().item(), loss, n, recall, confusion.tolist(),
+                      logits.softmax(1) if keep_probs else None, y if keep_probs else None,
+                      top5, precision, f1, macro)
 
 
 def split_for_checkpoint(ckpt, data: str | None, split: str = "val", data_root: str | None = None,

@@ -132,6 +132,30 @@ def export_torchscript(ckpt: Checkpoint, out, check_images=None) -> float:
     return _finish(tmp, out, diff, "TorchScript")
 
 
+def export_pt2(ckpt: Checkpoint, out, check_images=None) -> float:
+    """Write a ``torch.export`` program (.pt2) with a dynamic batch axis: the successor of
+    TorchScript (whose ``torch.jit.trace`` this PyTorch deprecates). Its file format is not a
+    pickle; ``torch.export.load(path).module()`` gives a callable model. Checked against PyTorch
+    like the others."""
+    out = Path(out)
+    model = ckpt.build_model("cpu").float().eval()
+    size = int(ckpt.preprocess.get("size", 32))
+    tmp = atomic.temp_beside(out, ".pt2")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            batch = torch.export.Dim("batch", min=1, max=65536)
+            program = torch.export.export(model, (torch.randn(2, 3, size, size),), dynamic_shapes=({0: batch},))
+            torch.export.save(program, tmp, extra_files={"cifarkit.json": json.dumps(_metadata(ckpt))})
+            loaded = torch.export.load(tmp).module()
+        x = _check_inputs(ckpt, check_images)
+        with torch.no_grad():
+            diff = float((loaded(x) - model(x)).abs().max())
+    except Exception as exc:
+        _failed(tmp, exc, f"torch.export of {ckpt.model_name}", "try --format onnx or safetensors")
+    return _finish(tmp, out, diff, "pt2")
+
+
 class OnnxPredictor(ImagePredictor):
     """Same interface as predict.Predictor, running an exported .onnx file with onnxruntime."""
 

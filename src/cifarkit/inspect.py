@@ -276,16 +276,16 @@ def demo_text(which: str = "all") -> str:
 
 # ----------------------------------------------------------------------------- CLI commands
 
-def _model_from(spec: str, num_classes: int | None = None):
+def _model_from(spec: str, num_classes: int | None = None, model: str | None = None):
     """A registry name or a checkpoint path -> (model, title, input size from the checkpoint)."""
     from pathlib import Path
 
-    from .models import create_model, list_models
-    if spec in list_models():
+    from .models import create_model, list_models, user
+    if spec in list_models() or user.is_file_ref(spec):
         return create_model(spec, num_classes or 10), f"model {spec}", None
     if Path(spec).exists():
         from .checkpoint import load_checkpoint
-        ck = load_checkpoint(spec)
+        ck = load_checkpoint(spec, model=model)
         return ck.build_model(), f"checkpoint {spec} (model {ck.model_name})", int(ck.preprocess.get("size", 32))
     create_model(spec)  # raises: unknown model, with suggestions
     raise AssertionError("unreachable")
@@ -295,7 +295,7 @@ def cmd_summary(a) -> int:
     import json
 
     from .models import count_parameters
-    model, title, size = _model_from(a.target, a.num_classes)
+    model, title, size = _model_from(a.target, a.num_classes, a.model)
     shape = parse_input(a.input) if a.input else (3, size or 32, size or 32)
     rows = summarize(model, shape)
     total = count_parameters(model)
@@ -363,9 +363,10 @@ def cmd_demo(a) -> int:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("summary", help="per-layer table: output shape, parameters, mult-adds, size formula")
-    p.add_argument("target", help="a registered model name or a checkpoint file")
+    p.add_argument("target", help="a registered model name, your own file.py:Name, or a checkpoint file")
     p.add_argument("--input", help="input size CxHxW (default 3x32x32 or the checkpoint's size)")
     p.add_argument("--num-classes", type=int, help="head size for a registry model (default 10)")
+    p.add_argument("--model", help="for a checkpoint of your own network: its file.py:Name")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_summary)
 

@@ -16,7 +16,10 @@ class Progress:
         self.plain_every_s = plain_every_s
         self.postfix = ""
         self.bar = None
-        if enabled and getattr(self.file, "isatty", lambda: False)():
+        if enabled and _in_notebook():   # Jupyter: tqdm's notebook widget (a text bar without ipywidgets)
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, unit_scale=(unit == "img"))
+        elif enabled and getattr(self.file, "isatty", lambda: False)():
             from tqdm import tqdm
             self.bar = tqdm(total=total, desc=desc, unit=unit, file=self.file, leave=False,
                             dynamic_ncols=True, unit_scale=(unit == "img"))
@@ -42,3 +45,13 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _in_notebook() -> bool:
+    """True inside a Jupyter kernel (an IPython shell that is not a terminal one)."""
+    shell = sys.modules.get("IPython")
+    try:
+        ip = shell.get_ipython() if shell is not None else None
+    except Exception:  # noqa: BLE001
+        return False
+    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"

@@ -33,6 +33,11 @@ def model_doc(name: str) -> str:
 
 
 def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
+    """A registered network, or your own: ``name`` may be 'path/to/file.py:Name' (models/user.py)."""
+    if user.is_file_ref(name):
+        if num_classes < 1:
+            raise CifarkitError(f"num_classes must be >= 1, got {num_classes}", exit_code=2)
+        return user.build(name, num_classes, **kwargs)
     if name not in _REGISTRY:
         raise CifarkitError(
             f"unknown model {name!r}",
@@ -48,11 +53,15 @@ def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
 def model_settings(name: str) -> list[str]:
     """The keyword settings a registered model accepts (model_args), besides num_classes."""
     import inspect
+    if user.is_file_ref(name):
+        return user.settings(name)
     return [p for p in inspect.signature(_REGISTRY[name]).parameters if p != "num_classes"]
 
 
 def check_model_args(name: str, args: dict) -> None:
     """Refuse model_args the model does not take, before any data is read."""
+    if user.is_file_ref(name):
+        return   # checked when the network is built (models/user.py), where its signature is known
     accepted = model_settings(name)
     for key in args:
         if key not in accepted:
@@ -86,3 +95,4 @@ def count_parameters(model: nn.Module) -> int:
 
 # Importing the family modules registers their models.
 from . import tudui, vgg, resnet, fast  # noqa: E402,F401
+from . import user  # noqa: E402  (your own network from a file: --model file.py:Name)

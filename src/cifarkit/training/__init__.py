@@ -8,7 +8,7 @@
     loop.py       train() and train_one_epoch()
 """
 from .loader import Loader, epoch_size
-from .loop import make_loss, train, train_one_epoch
+from .loop import fit, make_loss, train, train_one_epoch
 from .prep import Prepared, prepare
 
-__all__ = ["Loader", "Prepared", "epoch_size", "make_loss", "prepare", "train", "train_one_epoch"]
+__all__ = ["Loader", "Prepared", "epoch_size", "fit", "make_loss", "prepare", "train", "train_one_epoch"]

@@ -85,3 +85,16 @@ class Loader:
         self.order_gen.set_state(state["data_gen_epoch_start"])
         self._order_state = self.order_gen.get_state()
         self.aug_gen.set_state(state["aug_gen"])
+
+
+def batch_mixer(cfg, num_classes: int):
+    """MixUp and/or CutMix on whole batches (torchvision's v2 transforms): ``mix(x, y)`` returns
+    the mixed images and soft targets (rows summing to 1); None when both are off. They draw from
+    the global RNG, which a checkpoint saves, so a resume mixes the same way."""
+    if not (cfg.mixup or cfg.cutmix):
+        return None
+    from torchvision.transforms import v2
+    chosen = ([v2.MixUp(alpha=cfg.mixup, num_classes=num_classes)] if cfg.mixup else []) + \
+             ([v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes)] if cfg.cutmix else [])
+    return chosen[0] if len(chosen) == 1 else v2.RandomChoice(chosen)
+

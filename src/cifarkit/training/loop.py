@@ -27,11 +27,11 @@ from ..device import autocast
 from ..distributed import Dist, setup as dist_setup
 from ..errors import CifarkitError, TrainingInterrupted
 from ..evaluate import evaluate
-from ..models import count_parameters
+from ..models import count_parameters, user
 from ..optim import freeze_stopped, make_optimizer, make_scheduler
 from ..progress import Progress
 from .interrupt import DeferredInterrupt, NonFinite
-from .loader import Loader, epoch_size
+from .loader import Loader, batch_mixer, epoch_size
 from .prep import Prepared, prepare
 from .selective import Selector
 from .state import EpochSums, TrainState
@@ -55,15 +55,16 @@ def make_loss(cfg: TrainConfig, num_classes: int):
 # ----------------------------------------------------------------------------- the story of a run
 
 def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: bool = True,
-          log=print, epochs: int | None = None) -> dict:
+          log=print, epochs: int | None = None, model: str | None = None) -> dict:
     """Train per ``cfg`` (or continue the run in ``resume``); returns the summary dict.
 
-    On resume the run's own config is used; ``epochs`` may extend it.
+    On resume the run's own config is used; ``epochs`` may extend it, and ``model`` names the
+    file of your own network again (``file.py:Name``; a checkpoint never decides what is imported).
     """
     started = time.perf_counter()   # the wall time a user waits for, data loading included
     saved = None
     if resume:
-        cfg, saved = _resume_point(resume, epochs)
+        cfg, saved = _resume_point(resume, epochs, model)
     if cfg is None:
         raise CifarkitError("train() needs a config or a run to resume")
     dist = dist_setup(cfg.device)
@@ -71,6 +72,40 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None, progress: b
         return _run(cfg, saved, dist, progress, log, started)
     finally:
         dist.close()
+
+
+def fit(model: nn.Module, data: str, recipe: str = "tutorial", progress: bool = True, log=print,
+        **overrides) -> dict:
+    """Train your own ``nn.Module`` instance with cifarkit's loop; returns the summary dict.
+
+        net = Tudui()                                    # the notes' network, as written
+        summary = cifarkit.fit(net, data="path/to/images", epochs=5)
+
+    Settings come from ``recipe`` and ``overrides`` (TrainConfig's fields). The run folder holds
+    checkpoints like any run; ``net`` ends with the final weights (the average under EMA). A class
+    defined in a .py file is recorded as ``file.py:Name``, so `cifarkit eval RUN/best.ckpt --model
+    file.py:Name` works; one defined in a notebook can be reloaded in Python only
+    (``net.load_state_dict(cifarkit.load_checkpoint(path).state_dict)``).
+    """
+    from ..config import resolve
+    if not isinstance(model, nn.Module):
+        raise CifarkitError(f"fit() trains an nn.Module, got {type(model).__name__}",
+                            "pass an instance, e.g. fit(Tudui(), data=...)", 2)
+    overrides.pop("model", None)
+    cfg = resolve(recipe, None, {"data": str(data), **overrides})   # checked with the recipe's network
+    if cfg.hard_proxy:
+        raise CifarkitError("hard_proxy trains a narrower copy of a registered network; fit() has your own",
+                            "pass hard_proxy=[] (the network then scores its own batches)", 2)
+    cfg.model, cfg.model_args = user.reference_of(model), {}
+    started = time.perf_counter()
+    dist = dist_setup(cfg.device)
+    try:
+        summary = _run(cfg, None, dist, progress, log, started, network=model)
+    finally:
+        dist.close()
+    final = ckpt_mod.load_checkpoint(Path(cfg.out) / "last.ckpt", model=cfg.model)
+    ckpt_mod.load_weights(model, final.state_dict, str(Path(cfg.out) / "last.ckpt"))
+    return summary
 
 
 @dataclass
@@ -82,13 +117,15 @@ class Run:
     state: TrainState
     loss_fn: object
     forward: "Forward"
+    mix: object               # MixUp/CutMix of a batch (loader.batch_mixer), or None
     dist: Dist
     progress: bool
     stop: DeferredInterrupt
     in_steps: bool = False     # inside an epoch's steps: a Ctrl-C there saves the exact position
 
 
-def _run(cfg: TrainConfig, saved, dist: Dist, progress: bool, log, started: float) -> dict:
+def _run(cfg: TrainConfig, saved, dist: Dist, progress: bool, log, started: float,
+         network: nn.Module | None = None) -> dict:
     if not dist.is_main:  # one voice: only rank 0 logs, shows progress and writes files
         log, progress = (lambda *a, **k: None), False
     if cfg.batch_size < dist.world:
@@ -98,7 +135,7 @@ def _run(cfg: TrainConfig, saved, dist: Dist, progress: bool, log, started: floa
         ts = saved.extra["train_state"]
         log(f"resuming {cfg.out} at epoch {ts['epoch'] + 1}, step {ts['step_in_epoch']}")
     run_dir = _run_dir(cfg, dist)
-    p = prepare(cfg, progress, log, dist)
+    p = prepare(cfg, progress, log, dist, network)
     _make_folder(run_dir)
     state, loss_fn = _new_state(cfg, p, dist)
     if saved is not None:
@@ -110,7 +147,8 @@ def _run(cfg: TrainConfig, saved, dist: Dist, progress: bool, log, started: floa
     log(f"model {cfg.model}: {count_parameters(state.model):,} parameters | device {p.device} | "
         f"precision {p.precision} | {cfg.epochs} epochs x {state.loader.steps_per_epoch} steps of {cfg.batch_size}")
 
-    run = Run(cfg, p, state, loss_fn, Forward(step_model, cfg.compile), dist, progress, DeferredInterrupt())
+    run = Run(cfg, p, state, loss_fn, Forward(step_model, cfg.compile), batch_mixer(cfg, len(p.classes)),
+              dist, progress, DeferredInterrupt())
     saved_epoch = epoch = state.epoch
     try:
         # the handler is restored on leaving the block, before the except clauses run
@@ -128,6 +166,12 @@ def _run(cfg: TrainConfig, saved, dist: Dist, progress: bool, log, started: floa
                 saved_epoch = epoch + 1
                 if run.stop.should_stop(dist, 0) and epoch + 1 < cfg.epochs:   # asked during eval/save
                     raise KeyboardInterrupt
+                if epoch + 1 < cfg.epochs and _patience_spent(state.history, cfg.patience):
+                    best = max((h for h in state.history if h["val_acc"] is not None), key=lambda h: h["val_acc"])
+                    log(f"early stop after epoch {epoch + 1}: val accuracy has not improved for "
+                        f"{cfg.patience} epochs (best {best['val_acc']:.4f} at epoch {best['epoch']}, "
+                        f"saved as {run_dir / 'best.ckpt'})")
+                    break
     except KeyboardInterrupt:
         _interrupted(run, writer, run_dir, epoch, saved_epoch)
     except NonFinite as exc:
@@ -164,11 +208,18 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
             xb, yb, n_global = loader.batch(step)
             state.sums.images += len(yb)
             xb, yb, whole = state.selector.pick(xb, yb, epoch)   # selective backprop: the hardest share
+            target = yb
+            if run.mix is not None:   # soft targets; accuracy is then counted on the dominant label
+                xb, target = run.mix(xb, yb)
+                yb = target.argmax(1)
             with autocast(run.p.device, run.p.precision):
                 out = run.forward(xb)
-                loss = run.loss_fn(out, yb)
+                loss = run.loss_fn(out, target)
             state.opt.zero_grad(set_to_none=True)
             _backward(run, loss, len(yb), n_global, state.selector.selecting(epoch))
+            if cfg.clip_grad:   # on the true gradients: unscaled first (a no-op outside fp16)
+                state.scaler.unscale_(state.opt)
+                torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.clip_grad)
             state.scaler.step(state.opt)
             state.scaler.update()
             state.sched.step()
@@ -191,6 +242,15 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
         state.sums.all_reduce(dist)
     loader.end_epoch()
     return state.sums.totals()
+
+
+def _patience_spent(history: list, patience: int) -> bool:
+    """True when ``patience`` epochs have passed since the best val accuracy (its first epoch)."""
+    scored = [h for h in history if h.get("val_acc") is not None]
+    if not patience or not scored:
+        return False
+    best = max(scored, key=lambda h: h["val_acc"])   # the first of equal bests
+    return history[-1]["epoch"] - best["epoch"] >= patience
 
 
 def _backward(run: Run, loss, n_local: int, n_global: int, selecting: bool) -> None:
@@ -331,11 +391,12 @@ def _interrupted(run: Run, writer: RunWriter, run_dir: Path, epoch: int, saved_e
                               f"continue with: cifarkit train --resume {run_dir}")
 
 
-def _resume_point(resume: str, epochs: int | None):
+def _resume_point(resume: str, epochs: int | None, model: str | None = None):
     """(the run's own config, its last.ckpt) for ``--resume``; ``epochs`` may extend the run."""
     rpath = Path(resume)
     rpath = rpath / "last.ckpt" if rpath.is_dir() else rpath
-    old = ckpt_mod.load_checkpoint(rpath)
+    old = ckpt_mod.load_checkpoint(rpath, model=model)
+    old.config["model"] = old.model_name   # your own network: the file the user named again
     if "train_state" not in old.extra:
         raise CifarkitError(f"{rpath} has no training state to resume from",
                             "resume from a run folder's last.ckpt")
@@ -370,6 +431,8 @@ def _run_dir(cfg: TrainConfig, dist: Dist) -> Path:
     cfg.out = str(run_dir)
     if cfg.data != "cifar10" and Path(cfg.data).exists():
         cfg.data = str(Path(cfg.data).resolve())
+    if user.is_file_ref(cfg.model):   # your own network: recorded with its absolute path
+        cfg.model = user.absolute_ref(cfg.model)
     _check_writable(run_dir)   # fail before the data is loaded, but create nothing yet
     return run_dir
 

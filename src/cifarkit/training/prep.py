@@ -36,7 +36,10 @@ class Prepared:
     extra_splits: dict = field(default_factory=dict)
 
 
-def prepare(cfg: TrainConfig, progress: bool = True, log=print, dist: Dist | None = None) -> Prepared:
+def prepare(cfg: TrainConfig, progress: bool = True, log=print, dist: Dist | None = None,
+            network: nn.Module | None = None) -> Prepared:
+    """Device, data, split and the network (``network``: an instance to train, else built from
+    ``cfg.model``), checked against the data and placed on the device."""
     dist = dist or Dist()
     device = resolve_device(cfg.device)
     if device.type == "cuda" and dist.enabled:
@@ -77,7 +80,7 @@ def prepare(cfg: TrainConfig, progress: bool = True, log=print, dist: Dist | Non
     log(f"data: {len(train)} train / {len(val)} val images, {len(bundle.classes)} classes, "
         f"{cfg.image_size}x{cfg.image_size} ({bundle.source}, {time.perf_counter() - t0:.1f}s)")
 
-    model = create_model(cfg.model, len(bundle.classes), **cfg.model_args)
+    model = network if network is not None else create_model(cfg.model, len(bundle.classes), **cfg.model_args)
     init_from_data(model, whitening_sample(cfg, train.x, mean, std))
     check_sizes(model, cfg, len(bundle.classes))
     model = place(model, cfg, device)
@@ -149,22 +152,33 @@ def native_line(chosen: dict) -> str:
 
 
 def check_sizes(model: nn.Module, cfg: TrainConfig, num_classes: int) -> None:
-    """Fail before training if the network cannot take the --progressive image sizes."""
-    sizes = sorted(set(cfg.progressive) - {cfg.image_size})
-    if not sizes:
-        return
+    """Fail before training, in one line, if the network cannot take the run's images (its
+    --image-size, then any --progressive sizes) or does not give one score per class."""
+    sizes = [cfg.image_size] + sorted(set(cfg.progressive) - {cfg.image_size})
     was_training = model.training
     model.eval()   # no batch-norm statistics are touched
     try:
-        with torch.no_grad():
-            for size in sizes:
-                out = model(torch.zeros(2, 3, size, size))
-                if tuple(out.shape) != (2, num_classes):
-                    raise RuntimeError(f"output shape {tuple(out.shape)}")
-    except RuntimeError as exc:
-        raise CifarkitError(
-            f"model {cfg.model} cannot take {size}x{size} images for --progressive "
-            f"({str(exc).splitlines()[0][:100]})",
-            "use a network that ends in global pooling (fast, resnet18) or drop --progressive", 2)
+        for size in sizes:
+            try:
+                with torch.no_grad():
+                    out = model(torch.zeros(2, 3, size, size))
+            except Exception as exc:  # noqa: BLE001 - a user's network can raise anything here
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
+                if size == cfg.image_size:
+                    raise CifarkitError(f"model {cfg.model} cannot take {size}x{size} images ({why})",
+                                        "pass the --image-size the network was written for, or change its "
+                                        "layers (`cifarkit summary MODEL --input 3xSxS` shows every size)", 2)
+                raise CifarkitError(f"model {cfg.model} cannot take {size}x{size} images for --progressive ({why})",
+                                    "use a network that ends in global pooling (fast, resnet18) or drop "
+                                    "--progressive", 2)
+            if not (torch.is_tensor(out) and out.ndim == 2 and out.shape[0] == 2):
+                shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+                raise CifarkitError(f"model {cfg.model} returns {shape} for a batch of 2 images",
+                                    "a classifier returns one row of class scores per image: (batch, classes)", 2)
+            if out.shape[1] != num_classes:
+                raise CifarkitError(f"model {cfg.model} outputs {out.shape[1]} scores per image but "
+                                    f"{cfg.data} has {num_classes} classes",
+                                    f"make its last layer output {num_classes} (e.g. nn.Linear(..., {num_classes})), "
+                                    "or give it a num_classes argument", 2)
     finally:
         model.train(was_training)

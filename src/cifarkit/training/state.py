@@ -117,7 +117,9 @@ class TrainState:
     def checkpoint(self, cfg, p, metrics: dict, mid_epoch: bool = False) -> ckpt_mod.Checkpoint:
         """The whole run as a Checkpoint: the network's description, weights (the average with
         EMA) and the resume state."""
+        from ..models import user
         weights = self.averaged_weights() if self.ema is not None else self.model.state_dict()
         return ckpt_mod.Checkpoint(cfg.model, dict(cfg.model_args), len(p.classes), weights,
                                    list(p.classes), {"mean": p.mean, "std": p.std, "size": cfg.image_size},
-                                   cfg.to_dict(), metrics, self.epoch, self.state_dict(mid_epoch))
+                                   cfg.to_dict(), metrics, self.epoch, self.state_dict(mid_epoch),
+                                   model_source=user.source_of(cfg.model) if user.is_file_ref(cfg.model) else {})

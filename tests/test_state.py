@@ -1,0 +1,284 @@
+"""What a resume depends on, piece by piece and fast: the Loader's data order and augmentation
+state, the running sums of a partial epoch, and TrainState's round trip through a checkpoint
+(optimiser, schedule, EMA, generators, global RNG, position, history). The end-to-end resume
+tests (tests/test_train.py) show the whole works; these say which piece broke."""
+import pytest
+import torch
+
+from cifarkit import TrainConfig, create_model
+from cifarkit.data.tensors import TensorSplit
+from cifarkit.distributed import Dist
+from cifarkit.optim import make_optimizer, make_scheduler
+from cifarkit.training.loader import Loader, epoch_size
+from cifarkit.training.state import EpochSums, TrainState
+
+CPU = torch.device("cpu")
+
+
+def _split(n=40, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorSplit(torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
+                       torch.arange(n) % 3)
+
+
+def _cfg(**kw):
+    base = dict(batch_size=8, seed=3, flip=True, crop_pad=1, cutout=2, image_size=8, epochs=4,
+                channels_last=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _loader(cfg, split=None, dist=None):
+    return Loader(split or _split(), cfg, [0.5] * 3, [0.25] * 3, CPU, dist or Dist())
+
+
+def test_epoch_size_follows_progressive_then_image_size():
+    cfg = _cfg(progressive=[4, 6], image_size=8)
+    assert [epoch_size(cfg, e) for e in range(4)] == [4, 6, 8, 8]
+
+
+def test_loader_batches_cover_the_epoch_once_and_are_normalised():
+    cfg = _cfg(flip=False, crop_pad=0, cutout=0)
+    split = _split(20)
+    ld = _loader(cfg, split)
+    assert ld.steps_per_epoch == 3                       # 20 images in batches of 8: 8, 8, 4
+    ld.start_epoch(0)
+    xs, ys = zip(*[ld.batch(s)[:2] for s in range(3)])
+    assert [len(y) for y in ys] == [8, 8, 4]
+    x = torch.cat(xs)
+    # every image once: undo the normalisation and match the raw pixels as a multiset
+    raw = (x * 0.25 + 0.5) * 255
+    assert torch.allclose(raw.round().sum((1, 2, 3)).sort().values,
+                          split.x.float().sum((1, 2, 3)).sort().values)
+    assert sorted(torch.cat(ys).tolist()) == sorted(split.y.tolist())
+    assert ld.batch(0)[2] == 8                            # the global batch size
+
+
+def test_loader_draws_a_new_order_each_epoch_fixed_by_the_seed():
+    a, b = _loader(_cfg()), _loader(_cfg())
+    a.start_epoch(0)
+    first = a.perm.clone()
+    a.start_epoch(1)
+    assert not torch.equal(first, a.perm)
+    b.start_epoch(0)
+    assert torch.equal(first, b.perm)
+    c = _loader(_cfg(seed=4))
+    c.start_epoch(0)
+    assert not torch.equal(first, c.perm)
+
+
+@pytest.mark.parametrize("alt", [False, True])
+def test_loader_state_mid_epoch_resumes_the_same_batches(alt):
+    cfg = _cfg(alt_flip=alt)
+    a = _loader(cfg)
+    a.start_epoch(0)
+    a.end_epoch()
+    a.start_epoch(1)
+    for s in range(2):
+        a.batch(s)
+    saved = a.state_dict()                                # mid-epoch 1, after 2 steps
+    rest = [a.batch(s)[0] for s in range(2, a.steps_per_epoch)]
+    a.end_epoch()
+    a.start_epoch(2)
+    nxt = a.batch(0)[0]
+
+    b = _loader(cfg)
+    b.load_state_dict(saved)
+    b.start_epoch(1)                                      # the epoch's own permutation again
+    assert all(torch.equal(r, b.batch(s)[0]) for s, r in zip(range(2, b.steps_per_epoch), rest))
+    b.end_epoch()
+    b.start_epoch(2)
+    assert torch.equal(nxt, b.batch(0)[0])
+
+
+def test_loader_state_at_an_epoch_end_starts_the_next_epoch():
+    a = _loader(_cfg())
+    a.start_epoch(0)
+    a.batch(0)
+    a.end_epoch()
+    saved = a.state_dict()
+    a.start_epoch(1)
+    want = (a.perm.clone(), a.batch(0)[0])
+    b = _loader(_cfg())
+    b.load_state_dict(saved)
+    b.start_epoch(1)
+    assert torch.equal(want[0], b.perm) and torch.equal(want[1], b.batch(0)[0])
+
+
+def test_loader_alternating_flip_mirrors_each_image_every_other_epoch():
+    cfg = _cfg(alt_flip=True, crop_pad=0, cutout=0, batch_size=40)
+    split = _split(40)
+    ld = _loader(cfg, split)
+    seen = []
+    for epoch in range(2):
+        ld.start_epoch(epoch)
+        x, _, _ = ld.batch(0)
+        order = ld.perm
+        seen.append(x[order.argsort()])                    # back in the split's order
+    assert torch.equal(seen[0], seen[1].flip(3))           # epoch 1 = epoch 0 mirrored, image by image
+    assert ld.flip_bits is not None and 0 < int(ld.flip_bits.sum()) < 40
+
+
+def test_loader_resizes_progressive_epochs_and_slices_for_ddp():
+    cfg = _cfg(progressive=[4], batch_size=8, flip=False, crop_pad=0, cutout=0)
+    ld = _loader(cfg)
+    ld.start_epoch(0)
+    assert ld.batch(0)[0].shape[-2:] == (4, 4)
+    ld.start_epoch(1)
+    assert ld.batch(0)[0].shape[-2:] == (8, 8)
+    whole = _loader(cfg)
+    whole.start_epoch(1)
+    x_all, y_all, _ = whole.batch(0)
+    parts = []
+    for rank in range(2):
+        r = _loader(cfg, dist=Dist(rank=rank, world=2))
+        r.start_epoch(1)
+        x, y, n = r.batch(0)
+        assert n == 8 and len(y) == 4
+        parts.append((x, y))
+    # interleaved shares of the same global batch: rank r holds images r, r + 2, ...
+    assert torch.equal(parts[0][0], x_all[0::2]) and torch.equal(parts[1][0], x_all[1::2])
+    assert torch.equal(parts[0][1], y_all[0::2]) and torch.equal(parts[1][1], y_all[1::2])
+
+
+def test_loader_samples_do_not_touch_the_training_stream():
+    a, b = _loader(_cfg()), _loader(_cfg())
+    s1 = a.samples(4)
+    assert torch.equal(s1, a.samples(4)) and s1.dtype == torch.uint8 and len(s1) == 4
+    a.start_epoch(0)
+    b.start_epoch(0)
+    assert torch.equal(a.batch(0)[0], b.batch(0)[0])
+
+
+# ----------------------------------------------------------------------------- sums
+
+def test_epoch_sums_add_total_and_survive_a_checkpoint():
+    s = EpochSums(CPU)
+    out = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]], requires_grad=True)
+    y = torch.tensor([0, 0, 0])
+    s.add(torch.tensor(0.5), out, y)
+    s.images += 5
+    assert s.seen == 3 and s.correct.item() == 2 and s.loss.item() == pytest.approx(1.5)
+    t = s.totals()
+    assert t["loss"] == pytest.approx(1.5) and t["correct"] == 2 and t["seen"] == 3 and t["images"] == 5
+    saved = s.state_dict()
+    saved["seconds"] = 7.0
+    r = EpochSums(CPU, saved)
+    assert r.loss.item() == pytest.approx(1.5) and r.correct.item() == 2 and r.seen == 3 and r.images == 5
+    assert 7.0 <= r.seconds() < 8.0                        # time before the resume counts
+    older = {k: v for k, v in saved.items() if k != "images"}   # written before "images" existed
+    assert EpochSums(CPU, older).images == 3
+
+
+# ----------------------------------------------------------------------------- the whole state
+
+class _NoSelector:
+    def __init__(self):
+        self.loaded = None
+
+    def state_dict(self):
+        return {"proxy": torch.ones(2)} if self.loaded is None else self.loaded
+
+    def load_state_dict(self, s):
+        self.loaded = s
+
+
+def _state(ema: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = _cfg(optimizer="sgd", momentum=0.9, lr=0.1, schedule="linear", ema=0.5 if ema else 0.0,
+               model="tudui_relu", image_size=32)
+    model = create_model("tudui_relu", 3)
+    opt = make_optimizer(cfg, model)
+    sched = make_scheduler(cfg, opt, total_steps=20, steps_per_epoch=5)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    av = None
+    if ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        av = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
+    loader = _loader(cfg, _split(40, 32))
+    return cfg, TrainState(model, opt, sched, scaler, av, _NoSelector(), loader)
+
+
+def _steps(st, n):
+    for i in range(n):
+        x = torch.randn(4, 3, 32, 32)
+        loss = torch.nn.functional.cross_entropy(st.model(x), torch.tensor([0, 1, 2, 0]))
+        st.opt.zero_grad()
+        loss.backward()
+        st.opt.step()
+        st.sched.step()
+        if st.ema is not None:
+            st.ema.update_parameters(st.model)
+
+
+class _P:   # what TrainState.checkpoint reads from Prepared
+    classes, mean, std = ["a", "b", "c"], [0.1, 0.2, 0.3], [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_train_state_round_trips_through_a_checkpoint(ema, tmp_path):
+    from cifarkit import load_checkpoint, save_checkpoint
+    cfg, a = _state(ema)
+    a.loader.start_epoch(0)
+    a.loader.end_epoch()
+    a.loader.start_epoch(1)
+    _steps(a, 3)
+    a.loader.batch(0)
+    a.epoch, a.step = 1, 3
+    a.sums = EpochSums(CPU)
+    a.sums.add(torch.tensor(2.0), torch.eye(3)[[0, 1, 1]], torch.tensor([0, 1, 2]))
+    a.history = [{"epoch": 1, "val_acc": 0.5}]
+    ck = a.checkpoint(cfg, _P, {"interrupted_at_step": 8}, mid_epoch=True)
+    assert ck.epoch == 1 and ck.classes == ["a", "b", "c"] and ck.num_classes == 3
+    assert ck.preprocess == {"mean": [0.1, 0.2, 0.3], "std": [1.0, 1.0, 1.0], "size": 32}
+    raw = {k: v.clone() for k, v in a.model.state_dict().items()}
+    if ema:   # what is evaluated and shipped is the average; the raw weights travel for resume
+        avg = a.ema.module.state_dict()
+        assert all(torch.equal(ck.state_dict[k], avg[k]) for k in avg)
+        assert all(torch.equal(ck.extra["model_raw"][k], raw[k]) for k in raw)
+        assert not all(torch.equal(ck.state_dict[k], raw[k]) for k in raw)
+    else:
+        assert all(torch.equal(ck.state_dict[k], raw[k]) for k in raw) and "model_raw" not in ck.extra
+    save_checkpoint(ck, tmp_path / "last.ckpt")
+
+    _, b = _state(ema, seed=9)         # a different start in every piece
+    torch.manual_seed(77)
+    b.load_state_dict(load_checkpoint(tmp_path / "last.ckpt"))
+    assert (b.epoch, b.step, b.history) == (1, 3, [{"epoch": 1, "val_acc": 0.5}])
+    assert b.saved_sums["seen"] == 3 and b.saved_sums["correct"].item() == 2
+    assert all(torch.equal(v, raw[k]) for k, v in b.model.state_dict().items())   # the raw weights
+    if ema:
+        assert all(torch.equal(v, a.ema.state_dict()[k]) for k, v in b.ema.state_dict().items())
+    sa, sb = a.opt.state_dict(), b.opt.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    assert all(torch.equal(sa["state"][i]["momentum_buffer"], sb["state"][i]["momentum_buffer"]) for i in sa["state"])
+    assert b.sched.state_dict()["last_epoch"] == 3 and b.opt.param_groups[0]["lr"] == a.opt.param_groups[0]["lr"]
+    assert torch.equal(b.selector.loaded["proxy"], torch.ones(2))
+    # the loader continues the interrupted epoch: the same permutation, and the augmentation
+    # generator where it was (a's next batch is b's next batch)
+    b.loader.start_epoch(1)
+    a_perm = a.loader.perm.clone()
+    assert torch.equal(b.loader.perm, a_perm)
+    assert torch.equal(b.loader.batch(1)[0], a.loader.batch(1)[0])
+    # an end-of-epoch state has no partial sums and starts at step 0
+    a.epoch, a.step = 2, 0
+    end = a.state_dict(mid_epoch=False)["train_state"]
+    assert end["step_in_epoch"] == 0 and end["sums"] == {} and end["epoch"] == 2
+
+
+def test_train_state_restores_the_global_rng():
+    cfg, a = _state(False)
+    a.loader.start_epoch(0)
+    a.sums = EpochSums(CPU)
+    torch.manual_seed(42)
+    extra = a.state_dict(mid_epoch=True)
+    want = torch.rand(5)
+
+    class _Ck:
+        pass
+    ck = _Ck()
+    ck.extra, ck.state_dict = extra, a.model.state_dict()
+    _, b = _state(False, seed=3)
+    torch.manual_seed(0)
+    b.load_state_dict(ck)
+    assert torch.equal(torch.rand(5), want)
