@@ -71,6 +71,16 @@ def test_foreign_wrappers_and_prefixes(tmp_path, wrap):
     assert _same_outputs(m, ck.build_model())
 
 
+@pytest.mark.parametrize("key", ["state_dict", "model_state_dict", "model", "net", "weights", "params"])
+def test_every_common_wrapper_key_is_found(tmp_path, key):
+    """Training scripts save {'<key>': state_dict, 'optimizer': ..., 'epoch': ...}; each common key
+    is looked into (a wrong guess would be 'holds no model weights')."""
+    m = create_model("tudui_relu", 10)
+    torch.save({key: m.state_dict(), "optimizer": {"lr": torch.tensor(0.1)}, "epoch": 3}, tmp_path / "f.pth")
+    ck = load_checkpoint(tmp_path / "f.pth", model="tudui_relu")
+    assert ck.epoch == 3 and _same_outputs(m, ck.build_model())
+
+
 def test_cuda_saved_tensors_map_to_cpu(tmp_path, monkeypatch):
     # A CUDA-saved file on a CPU-only machine: load_checkpoint must pass map_location.
     seen = {}
@@ -214,3 +224,102 @@ def test_output_path_under_a_file_is_a_clear_error(tmp_path):
     ck, _ = _ckpt()
     with pytest.raises(CifarkitError, match="cannot write"):
         save_checkpoint(ck, blocker / "x.ckpt")
+
+
+def test_saved_weights_are_detached_plain_tensors_and_other_state_is_kept(tmp_path):
+    w = torch.ones(2, 3, requires_grad=True)
+    ck = Checkpoint("tudui_relu", {}, 10, {"w": w * 2, "_extra_state": 3}, [str(i) for i in range(10)],
+                    {"mean": [0.0] * 3, "std": [1.0] * 3, "size": 32})
+    save_checkpoint(ck, tmp_path / "c.ckpt")
+    raw = torch.load(tmp_path / "c.ckpt", weights_only=True)
+    assert not raw["state_dict"]["w"].requires_grad and raw["state_dict"]["w"].grad_fn is None
+    assert torch.equal(raw["state_dict"]["w"], torch.full((2, 3), 2.0)) and raw["state_dict"]["_extra_state"] == 3
+
+
+def test_a_checkpoint_naming_a_file_is_refused_without_model_and_says_which(tmp_path):
+    ck = Checkpoint("/somewhere/net.py:Net", {}, 10, {"w": torch.ones(1)}, [str(i) for i in range(10)],
+                    {"mean": [0.0] * 3, "std": [1.0] * 3, "size": 32},
+                    model_source={"path": "/elsewhere/net.py", "name": "Net2", "sha256": "0" * 64})
+    save_checkpoint(ck, tmp_path / "c.ckpt")
+    with pytest.raises(CifarkitError) as e:
+        load_checkpoint(tmp_path / "c.ckpt")
+    # the recorded source names the file: its path and name, in the message and the hint
+    assert "/elsewhere/net.py:Net2" in e.value.message and "--model /elsewhere/net.py:Net2" in e.value.hint
+    assert "never imports code that a checkpoint names" in e.value.message
+    with pytest.raises(CifarkitError) as e:
+        load_checkpoint(tmp_path / "c.ckpt", model="tudui")
+    assert "not the registered 'tudui'" in e.value.message and e.value.hint == "pass --model /elsewhere/net.py:Net2"
+    # the file is only read when the network is built: a moved or unrecorded file loads the weights
+    assert load_checkpoint(tmp_path / "c.ckpt", model=str(tmp_path / "moved.py") + ":Net2").model_name.endswith("moved.py:Net2")
+    bare = Checkpoint("/somewhere/net.py:Net", {}, 10, {"w": torch.ones(1)}, [str(i) for i in range(10)],
+                      {"mean": [0.0] * 3, "std": [1.0] * 3, "size": 32})
+    save_checkpoint(bare, tmp_path / "b.ckpt")
+    with pytest.raises(CifarkitError, match="/somewhere/net.py:Net"):
+        load_checkpoint(tmp_path / "b.ckpt")
+    mine = tmp_path / "net.py"
+    mine.write_text("x = 1\n")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # no hash recorded: nothing to compare, no warning
+        assert load_checkpoint(tmp_path / "b.ckpt", model=f"{mine}:Net").model_name == f"{mine}:Net"
+
+
+@pytest.mark.parametrize("text, pickled", [
+    ("Weights only load failed. Re-running with weights_only=False would run code", True),
+    ("Unsupported global: GLOBAL mymodule.Net was not an allowed global", True),
+    ("Unsupported operand 149", True),
+    ("invalid load key, 'x'.", False),
+])
+def test_unpickling_errors_are_sorted_into_pickled_code_or_a_damaged_file(tmp_path, monkeypatch, text, pickled):
+    """torch.load(weights_only=True) refuses a pickle in several wordings; each one names the
+    pickle and the trusted way in, anything else is a damaged file. Either way nothing is unpickled."""
+    f = tmp_path / "m.pth"
+    f.write_bytes(b"x")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(pickle.UnpicklingError(text)))
+    with pytest.raises(CifarkitError) as e:
+        load_checkpoint(f)
+    if pickled:
+        assert "holds pickled Python objects" in e.value.message and "can run arbitrary code" in e.value.message
+        assert e.value.hint == f"if you trust its source: cifarkit convert {f} --trust-pickle --out safe.ckpt"
+    else:
+        assert e.value.message == f"{f} is not a readable checkpoint ({text})"
+
+
+@pytest.mark.parametrize("exc, first", [(EOFError(), "EOFError"), (RuntimeError("x" * 300 + "\nmore"), "x" * 160)])
+def test_other_read_errors_name_the_first_line_or_the_error_type(tmp_path, monkeypatch, exc, first):
+    f = tmp_path / "m.pth"
+    f.write_bytes(b"x")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(exc))
+    with pytest.raises(CifarkitError) as e:
+        load_checkpoint(f)
+    assert e.value.message == f"{f} is not a readable checkpoint: {first}"
+    assert e.value.hint == "the file is truncated, damaged or not a PyTorch/safetensors file"
+
+
+def test_stacked_prefixes_are_all_stripped_and_a_misfit_names_where():
+    from cifarkit.checkpoint import load_weights, strip_prefixes
+    assert strip_prefixes({"module._orig_mod.fc.w": 1, "_orig_mod.module.b": 2, "c": 3}) == {"fc.w": 1, "b": 2, "c": 3}
+    m = create_model("tudui_relu", 10)
+    with pytest.raises(CifarkitError) as e:
+        load_weights(m, {"nothing": torch.ones(1)})
+    assert e.value.message.startswith("checkpoint does not fit model Sequential")
+
+
+def test_a_misfit_lists_up_to_four_keys_per_kind_and_counts_the_rest():
+    from cifarkit.checkpoint import load_weights
+    m = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(3)])   # 0.weight ... 2.bias
+    sd = {k: v for k, v in m.state_dict().items() if k.startswith("2.")}    # 4 keys missing
+    sd["2.weight"] = torch.zeros(3, 2)                                      # one shape mismatch
+    sd.update({f"extra{i}": torch.zeros(1) for i in range(6)})               # 6 unexpected
+    with pytest.raises(CifarkitError) as e:
+        load_weights(m, sd, "f.pth")
+    assert e.value.message == (
+        "f.pth does not fit model Sequential: missing keys: 0.weight, 0.bias, 1.weight, 1.bias; "
+        "unexpected keys: extra0, extra1, extra2, extra3 (+2 more); "
+        "shape mismatches: 2.weight (3, 2) vs model (2, 2)")
+    assert e.value.hint == "pass the --model (and --num-classes) the weights were trained with"
+    five = {k: v for k, v in m.state_dict().items() if k.startswith("2.")}
+    five.update({f"x{i}": torch.zeros(1) for i in range(5)})
+    with pytest.raises(CifarkitError) as e:
+        load_weights(m, five, "g")
+    assert "unexpected keys: x0, x1, x2, x3 (+1 more)" in e.value.message

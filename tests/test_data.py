@@ -272,3 +272,16 @@ def test_partly_extracted_folder_without_archive_offline_names_the_fix(tmp_path,
         load_cifar10(tmp_path / "root", download=True)
     msg = str(e.value)
     assert "cifar-10-python.tar.gz" in msg and "--data-root" in msg and "\n" not in msg
+
+
+def test_split_apportions_the_remainder_to_the_largest_fractions():
+    from cifarkit.data.tensors import stratified_split
+    y = torch.tensor([0] * 5 + [1] * 3 + [2] * 2)
+    # exact shares of 4 held out: 2.0, 1.2, 0.8 -> 2, 1, 0 and the one left to class 2 (0.8)
+    _, va = stratified_split(y, 4, seed=0)
+    assert torch.bincount(y[va], minlength=3).tolist() == [2, 1, 1]
+    _, one = stratified_split(y, 1, seed=0)
+    assert len(one) == 1 and y[one].item() == 0          # largest share: 0.5 of class 0
+    with pytest.raises(CifarkitError, match="leaves no training images") as e:
+        stratified_split(y, 10, seed=0)
+    assert "smaller --val-size" in e.value.hint and "val/ folder" in e.value.hint

@@ -140,3 +140,39 @@ def test_top5_counts_the_true_class_among_the_five_highest_scores():
     y = [0, 4, 5, 6]                   # ranks 1, 5 (in the top 5), 6, 7 (not)
     r = evaluate(Ranked(), _split(y), list("abcdefg"), [0] * 3, [1] * 3, torch.device("cpu"))
     assert r.top5 == pytest.approx(2 / 4) and r.accuracy == pytest.approx(1 / 4)
+
+
+def test_class_metrics_of_an_empty_confusion_are_undefined_not_an_error():
+    from cifarkit.evaluate import class_metrics
+    recall, precision, f1, macro = class_metrics(torch.zeros(2, 2, dtype=torch.long), ["a", "b"])
+    assert recall == {"a": None, "b": None} and precision == {"a": None, "b": None}
+    assert macro == {"recall": None, "precision": None, "f1": None}
+
+
+def test_evaluate_defaults_one_view_no_probabilities_and_keeps_them_when_asked():
+    class LeftPixel(torch.nn.Module):   # looks at the left column only: a mirror changes its answer
+        def forward(self, x):
+            return torch.stack([x[:, 0, 0, 0], -x[:, 0, 0, 0]], 1) * 10
+    x = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    x[:, :, :, 0] = 255                 # bright left edge -> class 0; mirrored it would be class 1
+    split = TensorSplit(x, torch.tensor([0, 0]))
+    r = evaluate(LeftPixel(), split, ["a", "b"], [0.5] * 3, [0.5] * 3, torch.device("cpu"))
+    assert r.accuracy == 1.0            # a single, unmirrored view by default
+    assert r.probs is None and r.labels is None
+    k = evaluate(LeftPixel(), split, ["a", "b"], [0.5] * 3, [0.5] * 3, torch.device("cpu"), keep_probs=True)
+    assert torch.allclose(k.probs.sum(1), torch.ones(2)) and k.probs.shape == (2, 2) and k.probs[0, 0] > 0.99
+    assert torch.equal(k.labels, torch.tensor([0, 0]))
+
+
+def test_empty_data_gives_nan_and_empty_tables():
+    import math
+    empty = TensorSplit(torch.zeros(0, 3, 4, 4, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
+    r = evaluate(_Lookup([0], 3), empty, ["a", "b", "c"], [0] * 3, [1] * 3, torch.device("cpu"))
+    assert math.isnan(r.accuracy) and math.isnan(r.loss) and r.n == 0
+    assert r.per_class == {} and r.confusion == []
+
+
+def test_top5_with_exactly_five_classes():
+    r = evaluate(_Lookup([0, 1, 2, 3, 4], 5), _split([0, 1, 2, 3, 4]), list("abcde"), [0] * 3, [1] * 3,
+                 torch.device("cpu"))
+    assert r.top5 == 1.0                # every class is among the 5 highest of 5

@@ -162,6 +162,7 @@ def test_an_export_that_differs_from_pytorch_is_refused_and_leaves_no_file(tmp_p
     rc = main(["export", str(out / "best.ckpt"), "--format", fmt, "--out", str(target)])
     err = capsys.readouterr().err
     assert rc == 1 and "differs from PyTorch by 1.00e-03" in err and "was not written" in err
+    assert "please report this model/exporter combination" in err
     assert list(dest.iterdir()) == []                  # neither the file nor its temp file
 
 
@@ -180,3 +181,16 @@ def test_missing_optional_packages_give_one_line(trained_run, tmp_path, capsys, 
     rc = main(["serve", str(trained_run[1] / "best.ckpt"), "--port", "1"])
     err = capsys.readouterr().err
     assert rc == 1 and "cifarkit[serve]" in err
+
+
+def test_an_export_exactly_at_the_tolerance_is_refused(tmp_path):
+    from cifarkit import CifarkitError
+    from cifarkit.export import TOLERANCE, _finish
+    tmp = tmp_path / ".m.onnx.x"
+    tmp.write_bytes(b"model")
+    with pytest.raises(CifarkitError, match="differs from PyTorch"):
+        _finish(str(tmp), tmp_path / "m.onnx", TOLERANCE, "ONNX")     # the limit itself is too much
+    assert not tmp.exists() and not (tmp_path / "m.onnx").exists()
+    tmp.write_bytes(b"model")
+    assert _finish(str(tmp), tmp_path / "m.onnx", TOLERANCE / 2, "ONNX") == TOLERANCE / 2
+    assert (tmp_path / "m.onnx").read_bytes() == b"model" and not tmp.exists()

@@ -338,3 +338,67 @@ def test_ready_line_says_which_ops_are_native(chooser, tmp_path, monkeypatch):
     # the network's 5 pool shapes and the 16/64/64 proxy's 3 more (the recipe has a proxy)
     assert len(logs) == 1 and "PyTorch's max-pool, faster on this CPU (8 shapes)" in logs[0], logs
     assert "shapes timed" in logs[0]
+
+
+def test_chooser_is_skipped_when_the_kernels_are_forced(chooser, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFARKIT_NATIVE", "always")
+    monkeypatch.setattr(kernels, "_time_op", lambda *a: pytest.fail("timed although forced"))
+    kernels._state["choice"] = {"x": False}
+    assert kernels.choose([_net()], [16], batch=8, cache=tmp_path / "c.json") == {"always": True}
+    assert kernels._state["choice"] is None and not (tmp_path / "c.json").exists()   # native everywhere
+
+
+def test_chooser_decides_with_a_margin_and_records_batch_and_threads(chooser, tmp_path, monkeypatch):
+    # native must be at least MARGIN faster: exactly at the margin it is not kept
+    ms = {"pool": {"pytorch": 100.0, "native": 100.0 * (1 - kernels.MARGIN)},
+          "wgrad": {"pytorch": 100.0, "native": 100.0 * (1 - kernels.MARGIN) - 0.01}}
+    asked = []
+    monkeypatch.setattr(kernels, "_time_op", lambda spec, batch, repeats: asked.append((batch, repeats)) or
+                        dict(ms[spec[0]]))
+    cache = tmp_path / "c.json"
+    got = kernels.choose([_net()], [16], batch=8, repeats=4, cache=cache)
+    assert got["pool"] == [0, 3] and set(asked) == {(8, 4)}
+    if kernels.conv_wgrad_available():
+        assert got["wgrad"][0] == got["wgrad"][1] > 0
+    entries = json.loads(cache.read_text())
+    assert got["timed"] == len(entries) == len(asked)
+    # the decisions are what the network's layers then follow
+    assert kernels._state["choice"] == {k.split(", ", 1)[1]: e["native_faster"] for k, e in entries.items()}
+    prefix = f"{torch.get_num_threads()} threads, "
+    assert all(k.startswith(prefix) for k in entries) and all(e["batch"] == 8 for e in entries.values())
+    # decisions made at another thread count are not reused
+    other = {k.replace(prefix, "99 threads, "): {**e, "native_faster": True} for k, e in entries.items()}
+    cache.write_text(json.dumps(other))
+    assert kernels.choose([_net()], [16], batch=8, cache=cache)["pool"] == [0, 3]
+    # cached decisions are used as they are, without timing again; by default the cache is beside the build
+    monkeypatch.setattr(kernels, "_time_op", lambda *a: pytest.fail("timed again despite the cache"))
+    flipped = {k: {**e, "native_faster": not e["native_faster"]} for k, e in json.loads(cache.read_text()).items()}
+    monkeypatch.setattr(kernels, "_cache_path", lambda: tmp_path / "beside_build.json")
+    (tmp_path / "beside_build.json").write_text(json.dumps(flipped))
+    again = kernels.choose([_net()], [16], batch=8)
+    assert again["pool"] == [3, 3] and again["timed"] == 0
+
+
+def test_chooser_skips_the_weight_gradient_where_the_cpu_lacks_it(chooser, tmp_path, monkeypatch):
+    class NoWgrad:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def has_conv3x3_wgrad(self):
+            return False
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+    monkeypatch.setitem(kernels._state, "module", NoWgrad(kernels._state["module"]))
+    timed = []
+    monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: timed.append(spec[0]) or
+                        {"pytorch": 2.0, "native": 1.0})
+    got = kernels.choose([_net()], [16], batch=8, cache=tmp_path / "c.json")
+    assert got["wgrad"] == [0, 0] and got["pool"] == [3, 3] and set(timed) == {"pool"}
+
+
+def test_best_ms_is_the_fastest_run_in_milliseconds():
+    import time
+    runs = iter([0.03, 0.01, 0.05])
+    got = kernels._best_ms({"a": lambda: time.sleep(next(runs, 0.03))}, repeats=3)
+    assert 9 < got["a"] < 25           # the 10 ms run, in ms (the median would be 30)

@@ -161,8 +161,9 @@ def test_epoch_sums_add_total_and_survive_a_checkpoint():
     assert s.seen == 3 and s.correct.item() == 2 and s.loss.item() == pytest.approx(1.5)
     t = s.totals()
     assert t["loss"] == pytest.approx(1.5) and t["correct"] == 2 and t["seen"] == 3 and t["images"] == 5
+    s.t0 -= 7.0                                             # as if the epoch had run for 7 s
     saved = s.state_dict()
-    saved["seconds"] = 7.0
+    assert 7.0 <= saved["seconds"] < 8.0
     r = EpochSums(CPU, saved)
     assert r.loss.item() == pytest.approx(1.5) and r.correct.item() == 2 and r.seen == 3 and r.images == 5
     assert 7.0 <= r.seconds() < 8.0                        # time before the resume counts
@@ -260,10 +261,12 @@ def test_train_state_round_trips_through_a_checkpoint(ema, tmp_path):
     a_perm = a.loader.perm.clone()
     assert torch.equal(b.loader.perm, a_perm)
     assert torch.equal(b.loader.batch(1)[0], a.loader.batch(1)[0])
-    # an end-of-epoch state has no partial sums and starts at step 0
-    a.epoch, a.step = 2, 0
-    end = a.state_dict(mid_epoch=False)["train_state"]
+    # an end-of-epoch state (the default) has no partial sums and starts at step 0
+    a.epoch, a.step = 2, 5
+    end = a.state_dict()["train_state"]
     assert end["step_in_epoch"] == 0 and end["sums"] == {} and end["epoch"] == 2
+    assert a.checkpoint(cfg, _P, {}).extra["train_state"]["step_in_epoch"] == 0
+    assert a.state_dict()["grad_scaler"] is None            # no fp16 loss scaling: nothing to keep
 
 
 def test_train_state_restores_the_global_rng():
@@ -282,3 +285,131 @@ def test_train_state_restores_the_global_rng():
     torch.manual_seed(0)
     b.load_state_dict(ck)
     assert torch.equal(torch.rand(5), want)
+
+
+def test_loader_reports_the_state_it_was_put_in():
+    a = _loader(_cfg())
+    a.start_epoch(0)
+    a.end_epoch()
+    saved = a.state_dict()
+    b = _loader(_cfg())
+    b.load_state_dict(saved)
+    again = b.state_dict()      # before its next epoch starts: the same state, not its own start
+    assert torch.equal(again["data_gen_epoch_start"], saved["data_gen_epoch_start"])
+    assert torch.equal(again["aug_gen"], saved["aug_gen"])
+
+
+class _Ck:
+    def __init__(self, extra, weights):
+        self.extra, self.state_dict = extra, weights
+
+
+def test_a_resume_checkpoint_that_does_not_fit_says_so():
+    from cifarkit import CifarkitError
+    cfg, a = _state(False)
+    a.loader.start_epoch(0)
+    a.sums = EpochSums(CPU)
+    extra = a.state_dict(mid_epoch=True)
+    wrong = {k: v for k, v in a.model.state_dict().items() if not k.endswith("bias")}
+    _, b = _state(False)
+    with pytest.raises(CifarkitError, match="resume checkpoint does not fit"):
+        b.load_state_dict(_Ck(extra, wrong))
+
+
+def test_older_or_partial_resume_states_load():
+    """No history (an early format), EMA state but no EMA in this run, a grad scaler state while
+    fp16 is off: each piece restores what is there and leaves the rest."""
+    cfg, a = _state(True)
+    a.loader.start_epoch(0)
+    a.sums = EpochSums(CPU)
+    extra = a.state_dict(mid_epoch=False)
+    extra.pop("history")
+    extra["grad_scaler"] = {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                            "growth_interval": 2000, "_growth_tracker": 0}
+    _, b = _state(False)                       # no EMA here
+    b.load_state_dict(_Ck(extra, extra["model_raw"]))
+    assert b.history == [] and not b.scaler.is_enabled()
+
+
+def test_an_fp16_loss_scale_resumes():
+    cfg, a = _state(False)
+    a.scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=256.0)
+    a.loader.start_epoch(0)
+    a.sums = EpochSums(CPU)
+    extra = a.state_dict(mid_epoch=True)
+    assert extra["grad_scaler"]["scale"] == 256.0
+    _, b = _state(False)
+    b.scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=65536.0)
+    b.load_state_dict(_Ck(extra, a.model.state_dict()))
+    assert b.scaler.get_scale() == 256.0
+
+
+def test_epoch_sums_accumulate_over_batches_as_exact_counts():
+    s = EpochSums(CPU)
+    assert s.seconds() < 0.5 and s.correct.dtype == torch.int64 and s.loss.device.type == "cpu"
+    s.add(torch.tensor(1.0), torch.eye(2)[[0, 1]], torch.tensor([0, 0]))      # 1 of 2 right
+    s.add(torch.tensor(3.0), torch.eye(2)[[1, 1, 1]], torch.tensor([1, 1, 0]))  # 2 of 3 right
+    assert s.seen == 5 and s.correct.item() == 3 and s.loss.item() == pytest.approx(1.0 * 2 + 3.0 * 3)
+
+
+def test_loader_augments_as_configured():
+    split = _split(8, 8)
+    plain = _loader(_cfg(flip=False, crop_pad=0, cutout=0, batch_size=8), split)
+    plain.start_epoch(0)
+    base, _, _ = plain.batch(0)
+    for kw in ({"crop_pad": 2}, {"cutout": 3}):
+        ld = _loader(_cfg(flip=False, batch_size=8, **{"crop_pad": 0, "cutout": 0, **kw}), split)
+        ld.start_epoch(0)
+        assert not torch.equal(ld.batch(0)[0], base), kw       # the augmentation is applied
+    cut = _loader(_cfg(flip=False, crop_pad=0, cutout=3, batch_size=8), split)
+    cut.start_epoch(0)
+    zero = (0 - 0.5) / 0.25                                     # a zeroed pixel, normalised
+    assert ((cut.batch(0)[0] == zero).all(1).flatten(1).sum(1) >= 1).all()   # a hole in every image
+    # random flips unless --alt-flip asks for alternating ones
+    assert _loader(_cfg(flip=True, alt_flip=False)).flip_bits is None
+
+
+def test_progressive_batches_are_antialiased_downscales_of_the_full_size_ones():
+    import torch.nn.functional as F
+    split = _split(8, 8)
+    small = _loader(_cfg(flip=False, crop_pad=0, cutout=0, batch_size=8, progressive=[4]), split)
+    full = _loader(_cfg(flip=False, crop_pad=0, cutout=0, batch_size=8), split)
+    small.start_epoch(0)
+    full.start_epoch(0)
+    want = F.interpolate(full.batch(0)[0], size=(4, 4), mode="bilinear", antialias=True, align_corners=False)
+    assert torch.allclose(small.batch(0)[0], want, atol=1e-6)
+
+
+@pytest.mark.parametrize("cl", [True, False])
+def test_loader_batches_follow_the_memory_layout_setting(cl):
+    ld = _loader(_cfg(channels_last=cl, flip=False, crop_pad=0, cutout=0))
+    ld.start_epoch(0)
+    x = ld.batch(0)[0]
+    assert x.is_contiguous(memory_format=torch.channels_last) == cl and x.is_contiguous() != cl
+
+
+def test_a_new_loader_reports_its_seeded_start_state():
+    ld = _loader(_cfg(seed=11))
+    assert torch.equal(ld.state_dict()["data_gen_epoch_start"], torch.Generator().manual_seed(11).get_state())
+
+
+def test_the_balanced_sampler_draws_each_class_about_equally():
+    y = torch.tensor([0] * 60 + [1] * 15 + [2] * 5)
+    split = TensorSplit(torch.zeros(80, 3, 8, 8, dtype=torch.uint8), y)
+    ld = _loader(_cfg(balance="sampler"), split)
+    drawn = []
+    for epoch in range(5):
+        ld.start_epoch(epoch)
+        drawn.append(y[ld.perm])
+    share = torch.bincount(torch.cat(drawn), minlength=3).double() / (5 * 80)
+    assert (share - 1 / 3).abs().max() < 0.08 and len(drawn[0]) == 80     # an epoch is as long as before
+    plain = _loader(_cfg(), split)
+    plain.start_epoch(0)
+    assert sorted(plain.perm.tolist()) == list(range(80))                 # without it: each image once
+    again = _loader(_cfg(balance="sampler"), split)                       # fixed by the seed (resumable)
+    torch.manual_seed(123)                                                # whatever the global RNG does
+    again.start_epoch(0)
+    first = _loader(_cfg(balance="sampler"), split)
+    torch.manual_seed(7)
+    first.start_epoch(0)
+    assert torch.equal(again.perm, first.perm)

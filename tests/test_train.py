@@ -523,3 +523,50 @@ def test_mixup_and_cutmix_train_on_soft_targets_and_still_learn(tiny_folder, tmp
     assert torch.allclose(t.sum(1), torch.ones(len(t)))          # each row a distribution over classes
     assert ((t > 0) & (t < 1)).any()                            # and some rows really are mixed
     assert s["best_val_acc"] >= 0.9                             # it still learns the easy classes
+
+
+@pytest.fixture
+def unbalanced_folder(tmp_path):
+    from helpers import make_folder
+    root = make_folder(tmp_path / "unbalanced", classes=("a", "b", "c"), n_per_class=40)
+    for f in sorted((root / "train" / "c").iterdir())[8:]:   # c keeps 8 of 40
+        f.unlink()
+    return root
+
+
+def test_class_counts_are_printed_and_a_large_imbalance_warns(unbalanced_folder, tmp_path):
+    logs = []
+    with pytest.warns(UserWarning, match=r"unbalanced classes: [ab] has 3\d training images, c [5-8] .*--balance"):
+        train(_cfg(unbalanced_folder, tmp_path / "r", epochs=1, val_size=12), progress=False, log=logs.append)
+    line = next(l for l in logs if l.startswith("classes: "))
+    counts = dict(part.rsplit(" ", 1) for part in line[len("classes: "):].split(", "))
+    assert set(counts) == {"a", "b", "c"} and int(counts["c"]) <= 8
+    assert sum(map(int, counts.values())) == 88 - 12            # the training images, after the val split
+
+
+def test_balance_weights_and_sampler(unbalanced_folder, tmp_path, monkeypatch):
+    seen = {"weight": [], "labels": []}
+    real = torch.nn.CrossEntropyLoss.forward
+
+    def spy(self, logits, target):
+        if torch.is_grad_enabled():
+            seen["weight"].append(self.weight)
+            seen["labels"].append(target.detach().clone())
+        return real(self, logits, target)
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", spy)
+    train(_cfg(unbalanced_folder, tmp_path / "w", epochs=1, val_size=12, balance="weights"),
+          progress=False, log=lambda *a: None)
+    w = seen["weight"][0]
+    y = torch.cat(seen["labels"])
+    n_c = torch.bincount(y, minlength=3).double()              # one epoch: every training image once
+    assert torch.allclose(w.double(), len(y) / (3 * n_c), rtol=1e-6)
+    assert w[2] > 3 * w[0]                                     # the small class weighs most
+    seen["labels"].clear()
+    train(_cfg(unbalanced_folder, tmp_path / "s", epochs=4, val_size=12, balance="sampler"),
+          progress=False, log=lambda *a: None)
+    y = torch.cat(seen["labels"])
+    share = torch.bincount(y, minlength=3).double() / len(y)
+    assert share[2] > 0.2                                      # c is ~0.08 of the images, ~1/3 of the draws
+    assert (share - 1 / 3).abs().max() < 0.12
+    with pytest.raises(CifarkitError, match="--balance weights"):
+        TrainConfig(balance="weights", loss="mse").validate()

@@ -21,7 +21,7 @@ def temp_beside(path: Path, suffix: str = ".tmp") -> str:
     Temp files left by a writer that was killed are swept first: they are named ``.NAME.*SUFFIX``.
     """
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = path.parent   # Path("name").parent is Path("."): a bare name writes into the current folder
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob(f".{path.name}.*{suffix}"):
@@ -45,7 +45,7 @@ def commit(tmp: str, path: Path) -> None:
         os.close(fd)
     os.replace(tmp, path)
     try:
-        dfd = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY)
+        dfd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:

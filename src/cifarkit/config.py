@@ -22,6 +22,8 @@ CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda", "mps"),
     "tta": ("none", "flip", "flip_translate", "multi"),
+    "balance": ("none", "weights", "sampler"),
+    "freeze": ("none", "backbone"),
 }
 
 
@@ -39,6 +41,9 @@ class TrainConfig:
     model: str = setting("tudui", "network from the registry (see `cifarkit models`), or your own "
                                   "nn.Module: path/to/file.py:Name")
     model_args: dict = setting({}, "the network's settings, e.g. {widths: [64, 256, 256]} (YAML only)")
+    pretrained: bool = setting(False, "start from torchvision's ImageNet weights (tv_resnet18, ..., vgg16; "
+                                      "their normalisation too) with a new head for the data's classes")
+    freeze: str = setting("none", "backbone: train only the head (the last linear layer)")
     # data
     data: str = setting("cifar10", "'cifar10' (downloaded when missing) or a folder DIR/train/<class>/*.jpg")
     data_root: str | None = setting(None, "where CIFAR-10 is stored/downloaded (default $CIFARKIT_DATA "
@@ -55,6 +60,8 @@ class TrainConfig:
                                     "the rest (optim.py)")
     optimizer_args: dict = setting({}, "muon's settings, e.g. {bias_lr: 0.053} (optim.MUON_DEFAULTS; YAML only)")
     lr: float = setting(0.01, "peak learning rate (of the conv filters under muon)")
+    head_lr: float = setting(0.0, "sgd/adamw: the head's own peak learning rate (0 = --lr), e.g. 10x "
+                                  "the backbone's when fine-tuning")
     momentum: float = setting(0.0, "SGD momentum")
     nesterov: bool = setting(False, "Nesterov momentum (SGD)")
     weight_decay: float = setting(0.0, "weight decay: decoupled for adamw, L2 for sgd (biases and norm "
@@ -62,6 +69,9 @@ class TrainConfig:
     schedule: str = setting("constant", "learning-rate schedule after warm-up")
     warmup_epochs: float = setting(0.0, "linear warm-up from 0, in epochs (may be fractional)")
     label_smoothing: float = setting(0.0, "label smoothing of the targets")
+    balance: str = setting("none", "unbalanced classes: weights (the loss weighs each class by its inverse "
+                                   "frequency) or sampler (each epoch draws images class-balanced, with "
+                                   "replacement)")
     loss: str = setting("ce", "ce (cross-entropy), mse or l1 (on softmax vs one-hot)")
     ema: float = setting(0.0, "exponential moving average of the weights, decay per step (0 = off)")
     clip_grad: float = setting(0.0, "clip the gradients' global norm to this value before each step (0 = off)")
@@ -122,7 +132,7 @@ class TrainConfig:
                 raise CifarkitError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}",
                                     exit_code=2)
         for key in ("val_size", "crop_pad", "cutout", "warmup_epochs", "weight_decay",
-                    "momentum", "eval_every", "threads", "clip_grad", "patience", "mixup", "cutmix"):
+                    "momentum", "eval_every", "threads", "clip_grad", "patience", "mixup", "cutmix", "head_lr"):
             if getattr(self, key) < 0:
                 raise CifarkitError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(self, key)}",
                                     exit_code=2)
@@ -150,6 +160,15 @@ class TrainConfig:
         if self.hard_proxy and self.hard_fraction == 1:
             raise CifarkitError("--hard-proxy scores images for --hard-fraction, which is 1 (train on all)",
                                 "add e.g. --hard-fraction 0.5, or drop --hard-proxy", exit_code=2)
+        if self.pretrained:
+            from .models.pretrained import weights_for
+            weights_for(self.model)   # refuses networks without ImageNet weights, before any data
+        if self.head_lr and self.optimizer == "muon":
+            raise CifarkitError("--head-lr is for sgd/adamw; muon sets the head's rate in optimizer_args",
+                                "set optimizer_args: {head_lr: ...} in a --config YAML", exit_code=2)
+        if self.balance == "weights" and self.loss != "ce":
+            raise CifarkitError(f"--balance weights weighs the cross-entropy; --loss {self.loss} has no class weights",
+                                "use --loss ce, or --balance sampler", exit_code=2)
         if (self.mixup or self.cutmix) and self.loss != "ce":
             raise CifarkitError(f"--mixup/--cutmix give soft targets, which --loss {self.loss} does not take",
                                 "use --loss ce with them", exit_code=2)
@@ -214,6 +233,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     "resnet18": dict(model="resnet18", epochs=30, batch_size=128, lr=0.1, momentum=0.9,
                      nesterov=True, weight_decay=5e-4, schedule="onecycle", warmup_epochs=2,
                      flip=True, crop_pad=4, label_smoothing=0.1),
+    # Fine-tuning torchvision's ImageNet ResNet-18 on your own photos: its weights, normalisation
+    # and 224 px input; AdamW with the new head at 10x the backbone's rate (the backbone already
+    # knows images, the head starts from nothing), a short cosine schedule, flips and small shifts.
+    "finetune": dict(model="tv_resnet18", pretrained=True, image_size=224, epochs=8, batch_size=32,
+                     optimizer="adamw", lr=1e-4,       # backbone: small steps keep what it learned
+                     head_lr=1e-3, weight_decay=0.05, schedule="cosine", warmup_epochs=0.5,
+                     flip=True, crop_pad=16,           # pixels at 224 px (about 7 %)
+                     label_smoothing=0.1),
     # Speed run tuned for CPU FLOPs; see docs/benchmarks.md for its measured accuracy and time.
     "fast": dict(
         # Three conv groups of 64/224/320 channels with 2/3/3 convolutions, each group's convolutions

@@ -162,7 +162,7 @@ def parse_input(text: str) -> tuple[int, ...]:
     return dims
 
 
-def print_summary(rows: list[Row], total_params: int, title: str) -> None:
+def print_summary(rows: list[Row], total_params: int, title: str, trainable: int | None = None) -> None:
     print(title)
     w = max([len(r.name) for r in rows] + [5])
     t = max([len(r.kind) for r in rows] + [4])
@@ -170,7 +170,9 @@ def print_summary(rows: list[Row], total_params: int, title: str) -> None:
     for r in rows:
         shape = "×".join(map(str, r.out_shape))
         print(f"{r.name:<{w}}  {r.kind:<{t}}  {shape:<14}  {r.params:>9,}  {r.macs:>11,}  {r.formula}")
-    print(f"total parameters {total_params:,}   mult-adds per image {sum(r.macs for r in rows):,}")
+    split = (f" ({trainable:,} trainable, {total_params - trainable:,} frozen)"
+             if trainable is not None else "")
+    print(f"total parameters {total_params:,}{split}   mult-adds per image {sum(r.macs for r in rows):,}")
 
 
 # ----------------------------------------------------------------------------- shape / solve
@@ -296,14 +298,22 @@ def cmd_summary(a) -> int:
 
     from .models import count_parameters
     model, title, size = _model_from(a.target, a.num_classes, a.model)
+    if a.freeze == "backbone":   # what `train --freeze backbone` would train: the head only
+        from .models import head_parameters
+        head = {id(p) for p in head_parameters(model)}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in head)
     shape = parse_input(a.input) if a.input else (3, size or 32, size or 32)
     rows = summarize(model, shape)
     total = count_parameters(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if a.json:
         print(json.dumps({"input": list(shape), "layers": [r.to_json() for r in rows],
-                          "total_parameters": total, "total_mult_adds": sum(r.macs for r in rows)}))
+                          "total_parameters": total, "trainable_parameters": trainable,
+                          "frozen_parameters": total - trainable,
+                          "total_mult_adds": sum(r.macs for r in rows)}))
     else:
-        print_summary(rows, total, f"{title}, input {'×'.join(map(str, shape))}")
+        print_summary(rows, total, f"{title}, input {'×'.join(map(str, shape))}", trainable)
     return 0
 
 
@@ -367,6 +377,8 @@ def add_commands(sub) -> None:
     p.add_argument("--input", help="input size CxHxW (default 3x32x32 or the checkpoint's size)")
     p.add_argument("--num-classes", type=int, help="head size for a registry model (default 10)")
     p.add_argument("--model", help="for a checkpoint of your own network: its file.py:Name")
+    p.add_argument("--freeze", choices=("none", "backbone"), default="none",
+                   help="count as `train --freeze` would: backbone = only the head trains")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_summary)
 

@@ -85,10 +85,18 @@ def make_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     if cfg.optimizer == "muon":
         return _make_muon(cfg, model)
     # No weight decay on biases and norm weights (1-D tensors): decaying them only hurts.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    # With --head-lr, the head's parameters are groups of their own at that rate.
+    head = set()
+    if getattr(cfg, "head_lr", 0):
+        from .models import head_parameters
+        head = {id(p) for p in head_parameters(model)}
+    groups = []
+    for in_head in ((False, True) if head else (False,)):
+        ps = [p for p in model.parameters() if p.requires_grad and (id(p) in head) == in_head]
+        extra = {"lr": cfg.head_lr, "tag": "head"} if in_head else {}
+        groups += [{"params": [p for p in ps if p.ndim > 1], "weight_decay": cfg.weight_decay, **extra},
+                   {"params": [p for p in ps if p.ndim <= 1], "weight_decay": 0.0, **extra}]
+    groups = [g for g in groups if g["params"]] if head else groups
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,

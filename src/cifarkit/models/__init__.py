@@ -81,6 +81,15 @@ def parameter_roles(model: nn.Module) -> dict:
     return dict(declare()) if callable(declare) else {}
 
 
+def head_parameters(model: nn.Module) -> list:
+    """The classifier head's parameters: the network's declared "head" role, else its last nn.Linear."""
+    declared = parameter_roles(model).get("head")
+    if declared:
+        return list(declared)
+    from .pretrained import head_of
+    return list(head_of(model).parameters())
+
+
 def init_from_data(model: nn.Module, images) -> None:
     """Let a network set layers from training images before training, if it declares
     ``init_from_data(images)`` (normalised float NCHW; fast's whitening layer). Others: nothing."""
@@ -94,5 +103,5 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # Importing the family modules registers their models.
-from . import tudui, vgg, resnet, fast  # noqa: E402,F401
+from . import tudui, vgg, resnet, fast, pretrained  # noqa: E402,F401
 from . import user  # noqa: E402  (your own network from a file: --model file.py:Name)

@@ -43,7 +43,13 @@ class Loader:
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self._order_state = self.order_gen.get_state()
-        self.perm = torch.randperm(len(self.split), generator=self.order_gen).to(self.device)
+        n = len(self.split)
+        if self.cfg.balance == "sampler":   # every class equally likely per draw, with replacement
+            counts = torch.bincount(self.split.y.cpu()).double()
+            per_image = (1.0 / counts)[self.split.y.cpu()]
+            self.perm = torch.multinomial(per_image, n, replacement=True, generator=self.order_gen).to(self.device)
+        else:
+            self.perm = torch.randperm(n, generator=self.order_gen).to(self.device)
 
     def end_epoch(self) -> None:
         """From here a saved state starts the next epoch (a resume draws its permutation anew)."""

@@ -32,16 +32,17 @@ from ..optim import freeze_stopped, make_optimizer, make_scheduler
 from ..progress import Progress
 from .interrupt import DeferredInterrupt, NonFinite
 from .loader import Loader, batch_mixer, epoch_size
-from .prep import Prepared, prepare
+from .prep import Prepared, class_weights, prepare
 from .selective import Selector
 from .state import EpochSums, TrainState
 from .writer import RunWriter, epoch_line, final_line, summary as make_summary
 
 
-def make_loss(cfg: TrainConfig, num_classes: int):
-    """ce: cross-entropy on logits; mse/l1 (the notes' other losses): on softmax vs one-hot."""
+def make_loss(cfg: TrainConfig, num_classes: int, class_weights: torch.Tensor | None = None):
+    """ce: cross-entropy on logits; mse/l1 (the notes' other losses): on softmax vs one-hot.
+    ``class_weights`` (--balance weights) weigh each image's loss by its class."""
     if cfg.loss == "ce":
-        return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing)
     base = nn.MSELoss() if cfg.loss == "mse" else nn.L1Loss()
 
     def loss_fn(logits, y):
@@ -319,7 +320,8 @@ def _new_state(cfg: TrainConfig, p: Prepared, dist: Dist):
     total_steps = cfg.epochs * loader.steps_per_epoch
     opt = make_optimizer(cfg, model)
     sched = make_scheduler(cfg, opt, total_steps, loader.steps_per_epoch)
-    loss_fn = make_loss(cfg, len(p.classes))
+    weights = class_weights(p.train.y, len(p.classes)).to(p.device) if cfg.balance == "weights" else None
+    loss_fn = make_loss(cfg, len(p.classes), weights)
     scaler = torch.amp.GradScaler(p.device.type, enabled=p.precision == "fp16")
     selector = Selector(cfg, model, loss_fn, p, total_steps, loader.steps_per_epoch)
     ema = None

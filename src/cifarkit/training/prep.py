@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -79,8 +80,12 @@ def prepare(cfg: TrainConfig, progress: bool = True, log=print, dist: Dist | Non
     mean, std = channel_stats(train.x)
     log(f"data: {len(train)} train / {len(val)} val images, {len(bundle.classes)} classes, "
         f"{cfg.image_size}x{cfg.image_size} ({bundle.source}, {time.perf_counter() - t0:.1f}s)")
+    _report_classes(train, bundle.classes, cfg, log)
 
-    model = network if network is not None else create_model(cfg.model, len(bundle.classes), **cfg.model_args)
+    model = _network(cfg, network, len(bundle.classes), log)
+    if cfg.pretrained:   # the normalisation the weights were trained with, not this data's
+        from ..models.pretrained import preprocessing
+        mean, std = preprocessing(cfg.model)["mean"], preprocessing(cfg.model)["std"]
     init_from_data(model, whitening_sample(cfg, train.x, mean, std))
     check_sizes(model, cfg, len(bundle.classes))
     model = place(model, cfg, device)
@@ -88,6 +93,45 @@ def prepare(cfg: TrainConfig, progress: bool = True, log=print, dist: Dist | Non
     # The whole data set lives on the training device as uint8 (150 MB for CIFAR-10).
     return Prepared(cfg, device, precision, train.to(device), val.to(device), bundle.classes,
                     mean, std, model, {k: v for k, v in bundle.splits.items() if k != "val"})
+
+
+def _network(cfg: TrainConfig, network: nn.Module | None, num_classes: int, log) -> nn.Module:
+    """The network to train: the given instance, the ImageNet-pretrained one, or a new one."""
+    if network is not None:
+        model = network
+    elif cfg.pretrained:
+        from ..models.pretrained import build_pretrained, preprocessing
+        model = build_pretrained(cfg.model, num_classes)
+        size = preprocessing(cfg.model)["size"]
+        log(f"pretrained: {cfg.model} with torchvision's ImageNet weights, a new {num_classes}-class head"
+            + (f" (the weights were trained at {size} px; this run uses {cfg.image_size})"
+               if size != cfg.image_size else ""))
+    else:
+        model = create_model(cfg.model, num_classes, **cfg.model_args)
+    if cfg.freeze == "backbone":   # only the head trains
+        from ..models import head_parameters
+        head = {id(p) for p in head_parameters(model)}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in head)
+    return model
+
+
+def _report_classes(train: TensorSplit, classes: list, cfg: TrainConfig, log) -> None:
+    """Print the training images per class; warn when the largest class has over 3x the smallest."""
+    counts = torch.bincount(train.y.cpu(), minlength=len(classes)).tolist()
+    if len(classes) <= 12:
+        log("classes: " + ", ".join(f"{c} {n}" for c, n in zip(classes, counts)))
+    big, small = max(range(len(counts)), key=counts.__getitem__), min(range(len(counts)), key=counts.__getitem__)
+    if counts[big] > 3 * counts[small] and cfg.balance == "none":
+        warnings.warn(f"unbalanced classes: {classes[big]} has {counts[big]} training images, {classes[small]} "
+                      f"{counts[small]} ({counts[big] / max(counts[small], 1):.1f}x); accuracy then favours the "
+                      "large classes - consider --balance weights or --balance sampler")
+
+
+def class_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse class frequencies, scaled so that a balanced set gets weight 1 everywhere."""
+    counts = torch.bincount(y.cpu(), minlength=num_classes).double().clamp(min=1)
+    return (len(y) / (num_classes * counts)).float()
 
 
 def place(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
