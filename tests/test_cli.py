@@ -28,13 +28,16 @@ def test_eval_table_and_json(trained_run, capsys):
     data, run_dir = trained_run
     rc, out, _ = run(["eval", str(run_dir / "best.ckpt"), "--data", str(data), "--json"], capsys)
     r = json.loads(out)
-    assert rc == 0 and set(r) == {"accuracy", "loss", "n", "per_class", "confusion"}
-    assert r["n"] == 24 and r["accuracy"] > 0.8
+    assert rc == 0 and set(r) == {"accuracy", "top5", "loss", "n", "per_class", "recall", "precision", "f1",
+                                  "macro", "confusion"}
+    assert r["n"] == 24 and r["accuracy"] > 0.8 and r["top5"] is None      # 3 classes: no top-5
     assert sum(map(sum, r["confusion"])) == 24 and set(r["per_class"]) == {"cat", "dog", "ship"}
+    assert r["recall"] == r["per_class"] and set(r["macro"]) == {"recall", "precision", "f1"}
     rc, out, _ = run(["eval", str(run_dir / "best.ckpt"), "--split", "train", "--json"], capsys)
     assert json.loads(out)["n"] == 96          # default data: what the model was trained on
     rc, out, _ = run(["eval", str(run_dir / "best.ckpt"), "--data", str(data)], capsys)
     assert "val accuracy" in out and "confusion" in out and "ship" in out
+    assert "precision" in out and "macro mean" in out
 
 
 def test_predict_files_folders_modes_and_bad_file(trained_run, tmp_path, capsys):
