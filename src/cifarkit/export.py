@@ -112,24 +112,33 @@ def export_onnx(ckpt: Checkpoint, out, check_images=None, opset: int = 18) -> fl
     return _finish(tmp, out, diff, "ONNX")
 
 
-def export_torchscript(ckpt: Checkpoint, out, check_images=None) -> float:
+def _export_checked(ckpt: Checkpoint, out, check_images, suffix: str, name: str, doing: str, hint: str,
+                    write) -> float:
+    """Write the model to a temp file with ``write(model, example, tmp, extra_files)`` (which
+    returns the reloaded, callable model), compare it with PyTorch, and move it in place only if
+    it matches. Shared by the TorchScript and torch.export formats."""
     out = Path(out)
     model = ckpt.build_model("cpu").float().eval()
     size = int(ckpt.preprocess.get("size", 32))
-    tmp = atomic.temp_beside(out, ".pt")
+    tmp = atomic.temp_beside(out, suffix)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            traced = torch.jit.trace(model, torch.randn(2, 3, size, size))
-            extra = {"cifarkit.json": json.dumps(_metadata(ckpt))}
-            torch.jit.save(traced, tmp, _extra_files=extra)
-            loaded = torch.jit.load(tmp)
+            loaded = write(model, torch.randn(2, 3, size, size), tmp, {"cifarkit.json": json.dumps(_metadata(ckpt))})
         x = _check_inputs(ckpt, check_images)
         with torch.no_grad():
             diff = float((loaded(x) - model(x)).abs().max())
     except Exception as exc:
-        _failed(tmp, exc, f"TorchScript export of {ckpt.model_name}", "try --format onnx or safetensors")
-    return _finish(tmp, out, diff, "TorchScript")
+        _failed(tmp, exc, f"{doing} of {ckpt.model_name}", hint)
+    return _finish(tmp, out, diff, name)
+
+
+def export_torchscript(ckpt: Checkpoint, out, check_images=None) -> float:
+    def write(model, example, tmp, extra):
+        torch.jit.save(torch.jit.trace(model, example), tmp, _extra_files=extra)
+        return torch.jit.load(tmp)
+    return _export_checked(ckpt, out, check_images, ".pt", "TorchScript", "TorchScript export",
+                           "try --format onnx or safetensors", write)
 
 
 def export_pt2(ckpt: Checkpoint, out, check_images=None) -> float:
@@ -137,23 +146,13 @@ def export_pt2(ckpt: Checkpoint, out, check_images=None) -> float:
     TorchScript (whose ``torch.jit.trace`` this PyTorch deprecates). Its file format is not a
     pickle; ``torch.export.load(path).module()`` gives a callable model. Checked against PyTorch
     like the others."""
-    out = Path(out)
-    model = ckpt.build_model("cpu").float().eval()
-    size = int(ckpt.preprocess.get("size", 32))
-    tmp = atomic.temp_beside(out, ".pt2")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            batch = torch.export.Dim("batch", min=1, max=65536)
-            program = torch.export.export(model, (torch.randn(2, 3, size, size),), dynamic_shapes=({0: batch},))
-            torch.export.save(program, tmp, extra_files={"cifarkit.json": json.dumps(_metadata(ckpt))})
-            loaded = torch.export.load(tmp).module()
-        x = _check_inputs(ckpt, check_images)
-        with torch.no_grad():
-            diff = float((loaded(x) - model(x)).abs().max())
-    except Exception as exc:
-        _failed(tmp, exc, f"torch.export of {ckpt.model_name}", "try --format onnx or safetensors")
-    return _finish(tmp, out, diff, "pt2")
+    def write(model, example, tmp, extra):
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        torch.export.save(program, tmp, extra_files=extra)
+        return torch.export.load(tmp).module()
+    return _export_checked(ckpt, out, check_images, ".pt2", "pt2", "torch.export",
+                           "try --format onnx or safetensors", write)
 
 
 class OnnxPredictor(ImagePredictor):

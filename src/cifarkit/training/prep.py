@@ -85,7 +85,8 @@ def prepare(cfg: TrainConfig, progress: bool = True, log=print, dist: Dist | Non
     model = _network(cfg, network, len(bundle.classes), log)
     if cfg.pretrained:   # the normalisation the weights were trained with, not this data's
         from ..models.pretrained import preprocessing
-        mean, std = preprocessing(cfg.model)["mean"], preprocessing(cfg.model)["std"]
+        pre = preprocessing(cfg.model)
+        mean, std = pre["mean"], pre["std"]
     init_from_data(model, whitening_sample(cfg, train.x, mean, std))
     check_sizes(model, cfg, len(bundle.classes))
     model = place(model, cfg, device)
