@@ -1,4 +1,5 @@
 import hashlib
+import os
 import tarfile
 import urllib.error
 from pathlib import Path
@@ -160,6 +161,97 @@ def test_decode_cache_makes_second_load_skip_decoding(tmp_path, monkeypatch):
     monkeypatch.undo()
     third = load_folder(root)
     assert len(third.train) == 9
+
+
+def _three_bands(w: int, h: int) -> Image.Image:
+    """A landscape picture: red left third, green middle, blue right third."""
+    a = np.zeros((h, w, 3), np.uint8)
+    a[:, :w // 3, 0] = 255
+    a[:, w // 3:2 * w // 3, 1] = 255
+    a[:, 2 * w // 3:, 2] = 255
+    return Image.fromarray(a)
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg"])
+def test_center_crop_keeps_proportions_and_squash_stretches(tmp_path, ext):
+    path = tmp_path / f"wide{ext}"
+    _three_bands(2000, 1500).save(path)
+    center = read_image(path, 24, "center").astype(int)
+    squash = read_image(path, 24, "squash").astype(int)
+    assert center.shape == squash.shape == (24, 24, 3)
+    # centre crop of a 4:3 picture: a 1500x1500 square from the middle, so the green band
+    # (the middle 667 px) takes 667/1500 of the width, the red and blue ones the rest equally
+    green = (center[12, :, 1] > 128).sum()
+    assert 9 <= green <= 12 and (center[12, :, 0] > 128).sum() == (center[12, :, 2] > 128).sum()
+    # squashed, each band keeps a third of the width
+    assert 7 <= (squash[12, :, 1] > 128).sum() <= 9
+    assert (squash[12, :2, 0] > 128).all() and (squash[12, -2:, 2] > 128).all()
+    with pytest.raises(CifarkitError, match="crop mode"):
+        read_image(path, 24, "stretch")
+
+
+def test_folder_of_mixed_sizes_is_center_cropped(tmp_path):
+    d = tmp_path / "d" / "train"
+    for cls, (w, h) in (("a", (90, 30)), ("b", (30, 90))):
+        (d / cls).mkdir(parents=True)
+        _three_bands(w, h).save(d / cls / "x.png")
+        _three_bands(w, h).save(d / cls / "y.png")
+    center = load_folder(tmp_path / "d", size=30).train.x
+    squash = load_folder(tmp_path / "d", size=30, crop_mode="squash").train.x
+    assert center.shape == squash.shape == (4, 3, 30, 30)
+    assert (center[0, 1] > 128).all()          # wide picture: only its green middle remains
+    assert not torch.equal(center, squash)     # and the cache keeps the two modes apart
+
+
+def test_decoded_folder_is_a_memory_map_and_subsets_do_not_copy(tmp_path):
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n_per_class=10)
+    train = load_folder(root).train
+    assert train.mapped
+    files = list(Path(os.environ["CIFARKIT_CACHE"]).glob("*.u8.npy"))
+    assert len(files) == 1 and files[0].stat().st_size >= 20 * 3 * 32 * 32
+    mapped = np.load(files[0], mmap_mode="r")
+    assert np.array_equal(mapped, train.x.numpy())
+    idx = torch.tensor([3, 17, 5])
+    sub = train.subset(idx)
+    assert sub.base is train.base and sub.rows.tolist() == [3, 17, 5]   # rows, not a copy
+    assert torch.equal(sub.x, train.x[idx]) and torch.equal(sub.y, train.y[idx])
+    assert torch.equal(sub.images(torch.tensor([2, 0])), train.x[torch.tensor([5, 3])])
+    assert torch.equal(sub.subset(torch.tensor([1])).x, train.x[17:18])
+    assert sub.to("cpu") is sub
+    # the map is copy-on-write: writing into a batch never changes the cache file
+    train.base[0].fill_(7)
+    assert not (np.load(files[0], mmap_mode="r")[0] == 7).all()
+
+
+def test_damaged_or_incomplete_cache_is_rebuilt(tmp_path):
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n_per_class=4)
+    first = load_folder(root).train.x.clone()
+    cache = Path(os.environ["CIFARKIT_CACHE"])
+    (images,) = cache.glob("*.u8.npy")
+    images.write_bytes(images.read_bytes()[:200])              # torn image file
+    assert torch.equal(load_folder(root).train.x, first)
+    (meta,) = cache.glob("*.json")
+    meta.unlink()                                              # labels missing: not complete
+    assert torch.equal(load_folder(root).train.x, first)
+    assert not list(cache.glob(".*.tmp"))                      # no temp files left behind
+
+
+def test_unwritable_cache_decodes_into_memory_with_a_warning(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n_per_class=3)
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("x")
+    monkeypatch.setenv("CIFARKIT_CACHE", str(blocked / "cache"))
+    with pytest.warns(UserWarning, match="decode cache"):
+        bundle = load_folder(root)
+    assert not bundle.train.mapped and bundle.train.x.shape == (6, 3, 32, 32)
+
+
+def test_bad_image_leaves_no_cache_file(tmp_path):
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n_per_class=3)
+    (root / "train" / "b" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(CifarkitError, match="broken.jpg"):
+        load_folder(root)
+    assert not any(Path(os.environ["CIFARKIT_CACHE"]).iterdir())
 
 
 def test_unreadable_training_image_names_the_file(tmp_path):

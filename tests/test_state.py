@@ -231,7 +231,7 @@ def test_train_state_round_trips_through_a_checkpoint(ema, tmp_path):
     a.history = [{"epoch": 1, "val_acc": 0.5}]
     ck = a.checkpoint(cfg, _P, {"interrupted_at_step": 8}, mid_epoch=True)
     assert ck.epoch == 1 and ck.classes == ["a", "b", "c"] and ck.num_classes == 3
-    assert ck.preprocess == {"mean": [0.1, 0.2, 0.3], "std": [1.0, 1.0, 1.0], "size": 32}
+    assert ck.preprocess == {"mean": [0.1, 0.2, 0.3], "std": [1.0, 1.0, 1.0], "size": 32, "crop_mode": "center"}
     raw = {k: v.clone() for k, v in a.model.state_dict().items()}
     if ema:   # what is evaluated and shipped is the average; the raw weights travel for resume
         avg = a.ema.module.state_dict()

@@ -24,6 +24,7 @@ CHOICES = {
     "tta": ("none", "flip", "flip_translate", "multi"),
     "balance": ("none", "weights", "sampler"),
     "freeze": ("none", "backbone"),
+    "crop_mode": ("center", "squash"),
 }
 
 
@@ -51,7 +52,11 @@ class TrainConfig:
     download: bool = setting(True, "download CIFAR-10 when missing (--no-download to forbid)")
     val_size: int = setting(5000, "images held out for validation when the data has no val/ folder "
                                   "(0: none; the final weights are RUN/last.ckpt)")
-    image_size: int = setting(32, "side in pixels; images of another size are resized")
+    image_size: int = setting(32, "side in pixels; images of another size are resized (see --crop-mode)")
+    crop_mode: str = setting("center", "how a photo that is not image_size x image_size is fitted: center "
+                                       "(shorter side resized to image_size, then the centre cut out; keeps "
+                                       "proportions) or squash (stretched to the square); the checkpoint "
+                                       "records it, so eval, predict, export and serve do the same")
     seed: int = setting(0, "seed for the split, initialisation, data order and augmentation")
     # optimisation
     epochs: int = setting(10, "passes over the training images")

@@ -88,11 +88,13 @@ def logits_tta(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Te
 @torch.no_grad()
 def predict_tensors(model: nn.Module, x_uint8: torch.Tensor, mean, std, device, precision="fp32",
                     batch_size: int = 1000, tta: str = "none", channels_last: bool = True) -> torch.Tensor:
-    """Logits (float32, on CPU) for uint8 images, batch by batch on ``device``."""
+    """Logits (float32, on CPU) for uint8 images (a tensor or a TensorSplit), batch by batch on
+    ``device``; only one batch of images is read at a time."""
     model.eval()
     outs = []
+    get = x_uint8.images if isinstance(x_uint8, TensorSplit) else x_uint8.__getitem__
     for i in range(0, len(x_uint8), batch_size):
-        xb = normalize(x_uint8[i:i + batch_size].to(device, non_blocking=True), mean, std,
+        xb = normalize(get(slice(i, i + batch_size)).to(device, non_blocking=True), mean, std,
                        channels_last=channels_last and device.type != "mps")
         with autocast(device, precision):
             outs.append(logits_tta(model, xb, tta).float().cpu())
@@ -102,7 +104,7 @@ def predict_tensors(model: nn.Module, x_uint8: torch.Tensor, mean, std, device, 
 def evaluate(model: nn.Module, split: TensorSplit, classes: list, mean, std, device,
              precision: str = "fp32", batch_size: int = 1000, tta: str = "none",
              keep_probs: bool = False) -> EvalResult:
-    logits = predict_tensors(model, split.x, mean, std, device, precision, batch_size, tta)
+    logits = predict_tensors(model, split, mean, std, device, precision, batch_size, tta)
     y = split.y.cpu()
     n = len(y)
     if n == 0:
@@ -122,12 +124,13 @@ def split_for_checkpoint(ckpt, data: str | None, split: str = "val", data_root: 
                          download: bool = True, progress: bool = True):
     """Rebuild the split a checkpoint was validated on (same data, val size and seed)."""
     from .data import load_data, stratified_split
+    from .data.sources import preprocess_of
     from .errors import CifarkitError
 
     cfg = ckpt.config or {}
     data = data or cfg.get("data") or "cifar10"
-    size = int(ckpt.preprocess.get("size", 32))
-    bundle = load_data(data, data_root or cfg.get("data_root"), download, size, progress)
+    size, crop_mode = preprocess_of(ckpt.preprocess)
+    bundle = load_data(data, data_root or cfg.get("data_root"), download, size, progress, crop_mode)
     if bundle.classes != list(ckpt.classes):
         if len(bundle.classes) != len(ckpt.classes):
             raise CifarkitError(f"{data} has {len(bundle.classes)} classes but the model was trained on "

@@ -12,6 +12,7 @@ import torch
 
 from . import atomic
 from .checkpoint import Checkpoint, FORMAT_VERSION
+from .data.sources import preprocess_of
 from .errors import CifarkitError
 from .predict import ImagePredictor
 
@@ -23,7 +24,7 @@ def _check_inputs(ckpt: Checkpoint, check_images=None, n_random: int = 4) -> tor
     from .data.sources import is_image_file, read_image
     from .data.tensors import normalize
 
-    size = int(ckpt.preprocess.get("size", 32))
+    size, crop_mode = preprocess_of(ckpt.preprocess)
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(n_random, 3, size, size, generator=g)]
     paths = list(check_images or [])
@@ -33,7 +34,7 @@ def _check_inputs(ckpt: Checkpoint, check_images=None, n_random: int = 4) -> tor
         for cls in sorted(p for p in root.iterdir() if p.is_dir())[:4]:
             paths += sorted(f for f in cls.iterdir() if is_image_file(f))[:2]
     if paths:
-        arr = np.stack([read_image(p, size) for p in paths]).transpose(0, 3, 1, 2).copy()
+        arr = np.stack([read_image(p, size, crop_mode) for p in paths]).transpose(0, 3, 1, 2).copy()
         xs.append(normalize(torch.from_numpy(arr), ckpt.preprocess["mean"], ckpt.preprocess["std"]))
     return torch.cat(xs)
 
@@ -42,8 +43,10 @@ def _metadata(ckpt: Checkpoint) -> dict:
     return {"format": "cifarkit", "version": FORMAT_VERSION,
             "model": {"name": ckpt.model_name, "args": ckpt.model_args, "num_classes": ckpt.num_classes},
             "classes": list(ckpt.classes),
-            "preprocess": {**ckpt.preprocess,
-                           "input": "float32 NCHW RGB, x = (pixel/255 - mean) / std, resized to size×size"},
+            "preprocess": {**ckpt.preprocess, "crop_mode": preprocess_of(ckpt.preprocess)[1],
+                           "input": "float32 NCHW RGB, x = (pixel/255 - mean) / std, size×size: center = "
+                                    "shorter side resized to size then the centre cut out, squash = "
+                                    "stretched"},
             "metrics": ckpt.metrics}
 
 
@@ -179,7 +182,7 @@ class OnnxPredictor(ImagePredictor):
             raise CifarkitError(f"{path} is not a readable ONNX model: {str(exc).splitlines()[0][:160]}",
                                 "export it again")
         self.classes = meta["classes"]
-        self.size = int(meta["preprocess"].get("size", 32))
+        self.size, self.crop_mode = preprocess_of(meta["preprocess"])
         self.mean, self.std = meta["preprocess"]["mean"], meta["preprocess"]["std"]
         self.input_name = self.session.get_inputs()[0].name
         self.card = {"model": meta["model"]["name"], "classes": self.classes, "format": "onnx",

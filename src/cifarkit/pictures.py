@@ -50,7 +50,7 @@ def mistakes(ckpt, data: str | None, out: str, n: int = 24, split: str = "val",
 def features(ckpt, image: str, layer: str, out: str) -> tuple:
     """Activations of one image after `layer`, one panel per channel."""
 
-    from .data.sources import read_image
+    from .data.sources import preprocess_of, read_image
     from .data.tensors import normalize
     from .plots import feature_maps
 
@@ -61,8 +61,7 @@ def features(ckpt, image: str, layer: str, out: str) -> tuple:
         from .errors import closest
         raise CifarkitError(f"model {ckpt.model_name} has no layer {layer!r}",
                             f"{closest(layer, names)}layers: {', '.join(names[:30])}", 2)
-    size = int(ckpt.preprocess.get("size", 32))
-    x = torch.from_numpy(read_image(image, size).transpose(2, 0, 1).copy())[None]
+    x = torch.from_numpy(read_image(image, *preprocess_of(ckpt.preprocess)).transpose(2, 0, 1).copy())[None]
     x = normalize(x, ckpt.preprocess["mean"], ckpt.preprocess["std"])
     captured = {}
     handle = modules[layer].register_forward_hook(lambda m, i, o: captured.setdefault("out", o))

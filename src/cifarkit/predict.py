@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
-from .data.sources import is_image_file, read_image
+from .data.sources import is_image_file, preprocess_of, read_image
 from .errors import CifarkitError
 from .evaluate import predict_tensors
 
@@ -34,24 +34,29 @@ def top_k(probs: torch.Tensor, classes: list, k: int) -> list[list[dict]]:
 
 
 class ImagePredictor:
-    """Image files or bytes -> top-k classes. Subclasses set ``size``, ``classes``, ``card`` and
-    implement ``probs`` (PyTorch here, onnxruntime in export.OnnxPredictor)."""
+    """Image files or bytes -> top-k classes. Subclasses set ``size``, ``crop_mode``, ``classes``,
+    ``card`` and implement ``probs`` (PyTorch here, onnxruntime in export.OnnxPredictor). Images
+    are read exactly as evaluation reads the data set (data.sources.read_image)."""
 
     size: int
+    crop_mode: str = "squash"
     classes: list
+
+    def read(self, src) -> np.ndarray:
+        return read_image(src, self.size, self.crop_mode)
 
     def probs(self, arrays: list[np.ndarray]) -> torch.Tensor:
         raise NotImplementedError
 
     def predict_bytes(self, data: bytes, k: int = 3) -> list[dict]:
-        return top_k(self.probs([read_image(data, self.size)]), self.classes, k)[0]
+        return top_k(self.probs([self.read(data)]), self.classes, k)[0]
 
     def predict_paths(self, paths, k: int = 3) -> tuple[list[dict], list[str]]:
         """([{"path", "top"}], [error lines]); unreadable files are reported, the others predicted."""
         arrays, ok, errors = [], [], []
         for f in collect_images(paths):
             try:
-                arrays.append(read_image(f, self.size))
+                arrays.append(self.read(f))
                 ok.append(f)
             except CifarkitError as exc:
                 errors.append(str(exc))
@@ -69,7 +74,7 @@ class Predictor(ImagePredictor):
         self.device = torch.device(device)
         self.precision = precision
         self.model = ckpt.build_model(self.device)
-        self.size = int(ckpt.preprocess.get("size", 32))
+        self.size, self.crop_mode = preprocess_of(ckpt.preprocess)
         self.mean, self.std = ckpt.preprocess["mean"], ckpt.preprocess["std"]
         self.classes = list(ckpt.classes)
         self.card = ckpt.card()

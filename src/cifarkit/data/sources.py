@@ -1,13 +1,14 @@
 """Where images come from: torchvision's CIFAR-10 or a folder of class sub-folders.
 
-Everything is turned into uint8 tensors (N, 3, H, W) once. Folder decodes are cached on disk, keyed
-on the folder's listing (paths, sizes, mtimes) and the image size, so a second run starts in
-seconds instead of re-decoding every JPEG.
+Everything is turned into uint8 tensors (N, 3, H, W) once. Folder decodes are written to a
+memory-mapped file in the cache folder, keyed on the folder's listing (paths, sizes, mtimes), the
+image size and the crop mode: a second run starts at once, and a set larger than memory trains.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -24,7 +25,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
                     ".pgm", ".pbm")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                    "truck"]
-CACHE_VERSION = 1
+CACHE_VERSION = 2   # 2: memory-mapped .npy images + JSON labels (1: one torch.save file)
 
 
 @dataclass
@@ -108,14 +109,27 @@ def _quarantine(path: Path) -> None:
 
 # ----------------------------------------------------------------------------- image files
 
-def read_image(path_or_bytes, size: int | None = None) -> np.ndarray:
-    """Decode any Pillow-readable image to an (H, W, 3) uint8 RGB array, resized to ``size``.
+CROP_MODES = ("center", "squash")
 
-    Handles EXIF rotation, palette/alpha/grey/CMYK modes and 16-bit or float images. Raises
-    CifarkitError with the file name when the file is not a readable image.
+
+def preprocess_of(pre: dict) -> tuple[int, str]:
+    """(size, crop_mode) of a checkpoint's or export's preprocessing. Files written before
+    crop modes existed squashed every image to the square, so that is their default."""
+    return int(pre.get("size", 32)), str(pre.get("crop_mode", "squash"))
+
+
+def read_image(path_or_bytes, size: int | None = None, crop_mode: str = "center") -> np.ndarray:
+    """Decode any Pillow-readable image to an (H, W, 3) uint8 RGB array of ``size`` x ``size``.
+
+    ``crop_mode`` center: the shorter side is resized to ``size`` and the centre is cut out, so
+    proportions are kept (torchvision's Resize + CenterCrop); squash: the whole image is stretched
+    to the square. Handles EXIF rotation, palette/alpha/grey/CMYK modes and 16-bit or float
+    images. Raises CifarkitError with the file name when the file is not a readable image.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if crop_mode not in CROP_MODES:
+        raise CifarkitError(f"crop mode {crop_mode!r} is not valid", f"choose one of: {', '.join(CROP_MODES)}")
     name = "<upload>" if isinstance(path_or_bytes, (bytes, bytearray)) else str(path_or_bytes)
     src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else path_or_bytes
     try:
@@ -123,11 +137,15 @@ def read_image(path_or_bytes, size: int | None = None) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(src) as img:
                 if size and img.format == "JPEG":
-                    img.draft("RGB", (size, size))  # decode big JPEGs at reduced scale: far faster
+                    # Decode big JPEGs at a reduced scale (both sides stay >= size): far faster.
+                    img.draft("RGB", (size, size))
                 img = ImageOps.exif_transpose(img)
                 img = _to_rgb(img)
                 if size and img.size != (size, size):
-                    img = img.resize((size, size), Image.BILINEAR, reducing_gap=2.0)
+                    if crop_mode == "center":
+                        img = ImageOps.fit(img, (size, size), Image.BILINEAR, centering=(0.5, 0.5))
+                    else:
+                        img = img.resize((size, size), Image.BILINEAR, reducing_gap=2.0)
                 arr = np.asarray(img, dtype=np.uint8)
     except FileNotFoundError:
         raise CifarkitError(f"{name}: no such file", "check the path")
@@ -187,65 +205,120 @@ def list_class_folder(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]
 
 
 def _decode_one(args):
-    path, size = args
+    path, size, crop_mode = args
     try:
-        return read_image(path, size), None
+        return read_image(path, size, crop_mode), None
     except CifarkitError as exc:
         return None, str(exc)
 
 
-def decode_folder(split_dir: Path, size: int, workers: int | None = None, progress: bool = True):
-    """Decode split_dir/<class>/* into a TensorSplit, through the on-disk cache."""
+def decode_folder(split_dir: Path, size: int, workers: int | None = None, progress: bool = True,
+                  crop_mode: str = "center"):
+    """Decode split_dir/<class>/* into a TensorSplit whose images are a memory-mapped file.
+
+    The decoded images go straight into a uint8 ``.npy`` file in the cache folder (one image in
+    memory per worker, never the whole set), which is then mapped: batches read only their pages,
+    so a set larger than the machine's memory trains, and a second run maps the finished file at
+    once. The cache is keyed on the folder's listing (paths, sizes, mtimes), size and crop mode.
+    """
     classes, items = list_class_folder(split_dir)
-    key = _listing_key(split_dir, items, size)
-    cache = cache_dir() / f"{key}.pt"
-    if cache.exists():
-        try:
-            blob = torch.load(cache, weights_only=True)
-            if blob.get("version") == CACHE_VERSION and blob["classes"] == classes:
-                return TensorSplit(blob["x"], blob["y"]), classes
-        except Exception:
-            pass  # a damaged cache is just rebuilt
+    key = _listing_key(split_dir, items, size, crop_mode)
+    images, meta = cache_dir() / f"{key}.u8.npy", cache_dir() / f"{key}.json"
+    cached = _open_cache(images, meta, classes, len(items), size)
+    if cached is not None:
+        return cached, classes
     paths = [str(split_dir / rel) for rel, _ in items]
-    workers = workers or min(len(paths) // 2000 + 1, os.cpu_count() or 1)
-    arrays = []
-    chunks = ((p, size) for p in paths)
-    desc = f"decoding {len(paths)} images in {split_dir}"
-    from ..progress import Progress
-    bar = Progress(len(paths), desc, unit="img", enabled=progress and len(paths) > 2000)
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            results = pool.map(_decode_one, chunks, chunksize=256)
-            for r in results:
-                arrays.append(r); bar.update(1)
-    else:
-        for c in chunks:
-            arrays.append(_decode_one(c)); bar.update(1)
-    bar.close()
-    bad = [(p, err) for p, (arr, err) in zip(paths, arrays) if err]
-    if bad:
-        raise CifarkitError(f"{len(bad)} unreadable image(s) in {split_dir}; first: {bad[0][1]}",
-                            "remove or fix those files, then run again")
-    x = torch.from_numpy(np.stack([a for a, _ in arrays]).transpose(0, 3, 1, 2).copy())
-    y = torch.tensor([label for _, label in items], dtype=torch.int64)
+    shape = (len(paths), 3, size, size)
+    from .. import atomic
     try:
-        from .. import atomic
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic.torch_save({"version": CACHE_VERSION, "x": x, "y": y, "classes": classes}, cache)
-    except OSError as exc:  # a read-only or full cache disk only costs speed
-        warnings.warn(f"could not write decode cache {cache}: {exc}")
-    return TensorSplit(x, y), classes
+        tmp = atomic.temp_beside(images)
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    except (CifarkitError, OSError) as exc:   # a read-only or full cache disk only costs speed
+        warnings.warn(f"could not write the decode cache in {images.parent} ({exc}); decoding into memory")
+        tmp, out = None, np.empty(shape, np.uint8)
+    try:
+        _decode_into(out, paths, size, crop_mode, split_dir, workers, progress)
+        y = [label for _, label in items]
+        if tmp is not None:
+            out.flush()
+            del out
+            atomic.commit(tmp, images)
+            # The label file is written last: it is what says the image file is complete.
+            atomic.write_bytes(meta, json.dumps({"version": CACHE_VERSION, "classes": classes,
+                                                 "size": size, "labels": y}).encode())
+            out = _map(images)
+    except BaseException:
+        if tmp is not None:
+            atomic.discard(tmp)
+        raise
+    return TensorSplit(torch.from_numpy(out), torch.tensor(y, dtype=torch.int64),
+                       mapped=tmp is not None), classes
 
 
-def _listing_key(split_dir: Path, items, size: int) -> str:
-    h = hashlib.sha256(f"v{CACHE_VERSION}|{size}|{split_dir.resolve()}".encode())
+def _decode_into(out: np.ndarray, paths: list, size: int, crop_mode: str, split_dir: Path,
+                 workers: int | None, progress: bool) -> None:
+    """Decode ``paths`` into the rows of ``out`` (N, 3, size, size), in worker processes."""
+    from ..progress import Progress
+
+    workers = workers or min(len(paths) // 2000 + 1, os.cpu_count() or 1)
+    jobs = ((p, size, crop_mode) for p in paths)
+    bar = Progress(len(paths), f"decoding {len(paths)} images in {split_dir}", unit="img",
+                   enabled=progress and len(paths) > 2000)
+    bad = []
+    try:
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                results = pool.map(_decode_one, jobs, chunksize=64)
+                _store(out, results, paths, bad, bar)
+        else:
+            _store(out, map(_decode_one, jobs), paths, bad, bar)
+    finally:
+        bar.close()
+    if bad:
+        raise CifarkitError(f"{len(bad)} unreadable image(s) in {split_dir}; first: {bad[0]}",
+                            "remove or fix those files, then run again")
+
+
+def _store(out, results, paths, bad, bar) -> None:
+    for i, (arr, err) in enumerate(results):
+        if err:
+            bad.append(err)
+        else:
+            out[i] = arr.transpose(2, 0, 1)
+        bar.update(1)
+
+
+def _map(images: Path) -> np.ndarray:
+    # Copy-on-write mapping: tensors over it are writable (no warnings, no accidental edits of
+    # the cache), and pages are read from disk only when a batch touches them.
+    return np.load(images, mmap_mode="c")
+
+
+def _open_cache(images: Path, meta: Path, classes: list, n: int, size: int) -> TensorSplit | None:
+    """The cached split, or None when it is missing, from another version, or damaged."""
+    if not (images.exists() and meta.exists()):
+        return None
+    try:
+        m = json.loads(meta.read_text())
+        x = _map(images)
+        if (m.get("version") != CACHE_VERSION or m.get("classes") != classes or len(m["labels"]) != n
+                or x.shape != (n, 3, size, size) or x.dtype != np.uint8):
+            return None
+        return TensorSplit(torch.from_numpy(x), torch.tensor(m["labels"], dtype=torch.int64), mapped=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None   # a damaged cache is just rebuilt
+
+
+def _listing_key(split_dir: Path, items, size: int, crop_mode: str = "center") -> str:
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{size}|{crop_mode}|{split_dir.resolve()}".encode())
     for rel, label in items:
         st = (split_dir / rel).stat()
         h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:24]
 
 
-def load_folder(root: str | os.PathLike, size: int = 32, progress: bool = True) -> DataBundle:
+def load_folder(root: str | os.PathLike, size: int = 32, progress: bool = True,
+                crop_mode: str = "center") -> DataBundle:
     root = Path(root)
     if not root.exists():
         raise CifarkitError(f"data folder {root} does not exist",
@@ -255,12 +328,12 @@ def load_folder(root: str | os.PathLike, size: int = 32, progress: bool = True) 
     if not os.access(root, os.R_OK | os.X_OK):
         raise CifarkitError(f"cannot read folder {root}: permission denied", "check its permissions")
     train_dir = root / "train" if (root / "train").is_dir() else root  # DIR/<class>/* works too
-    train, classes = decode_folder(train_dir, size, progress=progress)
+    train, classes = decode_folder(train_dir, size, progress=progress, crop_mode=crop_mode)
     bundle = DataBundle(train, classes, source=f"folder:{root}")
     for name in ("val", "test"):
         d = root / name
         if d.is_dir() and train_dir != root:
-            split, split_classes = decode_folder(d, size, progress=progress)
+            split, split_classes = decode_folder(d, size, progress=progress, crop_mode=crop_mode)
             if split_classes != classes:
                 extra = sorted(set(split_classes) - set(classes))
                 missing = sorted(set(classes) - set(split_classes))
@@ -269,19 +342,20 @@ def load_folder(root: str | os.PathLike, size: int = 32, progress: bool = True) 
                                         "use the same class folders in every split")
                 # A subset of classes is fine: relabel to the train split's indices.
                 remap = torch.tensor([classes.index(c) for c in split_classes])
-                split = TensorSplit(split.x, remap[split.y])
+                split = TensorSplit(split.x, remap[split.y], mapped=split.mapped)
                 warnings.warn(f"{d} lacks classes {', '.join(missing)}")
             bundle.splits[name] = split
     return bundle
 
 
 def load_data(data: str = "cifar10", data_root: str | None = None, download: bool = True,
-              image_size: int = 32, progress: bool = True) -> DataBundle:
-    """The one entry point: ``data`` is 'cifar10' or a folder path."""
+              image_size: int = 32, progress: bool = True, crop_mode: str = "center") -> DataBundle:
+    """The one entry point: ``data`` is 'cifar10' or a folder path; images become
+    ``image_size`` squares (``crop_mode``: see read_image)."""
     if data == "cifar10":
         bundle = load_cifar10(data_root, download)
         if image_size != 32:
             bundle.train = bundle.train.resized(image_size)
             bundle.splits = {k: v.resized(image_size) for k, v in bundle.splits.items()}
         return bundle
-    return load_folder(data, image_size, progress)
+    return load_folder(data, image_size, progress, crop_mode)

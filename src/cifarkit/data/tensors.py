@@ -2,30 +2,57 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from ..errors import CifarkitError
 
 
-@dataclass
 class TensorSplit:
-    x: torch.Tensor  # (N, 3, H, W) uint8
-    y: torch.Tensor  # (N,) int64
+    """Labelled uint8 images (N, 3, H, W) of one split.
+
+    ``base`` holds the images: a tensor in memory, or (``mapped``) a memory-mapped decode cache.
+    A subset of a mapped split keeps the map and a list of ``rows`` instead of copying images,
+    so the training split of a set larger than memory costs one int64 per image; batches are read
+    with ``images(idx)``. ``x`` gives all images of the split as one tensor (a copy for a subset
+    of a mapped split: use it for small splits only).
+    """
+
+    def __init__(self, base: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None = None,
+                 mapped: bool = False):
+        self.base, self.y, self.rows, self.mapped = base, y, rows, mapped
 
     def __len__(self) -> int:
         return len(self.y)
 
+    @property
+    def x(self) -> torch.Tensor:
+        return self.base if self.rows is None else self.base[self.rows]
+
+    @property
+    def shape(self) -> tuple:
+        """Shape of the split's images as one tensor, without reading them."""
+        return (len(self),) + tuple(self.base.shape[1:])
+
+    def images(self, idx) -> torch.Tensor:
+        """Images ``idx`` (an index tensor or a slice) of this split."""
+        if self.rows is None:
+            return self.base[idx]
+        return self.base[self.rows[idx.cpu() if torch.is_tensor(idx) else idx].to(self.base.device)]
+
     def subset(self, idx: torch.Tensor) -> "TensorSplit":
+        if self.mapped:   # rows into the map, no copy of the images
+            rows = idx if self.rows is None else self.rows[idx]
+            return TensorSplit(self.base, self.y[idx], rows, mapped=True)
         return TensorSplit(self.x[idx], self.y[idx])
 
     def to(self, device) -> "TensorSplit":
+        if self.mapped and torch.device(device).type == "cpu":
+            return self   # stays on disk; batches are read from the map
         return TensorSplit(self.x.to(device), self.y.to(device))
 
     def resized(self, size: int) -> "TensorSplit":
-        if self.x.shape[-1] == size and self.x.shape[-2] == size:
+        if self.base.shape[-1] == size and self.base.shape[-2] == size:
             return self
         x = F.interpolate(self.x.float(), size=(size, size), mode="bilinear", antialias=True,
                           align_corners=False)
@@ -56,13 +83,15 @@ def stratified_split(y: torch.Tensor, val_size: int, seed: int) -> tuple[torch.T
     return torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
 
 
-def channel_stats(x: torch.Tensor, chunk: int = 8192) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images, on the [0, 1] scale (computed in chunks, float64)."""
+def channel_stats(x, chunk: int = 8192) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images (a tensor or a TensorSplit), on the [0, 1] scale
+    (computed in chunks, float64, so a memory-mapped set is read once and never held whole)."""
+    get = x.images if isinstance(x, TensorSplit) else x.__getitem__
     c = x.shape[1]
     s = torch.zeros(c, dtype=torch.float64)
     s2 = torch.zeros(c, dtype=torch.float64)
     for i in range(0, len(x), chunk):
-        b = x[i:i + chunk].to(torch.float64) / 255.0
+        b = get(slice(i, i + chunk)).to(torch.float64) / 255.0
         s += b.sum(dim=(0, 2, 3))
         s2 += (b * b).sum(dim=(0, 2, 3))
     count = len(x) * x.shape[2] * x.shape[3]

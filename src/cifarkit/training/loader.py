@@ -64,7 +64,7 @@ class Loader:
         size of the global batch they are a slice of."""
         cfg = self.cfg
         idx = self.perm[step * self.batch_size:(step + 1) * self.batch_size]
-        xb, yb = self.split.x[idx], self.split.y[idx]
+        xb, yb = self.split.images(idx), self.split.y[idx]
         xb = augment(xb, self.aug_gen, cfg.flip, cfg.crop_pad, cfg.cutout,
                      self.flip_bits[idx] if self.flip_bits is not None else None, self.epoch)
         n_global = len(yb)
@@ -82,7 +82,7 @@ class Loader:
         """A few training images after augmentation, for TensorBoard (own generator: the training
         stream is unchanged)."""
         g = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 2)
-        return augment(self.split.x[:n], g, self.cfg.flip, self.cfg.crop_pad, self.cfg.cutout)
+        return augment(self.split.images(slice(0, n)), g, self.cfg.flip, self.cfg.crop_pad, self.cfg.cutout)
 
     def state_dict(self) -> dict:
         return {"data_gen_epoch_start": self._order_state, "aug_gen": self.aug_gen.get_state().cpu()}

@@ -61,7 +61,8 @@ def prepare(cfg: TrainConfig, progress: bool = True, log=print, dist: Dist | Non
     t0 = time.perf_counter()
     if not dist.is_main:
         dist.barrier()          # rank 0 downloads / decodes first; the others then read its cache
-    bundle = load_data(cfg.data, cfg.data_root, cfg.download, cfg.image_size, progress and dist.is_main)
+    bundle = load_data(cfg.data, cfg.data_root, cfg.download, cfg.image_size, progress and dist.is_main,
+                       cfg.crop_mode)
     if dist.is_main:
         dist.barrier()
     if "val" in bundle.splits:
@@ -77,7 +78,7 @@ def prepare(cfg: TrainConfig, progress: bool = True, log=print, dist: Dist | Non
     if cfg.batch_size > len(train):
         raise CifarkitError(f"--batch-size {cfg.batch_size} is larger than the training set "
                             f"({len(train)} images)", f"use --batch-size {len(train)} or less", 2)
-    mean, std = channel_stats(train.x)
+    mean, std = channel_stats(train)
     log(f"data: {len(train)} train / {len(val)} val images, {len(bundle.classes)} classes, "
         f"{cfg.image_size}x{cfg.image_size} ({bundle.source}, {time.perf_counter() - t0:.1f}s)")
     _report_classes(train, bundle.classes, cfg, log)
@@ -87,11 +88,12 @@ def prepare(cfg: TrainConfig, progress: bool = True, log=print, dist: Dist | Non
         from ..models.pretrained import preprocessing
         pre = preprocessing(cfg.model)
         mean, std = pre["mean"], pre["std"]
-    init_from_data(model, whitening_sample(cfg, train.x, mean, std))
+    init_from_data(model, whitening_sample(cfg, train, mean, std))
     check_sizes(model, cfg, len(bundle.classes))
     model = place(model, cfg, device)
     native_kernels(cfg, model, device, precision, log, len(bundle.classes))
-    # The whole data set lives on the training device as uint8 (150 MB for CIFAR-10).
+    # The data set lives on the training device as uint8 (150 MB for CIFAR-10); a decoded folder
+    # on a CPU stays memory-mapped (TensorSplit).
     return Prepared(cfg, device, precision, train.to(device), val.to(device), bundle.classes,
                     mean, std, model, {k: v for k, v in bundle.splits.items() if k != "val"})
 
@@ -143,10 +145,10 @@ def place(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module
     return model
 
 
-def whitening_sample(cfg: TrainConfig, images: torch.Tensor, mean, std) -> torch.Tensor:
+def whitening_sample(cfg: TrainConfig, train: TensorSplit, mean, std) -> torch.Tensor:
     """5,000 training images (seeded), normalised: what a network's ``init_from_data`` sees."""
     g = torch.Generator().manual_seed(cfg.seed)
-    return normalize(images[torch.randperm(len(images), generator=g)[:5000]].cpu(), mean, std)
+    return normalize(train.images(torch.randperm(len(train), generator=g)[:5000]).cpu(), mean, std)
 
 
 def native_kernels(cfg: TrainConfig, model: nn.Module, device, precision: str, log,

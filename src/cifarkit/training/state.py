@@ -120,6 +120,7 @@ class TrainState:
         from ..models import user
         weights = self.averaged_weights() if self.ema is not None else self.model.state_dict()
         return ckpt_mod.Checkpoint(cfg.model, dict(cfg.model_args), len(p.classes), weights,
-                                   list(p.classes), {"mean": p.mean, "std": p.std, "size": cfg.image_size},
+                                   list(p.classes), {"mean": p.mean, "std": p.std, "size": cfg.image_size,
+                                    "crop_mode": cfg.crop_mode},
                                    cfg.to_dict(), metrics, self.epoch, self.state_dict(mid_epoch),
                                    model_source=user.source_of(cfg.model) if user.is_file_ref(cfg.model) else {})
