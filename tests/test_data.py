@@ -328,9 +328,16 @@ def test_val_size_too_large_is_clear():
 
 def test_channel_stats_match_numpy():
     x = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
-    mean, std = channel_stats(x, chunk=7)
+    mean, std = channel_stats(x, chunk_elements=7 * 3 * 8 * 8)
     ref = x.double().div(255).permute(1, 0, 2, 3).reshape(3, -1)
     assert np.allclose(mean, ref.mean(1).numpy()) and np.allclose(std, ref.std(1, unbiased=False).numpy())
+    # exact integer sums: the same numbers whatever the chunks, and a mapped subset agrees
+    assert channel_stats(x) == (mean, std) == channel_stats(x, chunk_elements=1)
+    assert len(x) > 7 and channel_stats(x[:7]) != (mean, std)   # every chunk counts
+    from cifarkit.data.tensors import TensorSplit
+    rows = torch.tensor([4, 0, 9, 9, 31])
+    lazy = TensorSplit(x, torch.zeros(50, dtype=torch.long), mapped=True).subset(rows)
+    assert channel_stats(lazy, chunk_elements=2 * 192) == channel_stats(x[rows])
 
 
 def test_partly_extracted_folder_is_repaired_from_the_archive(tmp_path, monkeypatch, cifar_md5s):
@@ -377,3 +384,23 @@ def test_split_apportions_the_remainder_to_the_largest_fractions():
     with pytest.raises(CifarkitError, match="leaves no training images") as e:
         stratified_split(y, 10, seed=0)
     assert "smaller --val-size" in e.value.hint and "val/ folder" in e.value.hint
+
+
+def test_checkpoints_without_a_crop_mode_keep_squashing(tmp_path):
+    """Files written before crop modes existed were trained on squashed images: predict, eval,
+    export and serve read them that way; new checkpoints say which mode they used."""
+    from cifarkit.checkpoint import Checkpoint
+    from cifarkit.models import create_model
+    from cifarkit.predict import Predictor
+    from cifarkit.data.sources import preprocess_of
+
+    assert preprocess_of({"mean": [0] * 3, "std": [1] * 3}) == (32, "squash")
+    assert preprocess_of({"size": 64, "crop_mode": "center"}) == (64, "center")
+    path = tmp_path / "wide.png"
+    _three_bands(96, 32).save(path)
+    net = create_model("tudui", 10)
+    for pre, mode in (({"mean": [0.5] * 3, "std": [0.25] * 3, "size": 32}, "squash"),
+                      ({"mean": [0.5] * 3, "std": [0.25] * 3, "size": 32, "crop_mode": "center"}, "center")):
+        p = Predictor(Checkpoint("tudui", {}, 10, net.state_dict(), list("abcdefghij"), pre))
+        assert p.crop_mode == mode
+        assert np.array_equal(p.read(path), read_image(path, 32, mode))

@@ -115,17 +115,21 @@ def _chromium():
     return None
 
 
-def test_browser_upload_shows_prediction(server, trained_run, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
+def _browser(p, sync_api):
     exe = _chromium()
     if not exe:
         pytest.skip("no chromium here (CI installs Debian's chromium)")
+    return p.chromium.launch(executable_path=exe, args=[
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"])
+
+
+def test_browser_upload_shows_prediction(server, trained_run, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
     img = tmp_path / "ship.png"
     img.write_bytes(_png(trained_run[0], "ship"))
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = _browser(p, sync_api)
         try:
             page = browser.new_page()
             page.goto(server + "/")
@@ -137,5 +141,45 @@ def test_browser_upload_shows_prediction(server, trained_run, tmp_path):
             assert top == "ship"
             assert "%" in page.inner_text(".result .bars")
             page.screenshot(path=str(tmp_path / "page.png"))
+        finally:
+            browser.close()
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    return (a["x"] < b["x"] + b["width"] and b["x"] < a["x"] + a["width"]
+            and a["y"] < b["y"] + b["height"] and b["y"] < a["y"] + a["height"])
+
+
+def test_browser_layout_two_photos_in_order_without_overlap(server, trained_run, tmp_path):
+    """At 1200x800, after picking a large photo and a small one: the drop zone, the results and
+    the model card do not overlap, and the results list in the order picked."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from PIL import Image
+    big, small = tmp_path / "b_big_photo.jpg", tmp_path / "a_small.png"
+    ship = Image.open(next((trained_run[0] / "train" / "ship").iterdir())).convert("RGB")
+    ship.resize((2000, 1500), Image.BICUBIC).save(big, quality=85)
+    small.write_bytes(_png(trained_run[0], "cat"))
+    with sync_api.sync_playwright() as p:
+        browser = _browser(p, sync_api)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 800})
+            page.goto(server + "/")
+            page.wait_for_selector("#card dt")
+            page.set_input_files("#files", [str(big), str(small)])   # picked: big first
+            page.wait_for_function("document.querySelectorAll('.result[data-top]').length == 2",
+                                   timeout=30_000)
+            rows = page.query_selector_all(".result")
+            assert [r.get_attribute("data-name") for r in rows] == [big.name, small.name]
+            drop = page.query_selector("#drop").bounding_box()
+            card = page.query_selector("aside").bounding_box()
+            boxes = [r.bounding_box() for r in rows]
+            assert drop["height"] > 40
+            for i, b in enumerate(boxes):
+                assert not _overlap(drop, b), ("drop zone overlaps result", i, drop, b)
+                assert not _overlap(card, b), ("model card overlaps result", i, card, b)
+                assert b["y"] >= drop["y"] + drop["height"]
+            assert not _overlap(boxes[0], boxes[1]) and boxes[0]["y"] < boxes[1]["y"]
+            assert not _overlap(drop, card)
+            page.screenshot(path=str(tmp_path / "layout.png"))
         finally:
             browser.close()

@@ -92,10 +92,12 @@ def head_parameters(model: nn.Module) -> list:
 
 def init_from_data(model: nn.Module, images) -> None:
     """Let a network set layers from training images before training, if it declares
-    ``init_from_data(images)`` (normalised float NCHW; fast's whitening layer). Others: nothing."""
+    ``init_from_data(images)`` (normalised float NCHW; fast's whitening layer). Others: nothing.
+    ``images`` may be a function returning them: it is called only for such a network (the
+    sample is 5,000 float images, ~1 GB at 128 px, not worth making for a network without it)."""
     init = getattr(model, "init_from_data", None)
     if callable(init):
-        init(images)
+        init(images() if callable(images) else images)
 
 
 def count_parameters(model: nn.Module) -> int:

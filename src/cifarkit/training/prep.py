@@ -88,7 +88,7 @@ def prepare(cfg: TrainConfig, progress: bool = True, log=print, dist: Dist | Non
         from ..models.pretrained import preprocessing
         pre = preprocessing(cfg.model)
         mean, std = pre["mean"], pre["std"]
-    init_from_data(model, whitening_sample(cfg, train, mean, std))
+    init_from_data(model, lambda: whitening_sample(cfg, train, mean, std))
     check_sizes(model, cfg, len(bundle.classes))
     model = place(model, cfg, device)
     native_kernels(cfg, model, device, precision, log, len(bundle.classes))

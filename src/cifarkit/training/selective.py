@@ -77,7 +77,7 @@ class Proxy:
     def __init__(self, cfg, p, total_steps: int, steps_per_epoch: int):
         from .prep import place, whitening_sample
         self.model = create_model(cfg.model, len(p.classes), **cfg.proxy_model_args())
-        init_from_data(self.model, whitening_sample(cfg, p.train, p.mean, p.std))
+        init_from_data(self.model, lambda: whitening_sample(cfg, p.train, p.mean, p.std))
         self.model = place(self.model, cfg, p.device)
         self.opt = make_optimizer(cfg, self.model)
         self.sched = make_scheduler(cfg, self.opt, total_steps, steps_per_epoch)
