@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,12 @@ import pytest
 from helpers import make_folder, real_subset  # noqa: F401  (re-exported for older imports)
 
 REAL_DATA_ENV = "CIFARKIT_REAL_DATA"
+
+# A test run started in the background from a non-interactive shell (`make test &`) inherits
+# SIGINT ignored, and so would every training it starts; the Ctrl-C tests need it delivered as
+# in a terminal (Python installs its handler in the children when SIGINT is not ignored).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

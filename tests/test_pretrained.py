@@ -104,3 +104,15 @@ def test_summary_counts_trainable_and_frozen(capsys):
     assert got["frozen_parameters"] == got["total_parameters"] - (512 * 3 + 3)
     rc, out, _ = cli(["summary", "fast"], capsys)
     assert rc == 0 and "frozen" in out      # fast's whitening filters are fixed, not trained
+
+
+def test_image_size_defaults_to_the_networks_own():
+    """--image-size unset: 224 for torchvision's ImageNet networks (and vgg16 with --pretrained),
+    32 for the CIFAR ones; a recipe, a file or a flag that sets it wins."""
+    from cifarkit import resolve_config
+    assert resolve_config(overrides={"model": "tv_mobilenet_v3_small"}).image_size == 224
+    assert resolve_config(overrides={"model": "vgg16", "pretrained": True}).image_size == 224
+    assert resolve_config(overrides={"model": "vgg16"}).image_size == 32
+    assert resolve_config(overrides={"model": "tudui"}).image_size == 32
+    assert resolve_config(overrides={"model": "tv_resnet18", "image_size": 96}).image_size == 96
+    assert resolve_config("finetune", overrides={"image_size": 128}).image_size == 128

@@ -52,7 +52,8 @@ class TrainConfig:
     download: bool = setting(True, "download CIFAR-10 when missing (--no-download to forbid)")
     val_size: int = setting(5000, "images held out for validation when the data has no val/ folder "
                                   "(0: none; the final weights are RUN/last.ckpt)")
-    image_size: int = setting(32, "side in pixels; images of another size are resized (see --crop-mode)")
+    image_size: int = setting(32, "side in pixels; images of another size are resized (see --crop-mode); "
+                                  "default: the network's (224 for torchvision's tv_* networks, 32 else)")
     crop_mode: str = setting("center", "how a photo that is not image_size x image_size is fitted: center "
                                        "(shorter side resized to image_size, then the centre cut out; keeps "
                                        "proportions) or squash (stretched to the square); the checkpoint "
@@ -346,6 +347,9 @@ def resolve(recipe: str = "tutorial", config_file: str | None = None,
                 raise CifarkitError(f"{source}: unknown setting {key!r}",
                                     f"{closest(key, valid)}see `cifarkit train --help`", 2)
             values[key] = _coerce(key, copy.deepcopy(value), source)   # never alias RECIPES
+    if "image_size" not in values:   # not set anywhere: the network's own size (224 for tv_*)
+        from .models.pretrained import natural_size
+        values["image_size"] = natural_size(values.get("model", "tudui"), bool(values.get("pretrained"))) or 32
     base = RECIPES[recipe]
     own_schedule = any("progressive" in layer for _, layer in layers[1:])
     if (base.get("progressive") and not own_schedule

@@ -76,6 +76,14 @@ def preprocessing(name: str) -> dict:
     return {"mean": list(t.mean), "std": list(t.std), "size": int(t.crop_size[0])}
 
 
+def natural_size(name: str, pretrained: bool) -> int | None:
+    """The input size an ImageNet network is made for (its weights' crop size): the default
+    --image-size of tv_* networks, and of vgg16 with --pretrained; None for the others."""
+    if name in TORCHVISION and (pretrained or name.startswith("tv_")):
+        return preprocessing(name)["size"]
+    return None
+
+
 def build_pretrained(name: str, num_classes: int) -> nn.Module:
     """The network with its ImageNet weights and a new head for ``num_classes``."""
     weights = weights_for(name)
