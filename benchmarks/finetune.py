@@ -27,7 +27,8 @@ from torchvision import transforms as T
 data, weights, freeze, batch, threads = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
-tf = T.Compose([T.Resize(224), T.CenterCrop(240), T.RandomCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
+# torchvision's usual fine-tuning transforms (cifarkit: centre crop once, then flips and shifts)
+tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
                 T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
 ds = torchvision.datasets.ImageFolder(data + "/train", transform=tf)
 loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=1, drop_last=True)

@@ -51,8 +51,7 @@ def test_pretrained_weights_load_with_a_new_head_and_imagenet_normalisation(imag
     assert ck.preprocess["std"] == pytest.approx([0.229, 0.224, 0.225])
     assert ck.state_dict["fc.weight"].shape == (3, 512) and ck.model_args == {}
     # frozen backbone: its parameters are exactly the file's; the head trained
-    params = {n for n, _ in torchvision.models.resnet18().named_parameters()}
-    for k in params - {"fc.weight", "fc.bias"}:
+    for k in set(ref) - {"fc.weight", "fc.bias"}:   # batch norms' running statistics included
         assert torch.equal(ck.state_dict[k], ref[k]), k
     # the checkpoint alone rebuilds the network: the ImageNet file is not needed any more
     file.unlink()
@@ -116,3 +115,20 @@ def test_image_size_defaults_to_the_networks_own():
     assert resolve_config(overrides={"model": "tudui"}).image_size == 32
     assert resolve_config(overrides={"model": "tv_resnet18", "image_size": 96}).image_size == 96
     assert resolve_config("finetune", overrides={"image_size": 128}).image_size == 128
+
+
+def test_frozen_batch_norms_keep_their_statistics_and_the_rest_trains():
+    from torch import nn
+    from cifarkit.models import train_mode
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4, affine=False),
+                        nn.BatchNorm2d(4))
+    for p in [*net[0].parameters(), *net[1].parameters()]:
+        p.requires_grad_(False)
+    net.eval()
+    train_mode(net)
+    assert net.training and net[0].training
+    assert not net[1].training            # frozen weights: inference mode, statistics kept
+    assert net[2].training and net[3].training   # no weights, or trainable ones: batch statistics
+    before = net[1].running_mean.clone()
+    net(torch.randn(2, 3, 6, 6) * 5 + 3)
+    assert torch.equal(net[1].running_mean, before) and not torch.equal(net[3].running_mean, torch.zeros(4))

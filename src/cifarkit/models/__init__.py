@@ -100,6 +100,19 @@ def init_from_data(model: nn.Module, images) -> None:
         init(images() if callable(images) else images)
 
 
+def train_mode(model: nn.Module) -> nn.Module:
+    """``model.train()``, except that a batch-norm layer whose weights are all frozen (``--freeze
+    backbone``) stays in inference mode: it keeps the running statistics it came with, like the
+    rest of the frozen backbone, instead of drifting to a few small batches (Keras does the same)."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            params = list(m.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                m.eval()
+    return model
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

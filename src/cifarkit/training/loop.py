@@ -27,7 +27,7 @@ from ..device import autocast
 from ..distributed import Dist, setup as dist_setup
 from ..errors import CifarkitError, TrainingInterrupted
 from ..evaluate import evaluate
-from ..models import count_parameters, user
+from ..models import count_parameters, train_mode, user
 from ..optim import freeze_stopped, make_optimizer, make_scheduler
 from ..progress import Progress
 from .interrupt import DeferredInterrupt, NonFinite
@@ -198,7 +198,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     if not dist.enabled:   # DDP fixes the set of parameters with gradients when it wraps the network
         freeze_stopped(state.opt, global_step)
     state.selector.start_epoch(global_step)
-    state.model.train()
+    train_mode(state.model)   # .train(), frozen batch norms excepted
     state.sums = EpochSums(run.p.device, state.saved_sums if state.step else None)
     state.saved_sums = None
     bar = Progress(loader.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", "step", run.progress)
