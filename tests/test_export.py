@@ -22,6 +22,7 @@ def test_onnx_export_matches_pytorch_with_dynamic_batch(trained_run, tmp_path, c
     meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
     info = json.loads(meta["cifarkit"])
     assert info["classes"] == ["cat", "dog", "ship"] and len(info["preprocess"]["mean"]) == 3
+    assert info["preprocess"]["size"] == 32 and info["preprocess"]["crop_mode"] == "center"
     sess = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     ck = load_checkpoint(out / "best.ckpt")
     model = ck.build_model()
@@ -37,12 +38,23 @@ def test_predict_with_onnx_matches_checkpoint(trained_run, tmp_path, capsys):
     onnx_path = tmp_path / "m.onnx"
     main(["export", str(out / "best.ckpt"), "--format", "onnx", "--out", str(onnx_path)])
     capsys.readouterr()
-    folder = data / "train" / "dog"
+    import shutil
+    from PIL import Image
+    folder = tmp_path / "dogs"
+    shutil.copytree(data / "train" / "dog", folder)
+    # A wide photo whose centre is a dog between two cats: the centre crop sees the dog, a
+    # squashed copy mostly cat colours; so the crop mode decides the answer.
+    cat, dog = (Image.open(next((data / "train" / c).iterdir())).convert("RGB") for c in ("cat", "dog"))
+    wide = Image.new("RGB", (96, 32))
+    for i, part in enumerate((cat, dog, cat)):
+        wide.paste(part, (32 * i, 0))
+    wide.resize((1920, 640), Image.NEAREST).save(folder / "wide.png")
     main(["predict", str(out / "best.ckpt"), str(folder), "--json", "--top-k", "3"])
     a = json.loads(capsys.readouterr().out)
     main(["predict", str(onnx_path), str(folder), "--json", "--top-k", "3"])
     b = json.loads(capsys.readouterr().out)
     assert [r["path"] for r in a] == [r["path"] for r in b]
+    assert next(r for r in a if r["path"].endswith("wide.png"))["top"][0]["class"] == "dog"
     for ra, rb in zip(a, b):
         assert [t["class"] for t in ra["top"]] == [t["class"] for t in rb["top"]]
         assert all(abs(x["prob"] - y["prob"]) < 1e-4 for x, y in zip(ra["top"], rb["top"]))
