@@ -268,7 +268,7 @@ def _decode_into(out: np.ndarray, paths: list, size: int, crop_mode: str, split_
     try:
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
-                results = pool.map(_decode_one, jobs, chunksize=64)
+                results = pool.map(_decode_one, jobs, chunksize=256)
                 _store(out, results, paths, bad, bar)
         else:
             _store(out, map(_decode_one, jobs), paths, bad, bar)
