@@ -1,8 +1,9 @@
 """Peak memory of `cifarkit train` against the decoded size of the data set.
 
 Makes folders of N small JPEGs (random shapes and colours, 3 classes), trains one epoch on each
-at --image-size 128 through the CLI in a fresh process, and samples the memory of that process
-and its decode workers every 20 ms (Linux /proc). Two numbers per run:
+at --image-size 128 through the CLI in a fresh process (the network of examples/small_net.py),
+and samples the memory of that process and its decode workers every 20 ms (Linux /proc). Two
+numbers per run:
 
   anon  anonymous memory (heap, tensors; proportional set size, so pages forked decode workers
         share are counted once): what must fit in RAM. It should grow with the batch, not with
@@ -29,17 +30,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-NET = '''
-from torch import nn
-
-
-def small(num_classes):
-    layers, width = [], 3
-    for out in (16, 32, 64, 64):
-        layers += [nn.Conv2d(width, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
-        width = out
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
-'''
 
 
 def make_folder(root: Path, n: int) -> None:
@@ -118,7 +108,6 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     a = ap.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="cifarkit-mem-"))
-    (work / "net.py").write_text(NET)
     sizes = [int(s) for s in a.sizes.split(",")]
     batches = [int(b) for b in a.batches.split(",")]
     rows = []
@@ -137,7 +126,7 @@ def main() -> None:
                 env = {**os.environ, "CIFARKIT_CACHE": str(cache), "PYTHONPATH": str(src / "src")}
                 for which in ("first", "second"):
                     cmd = [sys.executable, "-m", "cifarkit", "train", "--data", str(folder),
-                           "--model", f"{work / 'net.py'}:small", "--image-size", str(a.image_size),
+                           "--model", f"{ROOT / 'examples' / 'small_net.py'}:small", "--image-size", str(a.image_size),
                            "--epochs", "1", "--batch-size", str(b), "--val-size", "300",
                            "--optimizer", "adamw", "--lr", "0.003", "--precision", "fp32",
                            "--no-tensorboard", "--out", str(work / f"run-{code}-{n}-{b}-{which}")]

@@ -12,18 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-NET = '''
-from torch import nn
-
-
-def small(num_classes):
-    """Four stride-2 conv blocks and a global pool: takes any image size."""
-    layers, width = [], 3
-    for out in (16, 32, 64, 64):
-        layers += [nn.Conv2d(width, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
-        width = out
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
-'''
+NET = Path(__file__).resolve().parents[2] / "examples" / "small_net.py"   # any input size
 
 # Mixed sizes and proportions (width, height): landscape, portrait and square, hundreds of pixels.
 SIZES = [(96, 72), (72, 96), (160, 120), (128, 128), (240, 180), (120, 160), (200, 150), (64, 48),
@@ -78,7 +67,6 @@ def photo_folder(tmp_path_factory):
     t.mkdir(parents=True)
     for i, p in enumerate(photos[:3]):
         p.resize((2000, 1500), Image.BICUBIC).save(t / f"big{i}.jpg", quality=90)
-    (root / "net.py").write_text(NET)
     return root
 
 
@@ -86,7 +74,7 @@ def photo_folder(tmp_path_factory):
 def test_mixed_size_photos_train_and_predict_like_eval(photo_folder, tmp_path, size, pad):
     env = {**os.environ, "CIFARKIT_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "run"
-    net = f"{photo_folder / 'net.py'}:small"
+    net = f"{NET}:small"
     cmd = [sys.executable, "-m", "cifarkit", "train", "--data", str(photo_folder), "--model", net,
            "--image-size", str(size), "--out", str(out), "--optimizer", "adamw", "--lr", "0.003",
            "--batch-size", "32", "--epochs", "12", "--val-size", "60", "--flip", "--crop-pad", str(pad),
