@@ -404,3 +404,25 @@ def test_checkpoints_without_a_crop_mode_keep_squashing(tmp_path):
         p = Predictor(Checkpoint("tudui", {}, 10, net.state_dict(), list("abcdefghij"), pre))
         assert p.crop_mode == mode
         assert np.array_equal(p.read(path), read_image(path, 32, mode))
+
+
+def test_a_cache_that_cannot_be_finished_only_costs_the_next_run(tmp_path, monkeypatch):
+    """The disk fills up while the label file is written: a warning, this run trains on the
+    decoded images, and the next run decodes again (no half cache is trusted)."""
+    import cifarkit.atomic as atomic
+    root = make_folder(tmp_path / "d", classes=("a", "b"), n_per_class=3)
+    reference = load_folder(root, crop_mode="squash").train.x.clone()   # another cache key
+    real = atomic.write_bytes
+
+    def full(path, data):
+        raise CifarkitError(f"cannot write {path}: No space left on device")
+    monkeypatch.setattr(atomic, "write_bytes", full)
+    with pytest.warns(UserWarning, match="could not finish the decode cache"):
+        split = load_folder(root).train
+    assert torch.equal(split.x, reference)
+    monkeypatch.setattr(atomic, "write_bytes", real)
+    import cifarkit.data.sources as src
+    decoded = []
+    monkeypatch.setattr(src, "_decode_into", lambda out, paths, *a: (decoded.append(len(paths)), out.fill(0)))
+    load_folder(root)
+    assert decoded == [6]

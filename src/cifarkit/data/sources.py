@@ -236,21 +236,23 @@ def decode_folder(split_dir: Path, size: int, workers: int | None = None, progre
     except (CifarkitError, OSError) as exc:   # a read-only or full cache disk only costs speed
         warnings.warn(f"could not write the decode cache in {images.parent} ({exc}); decoding into memory")
         tmp, out = None, np.empty(shape, np.uint8)
+    y = [label for _, label in items]
     try:
         _decode_into(out, paths, size, crop_mode, split_dir, workers, progress)
-        y = [label for _, label in items]
-        if tmp is not None:
-            out.flush()
-            del out
-            atomic.commit(tmp, images)
-            # The label file is written last: it is what says the image file is complete.
-            atomic.write_bytes(meta, json.dumps({"version": CACHE_VERSION, "classes": classes,
-                                                 "size": size, "labels": y}).encode())
-            out = _map(images)
     except BaseException:
         if tmp is not None:
             atomic.discard(tmp)
         raise
+    if tmp is not None:
+        out.flush()
+        try:
+            atomic.commit(tmp, images)
+            # The label file is written last: it is what says the image file is complete.
+            atomic.write_bytes(meta, json.dumps({"version": CACHE_VERSION, "classes": classes,
+                                                 "size": size, "labels": y}).encode())
+            out = _map(images)   # the same pages, now copy-on-write
+        except (OSError, CifarkitError) as exc:   # e.g. the disk filled up: this run goes on
+            warnings.warn(f"could not finish the decode cache {images} ({exc}); the next run decodes again")
     return TensorSplit(torch.from_numpy(out), torch.tensor(y, dtype=torch.int64),
                        mapped=tmp is not None), classes
 
