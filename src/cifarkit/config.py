@@ -349,7 +349,8 @@ def resolve(recipe: str = "tutorial", config_file: str | None = None,
             values[key] = _coerce(key, copy.deepcopy(value), source)   # never alias RECIPES
     if "image_size" not in values:   # not set anywhere: the network's own size (224 for tv_*)
         from .models.pretrained import natural_size
-        values["image_size"] = natural_size(values.get("model", "tudui"), bool(values.get("pretrained"))) or 32
+        values["image_size"] = natural_size(values.get("model", TrainConfig.model),
+                                            bool(values.get("pretrained"))) or TrainConfig.image_size
     base = RECIPES[recipe]
     own_schedule = any("progressive" in layer for _, layer in layers[1:])
     if (base.get("progressive") and not own_schedule

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data.tensors import TensorSplit, normalize
+from .data.tensors import TensorSplit, normalize, reader
 from .device import autocast
 
 
@@ -92,7 +92,7 @@ def predict_tensors(model: nn.Module, x_uint8: torch.Tensor, mean, std, device, 
     ``device``; only one batch of images is read at a time."""
     model.eval()
     outs = []
-    get = x_uint8.images if isinstance(x_uint8, TensorSplit) else x_uint8.__getitem__
+    get = reader(x_uint8)
     for i in range(0, len(x_uint8), batch_size):
         xb = normalize(get(slice(i, i + batch_size)).to(device, non_blocking=True), mean, std,
                        channels_last=channels_last and device.type != "mps")

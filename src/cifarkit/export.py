@@ -79,7 +79,7 @@ def export_onnx(ckpt: Checkpoint, out, check_images=None, opset: int = 18) -> fl
 
     out = Path(out)
     model = ckpt.build_model("cpu").float().eval()
-    size = int(ckpt.preprocess.get("size", 32))
+    size = preprocess_of(ckpt.preprocess)[0]
     example = torch.randn(2, 3, size, size)
     tmp = atomic.temp_beside(out, ".onnx")
     try:
@@ -122,7 +122,7 @@ def _export_checked(ckpt: Checkpoint, out, check_images, suffix: str, name: str,
     it matches. Shared by the TorchScript and torch.export formats."""
     out = Path(out)
     model = ckpt.build_model("cpu").float().eval()
-    size = int(ckpt.preprocess.get("size", 32))
+    size = preprocess_of(ckpt.preprocess)[0]
     tmp = atomic.temp_beside(out, suffix)
     try:
         with warnings.catch_warnings():

@@ -288,7 +288,8 @@ def _model_from(spec: str, num_classes: int | None = None, model: str | None = N
     if Path(spec).exists():
         from .checkpoint import load_checkpoint
         ck = load_checkpoint(spec, model=model)
-        return ck.build_model(), f"checkpoint {spec} (model {ck.model_name})", int(ck.preprocess.get("size", 32))
+        from .data.sources import preprocess_of
+        return ck.build_model(), f"checkpoint {spec} (model {ck.model_name})", preprocess_of(ck.preprocess)[0]
     create_model(spec)  # raises: unknown model, with suggestions
     raise AssertionError("unreachable")
 
@@ -299,10 +300,8 @@ def cmd_summary(a) -> int:
     from .models import count_parameters
     model, title, size = _model_from(a.target, a.num_classes, a.model)
     if a.freeze == "backbone":   # what `train --freeze backbone` would train: the head only
-        from .models import head_parameters
-        head = {id(p) for p in head_parameters(model)}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in head)
+        from .models import freeze_backbone
+        freeze_backbone(model)
     shape = parse_input(a.input) if a.input else (3, size or 32, size or 32)
     rows = summarize(model, shape)
     total = count_parameters(model)

@@ -36,9 +36,8 @@ class TensorSplit:
 
     def images(self, idx) -> torch.Tensor:
         """Images ``idx`` (an index tensor or a slice) of this split."""
-        if self.rows is None:
-            return self.base[idx]
-        return self.base[self.rows[idx.cpu() if torch.is_tensor(idx) else idx].to(self.base.device)]
+        # rows exist only for a mapped split, which lives on the CPU (``to`` copies it elsewhere)
+        return self.base[idx] if self.rows is None else self.base[self.rows[idx]]
 
     def subset(self, idx: torch.Tensor) -> "TensorSplit":
         if self.mapped:   # rows into the map, no copy of the images
@@ -57,6 +56,11 @@ class TensorSplit:
         x = F.interpolate(self.x.float(), size=(size, size), mode="bilinear", antialias=True,
                           align_corners=False)
         return TensorSplit(x.round().clamp(0, 255).to(torch.uint8), self.y)
+
+
+def reader(x):
+    """``get(idx)`` for images of a uint8 tensor or a TensorSplit (read lazily from its map)."""
+    return x.images if isinstance(x, TensorSplit) else x.__getitem__
 
 
 def stratified_split(y: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +94,7 @@ def channel_stats(x, chunk_elements: int = 1 << 25) -> tuple[list[float], list[f
     so the result does not depend on how the set is chunked, and 4x faster than summing squares
     in int64), over chunks of about ``chunk_elements`` pixels (32 MB), so a memory-mapped set
     larger than memory is read once and never held whole."""
-    get = x.images if isinstance(x, TensorSplit) else x.__getitem__
+    get = reader(x)
     n, c = len(x), x.shape[1]
     per_image = c * x.shape[2] * x.shape[3]
     step = max(1, chunk_elements // max(per_image, 1))

@@ -90,6 +90,14 @@ def head_parameters(model: nn.Module) -> list:
     return list(head_of(model).parameters())
 
 
+def freeze_backbone(model: nn.Module) -> nn.Module:
+    """``--freeze backbone``: every parameter stops training except the head's."""
+    head = {id(p) for p in head_parameters(model)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in head)
+    return model
+
+
 def init_from_data(model: nn.Module, images) -> None:
     """Let a network set layers from training images before training, if it declares
     ``init_from_data(images)`` (normalised float NCHW; fast's whitening layer). Others: nothing.

@@ -19,7 +19,7 @@ from ..data.tensors import TensorSplit, normalize
 from ..device import resolve_device, resolve_precision, set_threads
 from ..distributed import Dist
 from ..errors import CifarkitError
-from ..models import create_model, init_from_data
+from ..models import create_model, freeze_backbone, init_from_data
 
 
 @dataclass
@@ -83,11 +83,12 @@ def prepare(cfg: TrainConfig, progress: bool = True, log=print, dist: Dist | Non
         f"{cfg.image_size}x{cfg.image_size} ({bundle.source}, {time.perf_counter() - t0:.1f}s)")
     _report_classes(train, bundle.classes, cfg, log)
 
-    model = _network(cfg, network, len(bundle.classes), log)
+    pre = None
     if cfg.pretrained:   # the normalisation the weights were trained with, not this data's
         from ..models.pretrained import preprocessing
         pre = preprocessing(cfg.model)
         mean, std = pre["mean"], pre["std"]
+    model = _network(cfg, network, len(bundle.classes), log, pre)
     init_from_data(model, lambda: whitening_sample(cfg, train, mean, std))
     check_sizes(model, cfg, len(bundle.classes))
     model = place(model, cfg, device)
@@ -98,24 +99,23 @@ def prepare(cfg: TrainConfig, progress: bool = True, log=print, dist: Dist | Non
                     mean, std, model, {k: v for k, v in bundle.splits.items() if k != "val"})
 
 
-def _network(cfg: TrainConfig, network: nn.Module | None, num_classes: int, log) -> nn.Module:
-    """The network to train: the given instance, the ImageNet-pretrained one, or a new one."""
+def _network(cfg: TrainConfig, network: nn.Module | None, num_classes: int, log,
+             pre: dict | None = None) -> nn.Module:
+    """The network to train: the given instance, the ImageNet-pretrained one (``pre``: its
+    weights' preprocessing), or a new one."""
     if network is not None:
         model = network
     elif cfg.pretrained:
-        from ..models.pretrained import build_pretrained, preprocessing
+        from ..models.pretrained import build_pretrained
         model = build_pretrained(cfg.model, num_classes)
-        size = preprocessing(cfg.model)["size"]
+        size = pre["size"]
         log(f"pretrained: {cfg.model} with torchvision's ImageNet weights, a new {num_classes}-class head"
             + (f" (the weights were trained at {size} px; this run uses {cfg.image_size})"
                if size != cfg.image_size else ""))
     else:
         model = create_model(cfg.model, num_classes, **cfg.model_args)
-    if cfg.freeze == "backbone":   # only the head trains
-        from ..models import head_parameters
-        head = {id(p) for p in head_parameters(model)}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in head)
+    if cfg.freeze == "backbone":
+        freeze_backbone(model)
     return model
 
 
