@@ -134,7 +134,7 @@ def main() -> None:
                     row = {"code": code, "images": n, "decoded_mib": decoded, "batch": b, "run": which, **r}
                     rows.append(row)
                     print(f"{code:<10} {n:>7} {decoded:>11.0f} {b:>5} {which:<7} {r['anon_mib']:>9.0f} "
-                          f"{r['rss_mib']:>8.0f} {r['data_s'] or float('nan'):>7.1f} {r['wall_s']:>7.1f}",
+                          f"{r['rss_mib']:>8.0f} {float('nan') if r['data_s'] is None else r['data_s']:>7.1f} {r['wall_s']:>7.1f}",
                           flush=True)
                     if which == "first":
                         import shutil
