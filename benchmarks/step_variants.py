@@ -186,6 +186,7 @@ def native_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
     wgrad = kernels.conv_wgrad_available
     chosen_map = kernels.choose([train_step.model], [size], batch=min(batch, 256))
     chosen, kernels._state["choice"] = kernels._state["choice"], None   # None: native everywhere
+    matmul = {k: ("matmul" if k.startswith("wgrad") else "native") for k in chosen}
 
     def step(mode: str):
         if mode == "pytorch":
@@ -197,21 +198,22 @@ def native_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
                 train_step(x, y)
             finally:
                 kernels.conv_wgrad_available = wgrad
-        elif mode == "chosen":
-            kernels._state["choice"] = chosen
+        elif mode in ("chosen", "pool+matmul"):
+            kernels._state["choice"] = chosen if mode == "chosen" else matmul
             try:
                 train_step(x, y)
             finally:
                 kernels._state["choice"] = None
         else:
             train_step(x, y)
-    modes = ("pytorch", "pool", "pool+wgrad", "chosen") if wgrad() else ("pytorch", "pool", "chosen")
+    modes = ("pytorch", "pool", "pool+wgrad", "pool+matmul", "chosen") if wgrad() else (
+        "pytorch", "pool", "pool+matmul", "chosen")
     med = _interleaved_medians({k: lambda k=k: step(k) for k in modes}, repeats=7)
     print(f"full step, fast {json.dumps(model_args)}, batch {batch}, {size} px (medians of 7 after one "
           f"warm-up each): " + ", ".join(f"{k} {med[k] * 1e3:.0f} ms ({med[k] / med['pytorch']:.3f})"
                                         for k in modes))
-    print(f"chosen: native on {chosen_map['pool'][0]} of {chosen_map['pool'][1]} pool shapes and "
-          f"{chosen_map['wgrad'][0]} of {chosen_map['wgrad'][1]} weight-gradient shapes")
+    print(f"chosen: native on {chosen_map['pool'][0]} of {chosen_map['pool'][1]} pool shapes; weight "
+          f"gradient of {chosen_map['wgrad'][1]} shapes: {json.dumps(chosen_map['wgrad_by'])}")
 
 
 def select_costs(widths: list[int], proxy: list[int], fraction: float, batch: int = 2000,
@@ -274,7 +276,7 @@ def main() -> int:
     ap.add_argument("--proxy", default="16,64,64", help="with --select: the proxy's widths")
     ap.add_argument("--fraction", type=float, default=0.5, help="with --select: share trained on")
     ap.add_argument("--models", help="JSON list of fast model_args: time a full step of each")
-    ap.add_argument("--size", type=int, default=32, help="with --models: image side in px")
+    ap.add_argument("--size", type=int, default=32, help="with --models, --layers or --native: image side in px")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.models:
@@ -287,7 +289,7 @@ def main() -> int:
     if a.native or a.layers:
         from cifarkit import resolve_config
         model_args = {"widths": widths} if widths else dict(resolve_config("fast").model_args)
-        (native_costs if a.native else layer_costs)(model_args)
+        (native_costs if a.native else layer_costs)(model_args, size=a.size)
         return 0
     if a.sizes:
         med = size_costs([int(v) for v in a.sizes.split(",")])

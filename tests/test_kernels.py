@@ -176,10 +176,50 @@ def test_native_conv_weight_gradient_is_the_exact_sum(wgrad, shape):
     assert torch.equal(got, wgrad._state["module"].conv3x3_wgrad(x, g))   # deterministic
 
 
+@pytest.mark.parametrize("shape", [(2000 // 40, 64, 224, 7, 7), (7, 24, 64, 31, 31), (3, 12, 48, 2, 5),
+                                   (5, 24, 16, 4, 3), (1, 4, 16, 1, 1), (9, 20, 80, 5, 5), (4, 3, 5, 3, 2)])
+def test_matmul_weight_gradient_is_the_sum_rounded_once(shape):
+    # any channel counts (3 and 5 too), 1x1, 1-pixel-high and non-square inputs
+    n, ci, co, h, w = shape
+    gen = torch.Generator().manual_seed(n * co + 1)
+    x = torch.randn(n, ci, h, w, generator=gen).to(torch.bfloat16).contiguous(memory_format=CL)
+    g = torch.randn(n, co, h, w, generator=gen).to(torch.bfloat16).contiguous(memory_format=CL)
+    got = kernels.matmul_wgrad(x, g)
+    ref = _wgrad_ref(x, g)
+    assert got.dtype == torch.bfloat16 and got.shape == ref.shape and got.is_contiguous(memory_format=CL)
+    # fp32 sums rounded once to bf16 (half a unit in the last place: at most 2^-8 of the value),
+    # plus the fp32 sums' own error; a tap put in the wrong place, or a term dropped, is far
+    # outside this
+    size = _wgrad_ref(x.abs(), g.abs())
+    assert ((got.double() - ref).abs() <= 2 ** -8 * ref.abs() + 16 * 2 ** -24 * size).all()
+
+
+def test_training_with_the_matrix_product_gradient_learns(native, tmp_path, monkeypatch):
+    from helpers import make_folder
+    tiny_folder = make_folder(tmp_path / "images", n_per_class=40, shape_only=True)
+    monkeypatch.delenv("CIFARKIT_NATIVE", raising=False)
+    # the chooser "measures" the matrix products fastest on every shape (pools: PyTorch's)
+    monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: {"pytorch": 1.0, "native": 2.0} if spec[0] == "pool"
+                        else {"pytorch": 2.0, "native": 3.0, "matmul": 1.0})
+    monkeypatch.setattr(kernels, "_cache_path", lambda: tmp_path / "choices.json")
+    monkeypatch.setitem(kernels._state, "choice", None)     # training's choice is undone afterwards
+    calls = []
+    real = kernels._Conv3x3.apply
+    monkeypatch.setattr(kernels._Conv3x3, "apply", lambda *a: calls.append(a[2]) or real(*a))
+    logs = []
+    cfg = resolve_config("fast", overrides=dict(
+        data=str(tiny_folder), val_size=24, epochs=8, batch_size=32, tensorboard=False,
+        model_args={"widths": [16, 16, 32]}, deterministic=True, out=str(tmp_path / "run")))
+    acc = train(cfg, progress=False, log=logs.append)["best_val_acc"]
+    assert calls and set(calls) == {"matmul"}
+    assert any("weight gradient: nine matrix products on" in line for line in logs), logs
+    assert acc >= 0.9                                         # 3 classes: chance is 0.33
+
+
 def test_conv3x3_uses_the_native_gradient_only_when_training_in_bf16(wgrad, monkeypatch):
     calls = []
     real = kernels._Conv3x3.apply
-    monkeypatch.setattr(kernels._Conv3x3, "apply", lambda x, w: calls.append(1) or real(x, w))
+    monkeypatch.setattr(kernels._Conv3x3, "apply", lambda *a: calls.append(a[2:]) or real(*a))
     torch.manual_seed(0)
     conv = kernels.Conv3x3(32, 48).to(memory_format=CL)
     plain = torch.nn.Conv2d(32, 48, 3, padding=1, bias=False).to(memory_format=CL)
@@ -190,7 +230,7 @@ def test_conv3x3_uses_the_native_gradient_only_when_training_in_bf16(wgrad, monk
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ya, yb = conv(xa), plain(xb)
-    assert calls == [1]
+    assert calls == [("native",)]
     assert torch.equal(ya, yb)                                # the same oneDNN forward
     ya.backward(g)
     yb.backward(g)
@@ -212,11 +252,11 @@ def test_conv3x3_uses_the_native_gradient_only_when_training_in_bf16(wgrad, monk
     conv.weight.requires_grad_(True)
     with kernels.disabled(), torch.autocast("cpu", dtype=torch.bfloat16):
         conv(xa)
-    assert calls == [1]
+    assert len(calls) == 1
     odd = kernels.Conv3x3(32, 40)                             # 40 output channels: not a multiple of 16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         odd(xa)
-    assert calls == [1]
+    assert len(calls) == 1
 
 
 def test_training_with_the_native_gradient_is_deterministic_and_learns_like_pytorch(
@@ -228,7 +268,7 @@ def test_training_with_the_native_gradient_is_deterministic_and_learns_like_pyto
     monkeypatch.setenv("CIFARKIT_NATIVE", "always")      # used even where PyTorch's is faster
     calls = []
     real = kernels._Conv3x3.apply
-    monkeypatch.setattr(kernels._Conv3x3, "apply", lambda x, w: calls.append(1) or real(x, w))
+    monkeypatch.setattr(kernels._Conv3x3, "apply", lambda *a: calls.append(a[2:]) or real(*a))
     kw = dict(data=str(tiny_folder), val_size=24, epochs=8, batch_size=32, tensorboard=False,
               model_args={"widths": [16, 16, 32]}, deterministic=True)   # the fast recipe, smaller
     acc = {}
@@ -287,14 +327,15 @@ def _net():
 
 def test_chooser_keeps_pytorch_where_the_native_op_is_slower(chooser, tmp_path, monkeypatch):
     monkeypatch.setitem(kernels._state, "module", _Slowed(kernels._state["module"]))
+    monkeypatch.setattr(kernels, "matmul_wgrad", _much_slower(kernels.matmul_wgrad))
     got = kernels.choose([_net()], [16], batch=8, repeats=3, cache=tmp_path / "c.json")
     assert got["pool"][1] == 3 and got["pool"][0] == 0                      # three pools, none native
-    n_conv = 0 if not kernels.conv_wgrad_available() else got["wgrad"][1]
-    assert got["wgrad"][0] == 0 and got["timed"] == 3 + n_conv
+    assert got["wgrad"][0] == 0 and got["wgrad"][1] == 5                    # five 3x3 convolutions
+    assert got["wgrad_by"] == {"pytorch": 5} and got["timed"] == 3 + 5
     # and then the network runs PyTorch's ops: the slowed native ones are never called
     calls = []
     monkeypatch.setattr(kernels._MaxPool2x2, "apply", lambda x: calls.append("pool"))
-    monkeypatch.setattr(kernels._Conv3x3, "apply", lambda x, w: calls.append("conv"))
+    monkeypatch.setattr(kernels._Conv3x3, "apply", lambda *a: calls.append("conv"))
     x = torch.randn(4, 3, 16, 16).contiguous(memory_format=CL)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _net()(x).sum().backward()
@@ -307,10 +348,10 @@ def test_chooser_keeps_the_native_op_where_pytorch_is_slower_and_caches_it(choos
     cache = tmp_path / "c.json"
     got = kernels.choose([_net()], [16, 32], batch=8, repeats=3, cache=cache)
     assert got["pool"] == [5, 5]        # 3 pools x 2 image sides, one shape (32x7x7) in both
-    if kernels.conv_wgrad_available():
-        assert got["wgrad"][0] == got["wgrad"][1] > 0
+    assert got["wgrad"][0] == got["wgrad"][1] > 0      # the native one or the matrix products
     entries = json.loads(cache.read_text())
-    assert len(entries) == got["timed"] and all(e["native"] < e["pytorch"] for e in entries.values())
+    assert len(entries) == got["timed"]
+    assert all(e[e["use"]] < e["pytorch"] and e["use"] != "pytorch" for e in entries.values())
     # a second run reads the cache: nothing is timed again, and the decisions are the same
     monkeypatch.setattr(kernels, "_time_op", lambda *a: pytest.fail("timed again despite the cache"))
     kernels._state["choice"] = None
@@ -351,35 +392,41 @@ def test_chooser_is_skipped_when_the_kernels_are_forced(chooser, tmp_path, monke
 def test_chooser_decides_with_a_margin_and_records_batch_and_threads(chooser, tmp_path, monkeypatch):
     # native must be at least MARGIN faster: exactly at the margin it is not kept
     ms = {"pool": {"pytorch": 100.0, "native": 100.0 * (1 - kernels.MARGIN)},
-          "wgrad": {"pytorch": 100.0, "native": 100.0 * (1 - kernels.MARGIN) - 0.01}}
+          "wgrad": {"pytorch": 100.0, "native": 100.0 * (1 - kernels.MARGIN) - 0.01,
+                    "matmul": 100.0 * (1 - kernels.MARGIN) - 0.02}}
     asked = []
     monkeypatch.setattr(kernels, "_time_op", lambda spec, batch, repeats: asked.append((batch, repeats)) or
                         dict(ms[spec[0]]))
     cache = tmp_path / "c.json"
     got = kernels.choose([_net()], [16], batch=8, repeats=4, cache=cache)
     assert got["pool"] == [0, 3] and set(asked) == {(8, 4)}
-    if kernels.conv_wgrad_available():
-        assert got["wgrad"][0] == got["wgrad"][1] > 0
+    assert got["wgrad"][0] == got["wgrad"][1] > 0 and got["wgrad_by"] == {"matmul": 5}   # the fastest
     entries = json.loads(cache.read_text())
     assert got["timed"] == len(entries) == len(asked)
     # the decisions are what the network's layers then follow
-    assert kernels._state["choice"] == {k.split(", ", 1)[1]: e["native_faster"] for k, e in entries.items()}
+    assert kernels._state["choice"] == {k.split(", ", 1)[1]: e["use"] for k, e in entries.items()}
     prefix = f"{torch.get_num_threads()} threads, "
     assert all(k.startswith(prefix) for k in entries) and all(e["batch"] == 8 for e in entries.values())
     # decisions made at another thread count are not reused
-    other = {k.replace(prefix, "99 threads, "): {**e, "native_faster": True} for k, e in entries.items()}
+    other = {k.replace(prefix, "99 threads, "): {**e, "use": "native"} for k, e in entries.items()}
     cache.write_text(json.dumps(other))
     assert kernels.choose([_net()], [16], batch=8, cache=cache)["pool"] == [0, 3]
     # cached decisions are used as they are, without timing again; by default the cache is beside the build
     monkeypatch.setattr(kernels, "_time_op", lambda *a: pytest.fail("timed again despite the cache"))
-    flipped = {k: {**e, "native_faster": not e["native_faster"]} for k, e in json.loads(cache.read_text()).items()}
+    flipped = {k: {**e, "use": "native" if e["use"] == "pytorch" else "pytorch"}
+               for k, e in json.loads(cache.read_text()).items()}
     monkeypatch.setattr(kernels, "_cache_path", lambda: tmp_path / "beside_build.json")
     (tmp_path / "beside_build.json").write_text(json.dumps(flipped))
     again = kernels.choose([_net()], [16], batch=8)
-    assert again["pool"] == [3, 3] and again["timed"] == 0
+    assert again["pool"] == [3, 3] and again["wgrad"] == [0, 5] and again["timed"] == 0
+    # a cache written before the matrix products existed (no "use", no "matmul") is timed again
+    old = {k: {"pytorch": 1.0, "native": 2.0, "batch": 8, "native_faster": False} for k in entries}
+    cache.write_text(json.dumps(old))
+    monkeypatch.setattr(kernels, "_time_op", lambda spec, batch, repeats: dict(ms[spec[0]]))
+    assert kernels.choose([_net()], [16], batch=8, cache=cache)["timed"] == len(entries)
 
 
-def test_chooser_skips_the_weight_gradient_where_the_cpu_lacks_it(chooser, tmp_path, monkeypatch):
+def test_without_avx512_bf16_the_chooser_times_only_the_matrix_products(chooser, tmp_path, monkeypatch):
     class NoWgrad:
         def __init__(self, inner):
             self.inner = inner
@@ -391,10 +438,19 @@ def test_chooser_skips_the_weight_gradient_where_the_cpu_lacks_it(chooser, tmp_p
             return getattr(self.inner, name)
     monkeypatch.setitem(kernels._state, "module", NoWgrad(kernels._state["module"]))
     timed = []
-    monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: timed.append(spec[0]) or
-                        {"pytorch": 2.0, "native": 1.0})
+    real_time_op = kernels._time_op
+    monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: timed.append(sorted(real_time_op(spec, b, 1)))
+                        or ({"pytorch": 2.0, "native": 1.0} if spec[0] == "pool" else {"pytorch": 2.0, "matmul": 1.0}))
     got = kernels.choose([_net()], [16], batch=8, cache=tmp_path / "c.json")
-    assert got["wgrad"] == [0, 0] and got["pool"] == [3, 3] and set(timed) == {"pool"}
+    assert got["wgrad"] == [5, 5] and got["wgrad_by"] == {"matmul": 5} and got["pool"] == [3, 3]
+    # the real timing tried the matrix products against PyTorch's, never the missing C++ one
+    assert timed.count(["native", "pytorch"]) == 3 and timed.count(["matmul", "pytorch"]) == 5
+    calls = []
+    real = kernels._Conv3x3.apply
+    monkeypatch.setattr(kernels._Conv3x3, "apply", lambda *a: calls.append(a[2]) or real(*a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _net()(torch.randn(2, 3, 16, 16).contiguous(memory_format=CL)).sum().backward()
+    assert calls == ["matmul"] * 6                       # six convolutions, five shapes
 
 
 def test_best_ms_is_the_fastest_run_in_milliseconds():

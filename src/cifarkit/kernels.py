@@ -17,7 +17,10 @@ Two of the fast network's training ops, where PyTorch's CPU kernels fall short:
 
 Neither is always faster: on CPUs with AMX, oneDNN's convolutions use the matrix units and beat
 the weight-gradient kernel. :func:`choose` times each op against PyTorch's on the shapes the
-networks use and keeps the faster, shape by shape (cached beside the build).
+networks use and keeps the faster, shape by shape (cached beside the build). For the weight
+gradient it also times a third way written with PyTorch's ops, :func:`matmul_wgrad` (nine matrix
+products, one per kernel tap): where the matrix units are fast and the image is small (5x5 pixels
+and less), oneDNN's own weight gradient uses them poorly and the products win by 1.3-10x.
 
 Nothing here is required: :func:`load` builds the extension from ``csrc/native.cpp``
 (``torch.utils.cpp_extension``, about 30 s the first time, then cached in
@@ -44,13 +47,15 @@ import torch.nn.functional as F
 # backward, and torch.compile of the same, were both slower than max_pool2d here (see
 # docs/benchmarks.md); only a loop that reads the input once and writes each output once wins.
 # The weight gradient likewise: as im2col + matmul, or as nine shifted matmuls, it was slower than
-# oneDNN's (the copies, and matmuls whose long side is the summed one).
+# oneDNN's on the Zen 5 (the copies, and matmuls whose long side is the summed one); with AMX the
+# nine matmuls win on small images, so they are one of the candidates `choose` times.
 # The C++ is a real file shipped with the package, so compiler messages point at its own lines.
 SOURCE = Path(__file__).with_name("csrc") / "native.cpp"
 
 # module: the built extension; reason: why it is not used; off: depth of `disabled()` blocks;
-# choice: {shape key: use the native op?} measured by `choose`, or None (not measured: native
-# wherever it applies, as in the tests of the kernels themselves).
+# choice: {shape key: the implementation to use ("pytorch", "native", or for the weight gradient
+# "matmul")} measured by `choose`, or None (not measured: native wherever it applies, as in the
+# tests of the kernels themselves).
 _state: dict = {"module": None, "reason": None, "off": 0, "choice": None}
 
 
@@ -135,7 +140,7 @@ def disabled():
 # feed it, and the faster is kept, shape by shape. The decisions are cached beside the build
 # (they depend on the CPU, the thread count and the build), so only the first run pays for them.
 
-MARGIN = 0.02   # the native op must be at least 2 % faster: a tie goes to PyTorch's
+MARGIN = 0.02   # another implementation must be at least 2 % faster: a tie goes to PyTorch's
 
 
 def _pool_key(x: torch.Tensor) -> str:
@@ -147,8 +152,18 @@ def _conv_key(conv: torch.nn.Conv2d, x: torch.Tensor) -> str:
 
 
 def _wanted(key: str) -> bool:
+    """Use the native max-pool for this shape?"""
     choice = _state["choice"]
-    return choice is None or choice.get(key, False)
+    return choice is None or choice.get(key, "pytorch") == "native"
+
+
+def _wgrad_impl(key: str) -> str:
+    """How to compute the weight gradient of a 3x3 convolution of this shape: "native",
+    "matmul" or "pytorch" (shapes never timed get PyTorch's: never slower than PyTorch)."""
+    choice = _state["choice"]
+    if choice is None:
+        return "native" if conv_wgrad_available() else "pytorch"
+    return choice.get(key, "pytorch")
 
 
 def _shapes(models, sizes) -> dict:
@@ -203,8 +218,14 @@ def _pytorch_conv3x3(x, weight):
     return F.conv2d(x, weight, None, 1, 1)
 
 
+def _wgrad_candidates() -> tuple:
+    """The weight-gradient implementations `choose` times besides PyTorch's."""
+    return ("native", "matmul") if _state["module"].has_conv3x3_wgrad() else ("matmul",)
+
+
 def _time_op(spec: tuple, batch: int, repeats: int) -> dict:
-    """PyTorch's and the native op's forward + backward on random bf16 inputs of one shape."""
+    """Forward + backward on random bf16 inputs of one shape: PyTorch's op and each other
+    implementation ({"pytorch": ms, "native": ms[, "matmul": ms]})."""
     g = torch.Generator().manual_seed(0)
     cl = torch.channels_last
     if spec[0] == "pool":
@@ -225,8 +246,16 @@ def _time_op(spec: tuple, batch: int, repeats: int) -> dict:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 y = conv(x, weight)
             return torch.autograd.grad(y, (x, weight), gy)
-        fns = {"pytorch": lambda: step(_pytorch_conv3x3), "native": lambda: step(_Conv3x3.apply)}
+        fns = {"pytorch": lambda: step(_pytorch_conv3x3)}
+        for impl in _wgrad_candidates():
+            fns[impl] = lambda impl=impl: step(lambda x, w: _Conv3x3.apply(x, w, impl))
     return _best_ms(fns, repeats)
+
+
+def _pick(ms: dict) -> str:
+    """The fastest implementation, if it beats PyTorch's by MARGIN; else "pytorch"."""
+    best = min((k for k in ms if k != "pytorch"), key=ms.get)
+    return best if ms[best] < (1 - MARGIN) * ms["pytorch"] else "pytorch"
 
 
 def _cache_path() -> Path:
@@ -237,7 +266,9 @@ def choose(models, sizes, batch: int = 256, repeats: int = 5, cache: Path | None
     """Time each native op against PyTorch's on the shapes ``models`` feed it at the image
     ``sizes``, and use the native op only where it is faster. Decisions are read from and added
     to ``cache`` (default: beside the build). Returns ``{op: [native shapes, all shapes],
-    "timed": shapes timed now}``. Does nothing (returns {}) unless the kernels are loaded."""
+    "timed": shapes timed now}`` (for "wgrad" the first number counts shapes not left to PyTorch;
+    "wgrad_by" says how many each implementation got). Does nothing (returns {}) unless the
+    kernels are loaded."""
     if _state["module"] is None:
         return {}
     if os.environ.get("CIFARKIT_NATIVE") == "always":   # for measuring the kernels themselves
@@ -249,19 +280,20 @@ def choose(models, sizes, batch: int = 256, repeats: int = 5, cache: Path | None
     except (OSError, ValueError):
         known = {}
     threads = torch.get_num_threads()
-    choice, summary, timed = {}, {"pool": [0, 0], "wgrad": [0, 0]}, 0
+    choice, summary, timed = {}, {"pool": [0, 0], "wgrad": [0, 0], "wgrad_by": {}}, 0
     for key, spec in sorted(_shapes(models, sizes).items()):
-        if spec[0] == "wgrad" and not _state["module"].has_conv3x3_wgrad():
-            continue
         entry = known.get(f"{threads} threads, {key}")
-        if entry is None:
-            ms = _time_op(spec, batch, repeats)
-            entry = {**ms, "batch": batch, "native_faster": ms["native"] < (1 - MARGIN) * ms["pytorch"]}
+        wanted = {"pytorch", "native"} if spec[0] == "pool" else {"pytorch", *_wgrad_candidates()}
+        if entry is None or "use" not in entry or not wanted <= set(entry):   # new, or cached before
+            ms = _time_op(spec, batch, repeats)                                # a candidate existed
+            entry = {**ms, "batch": batch, "use": _pick(ms)}
             known[f"{threads} threads, {key}"] = entry
             timed += 1
-        choice[key] = bool(entry["native_faster"])
-        summary[spec[0]][0] += choice[key]
+        choice[key] = entry["use"]
+        summary[spec[0]][0] += choice[key] != "pytorch"
         summary[spec[0]][1] += 1
+        if spec[0] == "wgrad":
+            summary["wgrad_by"][choice[key]] = summary["wgrad_by"].get(choice[key], 0) + 1
     if timed:
         try:   # a cache that cannot be written only costs the timing again next time
             tmp = cache.with_suffix(f".{os.getpid()}.tmp")
@@ -323,19 +355,43 @@ def conv_wgrad_available() -> bool:
     return m is not None and not _state["off"] and bool(m.has_conv3x3_wgrad())
 
 
+def matmul_wgrad(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of a bias-free 3x3, stride-1, padding-1 convolution as nine matrix
+    products, one per kernel tap (i, j): grad[:, :, i, j] = G^T X_ij, where G is the output
+    gradient as an (images x pixels) x out-channels matrix and X_ij the zero-padded input shifted
+    by the tap, as (images x pixels) x in-channels. bf16 in and out, the sums in fp32 inside the
+    matrix product and rounded once, as PyTorch's own weight gradient is.
+
+    Written with PyTorch's ops rather than in C++: the matrix products are oneDNN's, which use
+    AMX where the CPU has it, and on small images (5x5 pixels and less) they beat oneDNN's
+    convolution weight gradient there (`choose` measures it; docs/benchmarks.md)."""
+    n, c, h, w = x.shape
+    co = g.shape[1]
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))                   # N, H+2, W+2, C
+    # G^T made contiguous once: a transposed left operand with a long summed side was about
+    # 2x slower in the matrix product than a copy plus the plain product
+    gt = g.permute(1, 0, 2, 3).reshape(co, n * h * w)
+    out = torch.empty(co, 3, 3, c, dtype=g.dtype, device=g.device)
+    for i in range(3):
+        for j in range(3):
+            torch.mm(gt, xp[:, i:i + h, j:j + w].reshape(n * h * w, c), out=out[:, i, j])
+    return out.permute(0, 3, 1, 2)                                            # channels_last
+
+
 class _Conv3x3(torch.autograd.Function):
     """A bias-free 3x3, stride-1, padding-1 convolution in bf16 whose weight gradient is computed
     by the native ``conv3x3_wgrad`` (fp32 sums, rounded to bf16 like PyTorch's, handed to the fp32
-    weight). The forward and the gradient to the input are PyTorch's (oneDNN's), which already
-    run near this CPU's bf16 peak."""
+    weight) or by :func:`matmul_wgrad` (``impl``). The forward and the gradient to the input are
+    PyTorch's (oneDNN's), which already run near the CPU's bf16 peak."""
 
     @staticmethod
-    def forward(ctx, x, weight):
+    def forward(ctx, x, weight, impl="native"):
         xb = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
         wb = weight.to(torch.bfloat16)
         with torch.autocast("cpu", enabled=False):
             out = F.conv2d(xb, wb, None, 1, 1)
         ctx.save_for_backward(xb, wb)
+        ctx.impl = impl
         ctx.in_dtype = x.dtype
         ctx.weight_channels_last = weight.is_contiguous(memory_format=torch.channels_last)
         return out
@@ -353,10 +409,13 @@ class _Conv3x3(torch.autograd.Function):
             # Rounded to bf16, as PyTorch's bf16 weight gradient is: the fast recipe trained 0.3
             # points better so (seeds 0-2: 91.21 % against 90.90 % with the fp32 sums kept;
             # docs/benchmarks.md), though the fp32 sums are the more exact gradient.
-            gw = _state["module"].conv3x3_wgrad(xb, g).to(torch.bfloat16)
+            if ctx.impl == "matmul":
+                gw = matmul_wgrad(xb, g)
+            else:
+                gw = _state["module"].conv3x3_wgrad(xb, g).to(torch.bfloat16)
             gw = gw.to(torch.float32, memory_format=torch.channels_last if ctx.weight_channels_last
                        else torch.contiguous_format)
-        return gx, gw
+        return gx, gw, None
 
 
 def _conv_static_ok(conv: torch.nn.Conv2d) -> bool:
@@ -372,18 +431,21 @@ def _conv_eligible(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
                                          and torch.get_autocast_dtype("cpu") == torch.bfloat16)
     return (bf16 and torch.is_grad_enabled() and conv.weight.requires_grad and _conv_static_ok(conv)
             and x.device.type == "cpu" and x.dim() == 4 and x.numel() > 0
-            and conv.weight.dtype == torch.float32 and _plain_eager() and _wanted(_conv_key(conv, x)))
+            and conv.weight.dtype == torch.float32 and _plain_eager())
 
 
 class Conv3x3(torch.nn.Conv2d):
     """``nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)`` (same parameters and state dict)
-    whose training step uses the native weight gradient when it is loaded and the step runs in
-    bf16 on a CPU; anywhere else (eval, fp32, GPU, export) it is exactly ``nn.Conv2d``."""
+    whose training step uses the weight gradient `choose` picked for its shape (native or nine
+    matrix products) when the kernels are loaded and the step runs in bf16 on a CPU; anywhere
+    else (eval, fp32, GPU, export) it is exactly ``nn.Conv2d``."""
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__(c_in, c_out, 3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if conv_wgrad_available() and _conv_eligible(self, x):
-            return _Conv3x3.apply(x, self.weight)
+        if _state["module"] is not None and not _state["off"] and _conv_eligible(self, x):
+            impl = _wgrad_impl(_conv_key(self, x))
+            if impl == "matmul" or (impl == "native" and conv_wgrad_available()):
+                return _Conv3x3.apply(x, self.weight, impl)
         return super().forward(x)

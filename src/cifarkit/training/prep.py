@@ -181,20 +181,26 @@ def native_kernels(cfg: TrainConfig, model: nn.Module, device, precision: str, l
 
 
 def native_line(chosen: dict) -> str:
-    """Which native ops are used, e.g. 'C++ max-pool (3 shapes); PyTorch's 3x3 ... (16 shapes)'."""
+    """Which implementations are used, e.g. 'C++ max-pool (3 shapes); 3x3 convolution weight
+    gradient: nine matrix products on 4 shapes, PyTorch's on 12'."""
     if chosen.get("always"):
         return "C++ max-pool and 3x3 convolution weight gradient wherever they apply (CIFARKIT_NATIVE=always)"
     parts = []
-    for op, name in (("pool", "max-pool"), ("wgrad", "3x3 convolution weight gradient")):
-        native, total = chosen.get(op, (0, 0))
-        if op == "wgrad" and not kernels.conv_wgrad_available():
-            parts.append("no native convolution weight gradient (this CPU lacks AVX-512 BF16)")
-        elif total and native == total:
-            parts.append(f"C++ {name} ({total} shapes)")
-        elif native:
-            parts.append(f"C++ {name} on {native} of {total} shapes, PyTorch's faster on the rest")
-        elif total:
-            parts.append(f"PyTorch's {name}, faster on this CPU ({total} shapes)")
+    native, total = chosen.get("pool", (0, 0))
+    if total and native == total:
+        parts.append(f"C++ max-pool ({total} shapes)")
+    elif native:
+        parts.append(f"C++ max-pool on {native} of {total} shapes, PyTorch's faster on the rest")
+    elif total:
+        parts.append(f"PyTorch's max-pool, faster on this CPU ({total} shapes)")
+    by = chosen.get("wgrad_by", {})
+    if by:
+        names = {"native": "C++", "matmul": "nine matrix products", "pytorch": "PyTorch's"}
+        parts.append("3x3 convolution weight gradient: " + ", ".join(
+            f"{names[k]} on {by[k]}" for k in ("native", "matmul", "pytorch") if by.get(k))
+            + f" of {sum(by.values())} shapes")
+    if not kernels.conv_wgrad_available():
+        parts.append("no C++ convolution weight gradient (this CPU lacks AVX-512 BF16)")
     return "; ".join(parts)
 
 
