@@ -4,11 +4,13 @@ network (batch 64) and the fast network (batch 2000). `--profile` prints the op 
 `--sizes` times the fast network's step at several image sides instead (progressive resizing
 costs), interleaved in one process, and prints each median against the 32 px step. `--layers`
 times each convolution of the recipe's network (forward, backward to the input, backward to the
-weights: PyTorch's and, where built, cifarkit's native one) and a full step with and without the
-whitening bias's gradient (frozen after epoch 3).
-`--native` times a full 32 px step with PyTorch's ops, with cifarkit's C++ max-pool only, with
-the max-pool and the native 3x3 convolution weight gradient everywhere (kernels.py), and with
-what kernels.choose keeps on this CPU (what training uses).
+weights: PyTorch's, where built cifarkit's native one, and as nine matrix products) and a full
+step with and without the whitening bias's gradient (frozen after epoch 3).
+`--native` times a full 32 px step (`--size`) with PyTorch's ops, with cifarkit's C++ max-pool
+only, with the max-pool and the native 3x3 convolution weight gradient everywhere (kernels.py),
+with the max-pool and the weight gradient as nine matrix products everywhere, with what
+kernels.choose kept before the matrix products were a candidate (PyTorch's or native, shape by
+shape), and with what it keeps now on this CPU (what training uses).
 `--select` times selective backprop's parts: a full step, the network's own no-grad scoring pass,
 a step on the hardest share, and a proxy network's step (--hard-proxy).
 `--models` times a full 32 px step of several fast-network variants (model_args), interleaved.
@@ -133,7 +135,7 @@ def layer_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
     for h in hooks:
         h.remove()
     cl = torch.channels_last
-    totals = [0.0, 0.0, 0.0, 0.0]
+    totals = [0.0, 0.0, 0.0, 0.0]   # forward, input gradient, PyTorch's and the fastest weight gradient
     print(f"fast network {json.dumps(model_args)}, batch {batch}, {size} px, bf16 channels_last "
           f"(medians of 5; native weight gradient {'built' if native else 'unavailable'})")
     for name, shape, conv in shapes:
@@ -146,15 +148,18 @@ def layer_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
         bwd = lambda mask: torch.ops.aten.convolution_backward(g, x, w, None, *args, mask)
         t = [_median_ms(lambda: F.conv2d(x, w, None, conv.stride, conv.padding)),
              _median_ms(lambda: bwd([True, False, False])), _median_ms(lambda: bwd([False, True, False]))]
-        mine = native and isinstance(conv, kernels.Conv3x3) and kernels._conv_eligible(conv, x)
+        conv3x3 = isinstance(conv, kernels.Conv3x3) and kernels._conv_static_ok(conv)
+        mine = native and conv3x3
         t.append(_median_ms(lambda: kernels._state["module"].conv3x3_wgrad(x, g)) if mine else float("nan"))
-        totals = [a + b for a, b in zip(totals, t[:3] + [t[3] if mine else t[2]])]
+        t.append(_median_ms(lambda: kernels.matmul_wgrad(x, g)) if conv3x3 else float("nan"))
+        best = min(v for v in t[2:] if v == v)           # the fastest weight gradient (NaN: not built)
+        totals = [a + b for a, b in zip(totals, t[:3] + [best])]
         print(f"{name:18} {tuple(shape[1:])!s:15} fwd {t[0]:6.1f} ms ({flop / t[0] * 1e3:4.0f} GFLOP/s) | "
               f"grad input {t[1]:6.1f} ms ({flop / t[1] * 1e3:4.0f}) | grad weight {t[2]:6.1f} ms "
-              f"({flop / t[2] * 1e3:4.0f}) | native grad weight {t[3]:6.1f} ms ({flop / t[3] * 1e3:4.0f})",
-              flush=True)
+              f"({flop / t[2] * 1e3:4.0f}) | native {t[3]:6.1f} ms ({flop / t[3] * 1e3:4.0f}) | "
+              f"9 matmuls {t[4]:6.1f} ms ({flop / t[4] * 1e3:4.0f})", flush=True)
     print(f"{'all convolutions':34} fwd {totals[0]:6.1f} ms | grad input {totals[1]:6.1f} ms | "
-          f"grad weight {totals[2]:6.1f} ms | native grad weight (PyTorch's where not built) {totals[3]:6.1f} ms")
+          f"grad weight {totals[2]:6.1f} ms | fastest grad weight of each layer {totals[3]:6.1f} ms")
     train_step = _training_step("fast", model_args=model_args)
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=cl)
     y = torch.randint(0, 10, (batch,))
@@ -187,6 +192,10 @@ def native_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
     chosen_map = kernels.choose([train_step.model], [size], batch=min(batch, 256))
     chosen, kernels._state["choice"] = kernels._state["choice"], None   # None: native everywhere
     matmul = {k: ("matmul" if k.startswith("wgrad") else "native") for k in chosen}
+    # what the chooser kept before the matrix products were a candidate: PyTorch's or native
+    known = json.loads(kernels._cache_path().read_text())
+    prefix = f"{torch.get_num_threads()} threads, "
+    no_matmul = {k: kernels._pick({i: known[prefix + k][i] for i in ("pytorch", "native")}) for k in chosen}
 
     def step(mode: str):
         if mode == "pytorch":
@@ -198,15 +207,15 @@ def native_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
                 train_step(x, y)
             finally:
                 kernels.conv_wgrad_available = wgrad
-        elif mode in ("chosen", "pool+matmul"):
-            kernels._state["choice"] = chosen if mode == "chosen" else matmul
+        elif mode in ("chosen", "pool+matmul", "chosen-no-matmul"):
+            kernels._state["choice"] = {"chosen": chosen, "pool+matmul": matmul}.get(mode, no_matmul)
             try:
                 train_step(x, y)
             finally:
                 kernels._state["choice"] = None
         else:
             train_step(x, y)
-    modes = ("pytorch", "pool", "pool+wgrad", "pool+matmul", "chosen") if wgrad() else (
+    modes = ("pytorch", "pool", "pool+wgrad", "pool+matmul", "chosen-no-matmul", "chosen") if wgrad() else (
         "pytorch", "pool", "pool+matmul", "chosen")
     med = _interleaved_medians({k: lambda k=k: step(k) for k in modes}, repeats=7)
     print(f"full step, fast {json.dumps(model_args)}, batch {batch}, {size} px (medians of 7 after one "

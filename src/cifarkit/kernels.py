@@ -19,8 +19,9 @@ Neither is always faster: on CPUs with AMX, oneDNN's convolutions use the matrix
 the weight-gradient kernel. :func:`choose` times each op against PyTorch's on the shapes the
 networks use and keeps the faster, shape by shape (cached beside the build). For the weight
 gradient it also times a third way written with PyTorch's ops, :func:`matmul_wgrad` (nine matrix
-products, one per kernel tap): where the matrix units are fast and the image is small (5x5 pixels
-and less), oneDNN's own weight gradient uses them poorly and the products win by 1.3-10x.
+products, one per kernel tap): where the matrix units are fast and the image is small (6x6 pixels
+and less), oneDNN's own weight gradient uses them poorly and the products win (1.2-2.1x on an
+Intel Xeon with AMX at batch 256; docs/benchmarks.md section 5).
 
 Nothing here is required: :func:`load` builds the extension from ``csrc/native.cpp``
 (``torch.utils.cpp_extension``, about 30 s the first time, then cached in

@@ -155,7 +155,8 @@ def native_kernels(cfg: TrainConfig, model: nn.Module, device, precision: str, l
                     num_classes: int) -> None:
     """Build cifarkit's C++ kernels where the network would use them (bf16 channels_last on CPU):
     the max-pool, and the 3x3 convolution weight gradient where the CPU has AVX-512 BF16; then
-    keep each only on the shapes where it beats PyTorch's op on this CPU (kernels.choose).
+    keep each, and the weight gradient as nine matrix products, only on the shapes where it
+    beats PyTorch's op on this CPU (kernels.choose).
 
     Done here, before training starts, so the one-time build and timing are reported like the
     data decode and not counted in training time. Without them, one line says why and training
