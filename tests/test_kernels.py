@@ -419,6 +419,8 @@ def test_chooser_decides_with_a_margin_and_records_batch_and_threads(chooser, tm
     (tmp_path / "beside_build.json").write_text(json.dumps(flipped))
     again = kernels.choose([_net()], [16], batch=8)
     assert again["pool"] == [3, 3] and again["wgrad"] == [0, 5] and again["timed"] == 0
+    # an older cifarkit sharing the build reads "native_faster" (matrix products: not native)
+    assert all(e["native_faster"] == (e["use"] == "native") for e in entries.values())
     # a cache written before the matrix products existed (no "use", no "matmul") is timed again
     old = {k: {"pytorch": 1.0, "native": 2.0, "batch": 8, "native_faster": False} for k in entries}
     cache.write_text(json.dumps(old))

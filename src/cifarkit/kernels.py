@@ -287,7 +287,9 @@ def choose(models, sizes, batch: int = 256, repeats: int = 5, cache: Path | None
         wanted = {"pytorch", "native"} if spec[0] == "pool" else {"pytorch", *_wgrad_candidates()}
         if entry is None or "use" not in entry or not wanted <= set(entry):   # new, or cached before
             ms = _time_op(spec, batch, repeats)                                # a candidate existed
-            entry = {**ms, "batch": batch, "use": _pick(ms)}
+            use = _pick(ms)
+            # native_faster: what cifarkit before 2026-11-30 reads from this shared file
+            entry = {**ms, "batch": batch, "use": use, "native_faster": use == "native"}
             known[f"{threads} threads, {key}"] = entry
             timed += 1
         choice[key] = entry["use"]
