@@ -264,8 +264,9 @@ def _cache_path() -> Path:
 
 
 def choose(models, sizes, batch: int = 256, repeats: int = 5, cache: Path | None = None) -> dict:
-    """Time each native op against PyTorch's on the shapes ``models`` feed it at the image
-    ``sizes``, and use the native op only where it is faster. Decisions are read from and added
+    """Time each native op (and the weight gradient's matrix products) against PyTorch's on the
+    shapes ``models`` feed it at the image ``sizes``, and use the fastest, PyTorch's unless
+    another is faster by MARGIN. Decisions are read from and added
     to ``cache`` (default: beside the build). Returns ``{op: [native shapes, all shapes],
     "timed": shapes timed now}`` (for "wgrad" the first number counts shapes not left to PyTorch;
     "wgrad_by" says how many each implementation got). Does nothing (returns {}) unless the
@@ -284,9 +285,9 @@ def choose(models, sizes, batch: int = 256, repeats: int = 5, cache: Path | None
     choice, summary, timed = {}, {"pool": [0, 0], "wgrad": [0, 0], "wgrad_by": {}}, 0
     for key, spec in sorted(_shapes(models, sizes).items()):
         entry = known.get(f"{threads} threads, {key}")
-        wanted = {"pytorch", "native"} if spec[0] == "pool" else {"pytorch", *_wgrad_candidates()}
-        if entry is None or "use" not in entry or not wanted <= set(entry):   # new, or cached before
-            ms = _time_op(spec, batch, repeats)                                # a candidate existed
+        wanted = {"use", "pytorch", *(("native",) if spec[0] == "pool" else _wgrad_candidates())}
+        if entry is None or not wanted <= entry.keys():   # new, or cached before a candidate existed
+            ms = _time_op(spec, batch, repeats)
             use = _pick(ms)
             # native_faster: what cifarkit before 2026-11-30 reads from this shared file
             entry = {**ms, "batch": batch, "use": use, "native_faster": use == "native"}
@@ -366,7 +367,7 @@ def matmul_wgrad(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     matrix product and rounded once, as PyTorch's own weight gradient is.
 
     Written with PyTorch's ops rather than in C++: the matrix products are oneDNN's, which use
-    AMX where the CPU has it, and on small images (5x5 pixels and less) they beat oneDNN's
+    AMX where the CPU has it, and on small images (6x6 pixels and less) they beat oneDNN's
     convolution weight gradient there (`choose` measures it; docs/benchmarks.md)."""
     n, c, h, w = x.shape
     co = g.shape[1]
@@ -448,7 +449,7 @@ class Conv3x3(torch.nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _state["module"] is not None and not _state["off"] and _conv_eligible(self, x):
-            impl = _wgrad_impl(_conv_key(self, x))
-            if impl == "matmul" or (impl == "native" and conv_wgrad_available()):
+            impl = _wgrad_impl(_conv_key(self, x))   # "native" only where it is built
+            if impl != "pytorch":
                 return _Conv3x3.apply(x, self.weight, impl)
         return super().forward(x)
