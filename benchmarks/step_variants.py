@@ -10,7 +10,8 @@ step with and without the whitening bias's gradient (frozen after epoch 3).
 only, with the max-pool and the native 3x3 convolution weight gradient everywhere (kernels.py),
 with the max-pool and the weight gradient as nine matrix products everywhere, with what
 kernels.choose kept before the matrix products were a candidate (PyTorch's or native, shape by
-shape), and with what it keeps now on this CPU (what training uses).
+shape), with what it keeps now but PyTorch's batch norm and GELU (chosen-no-bngelu: before the
+fused op), and with what it keeps now on this CPU (what training uses).
 `--select` times selective backprop's parts: a full step, the network's own no-grad scoring pass,
 a step on the hardest share, and a proxy network's step (--hard-proxy).
 `--models` times a full 32 px step of several fast-network variants (model_args), interleaved.
@@ -176,8 +177,10 @@ def layer_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
 
 def native_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
     """A full fast-network step with PyTorch's ops, with the native max-pool only, with the
-    max-pool and the native convolution weight gradient everywhere, and with what
-    kernels.choose keeps on this CPU (what training uses), interleaved."""
+    max-pool and the native convolution weight gradient (or the nine matrix products) everywhere,
+    with what kernels.choose kept before the matrix products and before the fused batch norm +
+    GELU were candidates, and with what it keeps now on this CPU (what training uses),
+    interleaved."""
     import torch
 
     from cifarkit import kernels
@@ -190,38 +193,39 @@ def native_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
     y = torch.randint(0, 10, (batch,))
     wgrad = kernels.conv_wgrad_available
     chosen_map = kernels.choose([train_step.model], [size], batch=min(batch, 256))
-    chosen, kernels._state["choice"] = kernels._state["choice"], None   # None: native everywhere
-    matmul = {k: ("matmul" if k.startswith("wgrad") else "native") for k in chosen}
+    chosen = kernels._state["choice"]
     # what the chooser kept before the matrix products were a candidate: PyTorch's or native
     known = json.loads(kernels._cache_path().read_text())
     prefix = f"{torch.get_num_threads()} threads, "
-    no_matmul = {k: kernels._pick({i: known[prefix + k][i] for i in ("pytorch", "native")}) for k in chosen}
+
+    def only(**ops):   # {op: implementation} for the shapes of those ops, PyTorch's elsewhere
+        return {k: ops.get(k.split()[0], "pytorch") for k in chosen}
+    no_bngelu = {k: ("pytorch" if k.startswith("bngelu") else v) for k, v in chosen.items()}
+    choices = {"pool": only(pool="native"), "pool+wgrad": only(pool="native", wgrad="native"),
+               "pool+matmul": only(pool="native", wgrad="matmul"),
+               "chosen-no-matmul": {k: ("pytorch" if k.startswith("bngelu") else kernels._pick(
+                   {i: known[prefix + k][i] for i in ("pytorch", "native")})) for k in chosen},
+               "chosen-no-bngelu": no_bngelu, "chosen": chosen}
 
     def step(mode: str):
         if mode == "pytorch":
             with kernels.disabled():
                 train_step(x, y)
-        elif mode == "pool":
-            kernels.conv_wgrad_available = lambda: False
-            try:
-                train_step(x, y)
-            finally:
-                kernels.conv_wgrad_available = wgrad
-        elif mode in ("chosen", "pool+matmul", "chosen-no-matmul"):
-            kernels._state["choice"] = {"chosen": chosen, "pool+matmul": matmul}.get(mode, no_matmul)
-            try:
-                train_step(x, y)
-            finally:
-                kernels._state["choice"] = None
-        else:
+            return
+        kernels._state["choice"] = choices[mode]
+        try:
             train_step(x, y)
-    modes = ("pytorch", "pool", "pool+wgrad", "pool+matmul", "chosen-no-matmul", "chosen") if wgrad() else (
-        "pytorch", "pool", "pool+matmul", "chosen")
+        finally:
+            kernels._state["choice"] = chosen
+    modes = ("pytorch", "pool", "pool+wgrad", "pool+matmul", "chosen-no-matmul", "chosen-no-bngelu", "chosen")
+    if not wgrad():
+        modes = tuple(m for m in modes if m != "pool+wgrad")
     med = _interleaved_medians({k: lambda k=k: step(k) for k in modes}, repeats=7)
     print(f"full step, fast {json.dumps(model_args)}, batch {batch}, {size} px (medians of 7 after one "
           f"warm-up each): " + ", ".join(f"{k} {med[k] * 1e3:.0f} ms ({med[k] / med['pytorch']:.3f})"
                                         for k in modes))
-    print(f"chosen: native on {chosen_map['pool'][0]} of {chosen_map['pool'][1]} pool shapes; weight "
+    print(f"chosen: native on {chosen_map['pool'][0]} of {chosen_map['pool'][1]} pool shapes and "
+          f"{chosen_map['bngelu'][0]} of {chosen_map['bngelu'][1]} batch norm + GELU shapes; weight "
           f"gradient of {chosen_map['wgrad'][1]} shapes: {json.dumps(chosen_map['wgrad_by'])}")
 
 

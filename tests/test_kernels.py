@@ -88,8 +88,10 @@ def test_other_inputs_use_pytorch_and_never_reach_the_native_code(fresh_state):
 
 
 def test_training_with_native_pool_gives_the_same_weights(native, tiny_folder, tmp_path, monkeypatch):
-    # the pool alone: the native weight gradient sums in another order and so changes the weights
+    # the pool alone: the native weight gradient sums in another order, and the fused batch norm
+    # + GELU rounds once where PyTorch rounds twice, so both change the weights
     monkeypatch.setattr(kernels, "conv_wgrad_available", lambda: False)
+    monkeypatch.setattr(kernels, "_bn_eligible", lambda *a: False)
     monkeypatch.setenv("CIFARKIT_NATIVE", "always")      # used even where PyTorch's is faster
     calls = []
     real = kernels._MaxPool2x2.apply
@@ -101,7 +103,7 @@ def test_training_with_native_pool_gives_the_same_weights(native, tiny_folder, t
     train(resolve_config("fast", overrides={**kw, "out": str(tmp_path / "a")}), progress=False,
           log=logs.append)
     assert calls, "the fast network's pools did not use the native kernel"
-    assert any("native kernels: C++ max-pool and" in line for line in logs)
+    assert any("native kernels: C++ max-pool, fused batch norm + GELU and" in line for line in logs)
     used = len(calls)
     train(resolve_config("fast", overrides={**kw, "out": str(tmp_path / "b"), "native_kernels": False}),
           progress=False, log=lambda *a: None)
@@ -199,7 +201,7 @@ def test_training_with_the_matrix_product_gradient_learns(native, tmp_path, monk
     tiny_folder = make_folder(tmp_path / "images", n_per_class=40, shape_only=True)
     monkeypatch.delenv("CIFARKIT_NATIVE", raising=False)
     # the chooser "measures" the matrix products fastest on every shape (pools: PyTorch's)
-    monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: {"pytorch": 1.0, "native": 2.0} if spec[0] == "pool"
+    monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: {"pytorch": 1.0, "native": 2.0} if spec[0] != "wgrad"
                         else {"pytorch": 2.0, "native": 3.0, "matmul": 1.0})
     monkeypatch.setattr(kernels, "_cache_path", lambda: tmp_path / "choices.json")
     monkeypatch.setitem(kernels._state, "choice", None)     # training's choice is undone afterwards
@@ -299,7 +301,7 @@ def _much_slower(fn):
 class _Slowed:
     """The built extension with chosen ops made slow (a CPU where they lose to PyTorch's)."""
 
-    def __init__(self, module, slow=("pool_fwd", "conv3x3_wgrad")):
+    def __init__(self, module, slow=("pool_fwd", "conv3x3_wgrad", "bn_gelu_fwd")):
         self._module, self._slow = module, slow
         self.__file__ = module.__file__
 
@@ -331,11 +333,13 @@ def test_chooser_keeps_pytorch_where_the_native_op_is_slower(chooser, tmp_path, 
     got = kernels.choose([_net()], [16], batch=8, repeats=3, cache=tmp_path / "c.json")
     assert got["pool"][1] == 3 and got["pool"][0] == 0                      # three pools, none native
     assert got["wgrad"][0] == 0 and got["wgrad"][1] == 5                    # five 3x3 convolutions
-    assert got["wgrad_by"] == {"pytorch": 5} and got["timed"] == 3 + 5
+    assert got["bngelu"] == [0, 3]                # six batch norm + GELU pairs at 7x7, 3x3, 1x1
+    assert got["wgrad_by"] == {"pytorch": 5} and got["timed"] == 3 + 5 + 3
     # and then the network runs PyTorch's ops: the slowed native ones are never called
     calls = []
     monkeypatch.setattr(kernels._MaxPool2x2, "apply", lambda x: calls.append("pool"))
     monkeypatch.setattr(kernels._Conv3x3, "apply", lambda *a: calls.append("conv"))
+    monkeypatch.setattr(kernels._BNGELU, "apply", lambda *a: calls.append("bngelu"))
     x = torch.randn(4, 3, 16, 16).contiguous(memory_format=CL)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _net()(x).sum().backward()
@@ -345,9 +349,11 @@ def test_chooser_keeps_pytorch_where_the_native_op_is_slower(chooser, tmp_path, 
 def test_chooser_keeps_the_native_op_where_pytorch_is_slower_and_caches_it(chooser, tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "_pytorch_pool", _much_slower(kernels._pytorch_pool))
     monkeypatch.setattr(kernels, "_pytorch_conv3x3", _much_slower(kernels._pytorch_conv3x3))
+    monkeypatch.setattr(kernels, "_pytorch_bn_gelu", _much_slower(kernels._pytorch_bn_gelu))
     cache = tmp_path / "c.json"
     got = kernels.choose([_net()], [16, 32], batch=8, repeats=3, cache=cache)
     assert got["pool"] == [5, 5]        # 3 pools x 2 image sides, one shape (32x7x7) in both
+    assert got["bngelu"] == [5, 5]      # 3 groups x 2 image sides, one shape (32x3x3) in both
     assert got["wgrad"][0] == got["wgrad"][1] > 0      # the native one or the matrix products
     entries = json.loads(cache.read_text())
     assert len(entries) == got["timed"]
@@ -392,6 +398,7 @@ def test_chooser_is_skipped_when_the_kernels_are_forced(chooser, tmp_path, monke
 def test_chooser_decides_with_a_margin_and_records_batch_and_threads(chooser, tmp_path, monkeypatch):
     # native must be at least MARGIN faster: exactly at the margin it is not kept
     ms = {"pool": {"pytorch": 100.0, "native": 100.0 * (1 - kernels.MARGIN)},
+          "bngelu": {"pytorch": 100.0, "native": 100.0 * (1 - kernels.MARGIN)},
           "wgrad": {"pytorch": 100.0, "native": 100.0 * (1 - kernels.MARGIN) - 0.01,
                     "matmul": 100.0 * (1 - kernels.MARGIN) - 0.02}}
     asked = []
@@ -419,6 +426,7 @@ def test_chooser_decides_with_a_margin_and_records_batch_and_threads(chooser, tm
     (tmp_path / "beside_build.json").write_text(json.dumps(flipped))
     again = kernels.choose([_net()], [16], batch=8)
     assert again["pool"] == [3, 3] and again["wgrad"] == [0, 5] and again["timed"] == 0
+    assert again["bngelu"] == [3, 3]
     # an older cifarkit sharing the build reads "native_faster" (matrix products: not native)
     assert all(e["native_faster"] == (e["use"] == "native") for e in entries.values())
     # a cache written before the matrix products existed (no "use", no "matmul") is timed again
@@ -442,11 +450,12 @@ def test_without_avx512_bf16_the_chooser_times_only_the_matrix_products(chooser,
     timed = []
     real_time_op = kernels._time_op
     monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: timed.append(sorted(real_time_op(spec, b, 1)))
-                        or ({"pytorch": 2.0, "native": 1.0} if spec[0] == "pool" else {"pytorch": 2.0, "matmul": 1.0}))
+                        or ({"pytorch": 2.0, "native": 1.0} if spec[0] != "wgrad" else {"pytorch": 2.0, "matmul": 1.0}))
     got = kernels.choose([_net()], [16], batch=8, cache=tmp_path / "c.json")
     assert got["wgrad"] == [5, 5] and got["wgrad_by"] == {"matmul": 5} and got["pool"] == [3, 3]
     # the real timing tried the matrix products against PyTorch's, never the missing C++ one
-    assert timed.count(["native", "pytorch"]) == 3 and timed.count(["matmul", "pytorch"]) == 5
+    # (3 pool and 3 batch norm + GELU shapes: native against PyTorch's)
+    assert timed.count(["native", "pytorch"]) == 3 + 3 and timed.count(["matmul", "pytorch"]) == 5
     calls = []
     real = kernels._Conv3x3.apply
     monkeypatch.setattr(kernels._Conv3x3, "apply", lambda *a: calls.append(a[2]) or real(*a))
@@ -460,3 +469,118 @@ def test_best_ms_is_the_fastest_run_in_milliseconds():
     runs = iter([0.06, 0.01, 0.12])    # a warm-up, then 10 ms, 120 ms and 60 ms
     got = kernels._best_ms({"a": lambda: time.sleep(next(runs, 0.06))}, repeats=3)
     assert 9 < got["a"] < 50           # the 10 ms run, in ms (the median would be 60)
+
+
+# ----------------------------------------------------------------------------- batch norm + GELU
+
+def _bn_gelu_grads(fn, x, w, b, gy):
+    """(y, dx, dw, db) of fn(x, w, b) for output gradient gy, in float64."""
+    x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y = fn(x, w, b)
+    return (y.double(), *(g.double() for g in torch.autograd.grad(y, (x, w, b), gy.to(y.dtype))))
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 16, 16), (50, 224, 8, 8), (33, 320, 3, 3), (40, 24, 7, 5),
+                                   (300, 16, 1, 1), (3, 5, 2, 2)])
+def test_fused_bn_gelu_is_as_exact_as_pytorchs_two_ops(native, shape):
+    g = torch.Generator().manual_seed(0)
+    n, c = shape[:2]
+    # a mean far from 0 against the spread: the variance must not come from a cancelling sum
+    x = (torch.randn(shape, generator=g) * 3 + 20).to(torch.bfloat16).contiguous(memory_format=CL)
+    w, b = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+    gy = torch.randn(shape, generator=g).to(torch.bfloat16).contiguous(memory_format=CL)
+
+    def pytorch(x, w, b):
+        return F.gelu(F.batch_norm(x, None, None, w, b, True, 0.4, 1e-12))
+    exact = _bn_gelu_grads(pytorch, x.double(), w.double(), b.double(), gy)
+    theirs = _bn_gelu_grads(pytorch, x, w, b, gy)
+    ours = _bn_gelu_grads(lambda x, w, b: native._BNGELU.apply(x, w, b, 1e-12)[0], x, w, b, gy)
+    for name, e, t, o in zip(("y", "dx", "dweight", "dbias"), exact, theirs, ours):
+        scale = e.abs().max()
+        err_theirs, err_ours = (t - e).abs().max() / scale, (o - e).abs().max() / scale
+        # both round to bf16 (2^-9 relative); ours at most a little further off than PyTorch's
+        assert err_ours <= max(1.5 * err_theirs, 2 ** -8), (name, float(err_ours), float(err_theirs))
+    _, mean, var = native._BNGELU.apply(x, w, b, 1e-12)
+    xd = x.double()
+    torch.testing.assert_close(mean.double(), xd.mean((0, 2, 3)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), xd.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("momentum", [0.4, None])
+def test_fused_bn_gelu_updates_the_running_statistics_as_batchnorm_does(native, momentum):
+    torch.manual_seed(0)
+    ours = torch.nn.BatchNorm2d(32, momentum=momentum)
+    theirs = torch.nn.BatchNorm2d(32, momentum=momentum)
+    act = torch.nn.GELU()
+    calls = []
+    real = native._BNGELU.apply
+    for step in range(3):
+        x = (torch.randn(16, 32, 5, 5) * (step + 1) + step).to(torch.bfloat16).contiguous(memory_format=CL)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(native._BNGELU, "apply", lambda *a: calls.append(1) or real(*a))
+            y = native.bn_gelu(ours, act, x)
+        torch.testing.assert_close(y.float(), act(theirs(x)).float(), rtol=2 ** -7, atol=2 ** -7)
+    assert len(calls) == 3
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 3
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_bn_gelu_is_used_only_where_it_applies(fresh_state, monkeypatch):
+    class Boom:
+        def __getattr__(self, name):
+            raise AssertionError(f"native {name} called for an input it does not handle")
+    kernels._state["module"] = Boom()
+    torch.manual_seed(0)
+    bn, act = torch.nn.BatchNorm2d(8), torch.nn.GELU()
+    x = torch.randn(4, 8, 5, 5).to(torch.bfloat16).contiguous(memory_format=CL)
+
+    def same(bn, act, x):
+        assert torch.equal(kernels.bn_gelu(bn, act, x), act(bn(x)))
+    same(bn.eval(), act, x)                                                     # running statistics
+    bn.train()
+    same(bn, act, x.float())                                                    # fp32
+    same(bn, act, x.contiguous())                                               # bf16 but NCHW
+    same(bn, torch.nn.GELU(approximate="tanh"), x)                              # another GELU
+    same(bn, torch.nn.ReLU(), x)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):     # PyTorch's own error
+        kernels.bn_gelu(bn, act, x[:1, :, :1, :1].contiguous(memory_format=CL))
+    with kernels.disabled():
+        same(bn, act, x)
+    handle = act.register_forward_hook(lambda *a: None)                         # a hook sees its module
+    same(bn, act, x)
+    handle.remove()
+    with pytest.raises(AssertionError, match="native"):
+        kernels.bn_gelu(bn, act, x)                                             # eligible: native
+
+
+def test_fast_network_trains_the_same_with_the_fused_bn_gelu(native, monkeypatch):
+    monkeypatch.setitem(kernels._state, "choice", None)       # native wherever it applies
+    calls = []
+    real = kernels._BNGELU.apply
+    monkeypatch.setattr(kernels._BNGELU, "apply", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    fused = _net()
+    plain = _net()
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(32, 3, 16, 16).contiguous(memory_format=CL)
+    y = torch.randint(0, 10, (32,))
+    grads = []
+    for net, ctx in ((fused, torch.enable_grad()), (plain, kernels.disabled())):
+        with ctx, torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+    assert len(calls) == 6                                    # 3 groups x 2 batch norm + GELU pairs
+    assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.999
+    for (k, a), b in zip(fused.state_dict().items(), plain.state_dict().values()):
+        if "running" in k:
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
+
+
+def test_ready_line_names_the_fused_batch_norm_and_gelu():
+    from cifarkit.training.prep import native_line
+    some = native_line({"pool": [3, 3], "bngelu": [4, 6], "wgrad": [0, 5], "wgrad_by": {"pytorch": 5}})
+    assert "fused batch norm + GELU on 4 of 6 shapes" in some
+    none = native_line({"pool": [3, 3], "bngelu": [0, 6], "wgrad": [0, 5], "wgrad_by": {"pytorch": 5}})
+    assert "PyTorch's batch norm and GELU, faster on this CPU (6 shapes)" in none

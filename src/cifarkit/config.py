@@ -115,11 +115,11 @@ class TrainConfig:
     device: str = setting("auto", "auto picks cuda, then mps, then cpu")
     channels_last: bool = setting(True, "NHWC memory layout (faster convolutions on CPU and tensor cores)")
     compile: bool = setting(False, "torch.compile the model (falls back to eager with a warning)")
-    native_kernels: bool = setting(True, "bf16 on CPU: build (once, cached) cifarkit's C++ max-pool and "
-                                         "3x3 convolution weight gradient, time them (and that gradient "
-                                         "as nine matrix products) against PyTorch's ops, and use each "
-                                         "on the shapes where it is faster on this CPU; falls back "
-                                         "with one line")
+    native_kernels: bool = setting(True, "bf16 on CPU: build (once, cached) cifarkit's C++ max-pool, "
+                                         "fused batch norm + GELU and 3x3 convolution weight gradient, "
+                                         "time them (and that gradient as nine matrix products) against "
+                                         "PyTorch's ops, and use each on the shapes where it is faster "
+                                         "on this CPU; falls back with one line")
     sync_bn: bool = setting(False, "torchrun on GPUs: synchronise batch-norm statistics across processes")
     threads: int = setting(0, "CPU threads (0 = one per available core)")
     deterministic: bool = setting(False, "deterministic algorithms (bit-exact resume)")

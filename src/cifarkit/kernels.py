@@ -1,6 +1,6 @@
 """Optional native CPU kernels, built once with the machine's C++ compiler.
 
-Two of the fast network's training ops, where PyTorch's CPU kernels fall short:
+Three of the fast network's training ops, where PyTorch's CPU kernels fall short:
 
 * The 2x2, stride-2 max-pool of a bf16 channels_last tensor. PyTorch's stores the argmax as int64
   indices (four times the size of the bf16 output) and its backward zero-fills the whole input
@@ -15,7 +15,15 @@ Two of the fast network's training ops, where PyTorch's CPU kernels fall short:
   0.9 of the peak and, like PyTorch's, rounds the sums to bf16: the same gradient up to the order
   of summation (``benchmarks/step_variants.py --layers`` and ``--native``).
 
-Neither is always faster: on CPUs with AMX, oneDNN's convolutions use the matrix units and beat
+* A training-mode batch norm followed by an exact GELU (:func:`bn_gelu`), fused. PyTorch runs
+  them as two ops whose four kernels each read and write a whole activation tensor; on a CPU those
+  passes are bound by memory and took about a fifth of a fast-recipe step (45 % of its proxy
+  network's). The fused op reads x twice and writes once forward, and reads and writes twice
+  backward, never storing the batch norm's output; it rounds to bf16 once where PyTorch rounds
+  twice (the test holds it to PyTorch's own error against float64). 2-3x PyTorch's two ops
+  forward + backward at batch 1000 on an Intel Xeon with AMX.
+
+None is always faster: on CPUs with AMX, oneDNN's convolutions use the matrix units and beat
 the weight-gradient kernel. :func:`choose` times each op against PyTorch's on the shapes the
 networks use and keeps the faster, shape by shape (cached beside the build). For the weight
 gradient it also times a third way written with PyTorch's ops, :func:`matmul_wgrad` (nine matrix
@@ -26,8 +34,8 @@ Intel Xeon with AMX at batch 256; docs/benchmarks.md section 5).
 Nothing here is required: :func:`load` builds the extension from ``csrc/native.cpp``
 (``torch.utils.cpp_extension``, about 30 s the first time, then cached in
 ``$TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions) and returns a reason instead when there is
-no compiler or ninja; until it has succeeded, :func:`max_pool2x2` is ``F.max_pool2d`` and
-:class:`Conv3x3` is ``nn.Conv2d``.
+no compiler or ninja; until it has succeeded, :func:`max_pool2x2` is ``F.max_pool2d``,
+:class:`Conv3x3` is ``nn.Conv2d`` and :func:`bn_gelu` is the two modules.
 """
 from __future__ import annotations
 
@@ -57,7 +65,8 @@ SOURCE = Path(__file__).with_name("csrc") / "native.cpp"
 # choice: {shape key: the implementation to use ("pytorch", "native", or for the weight gradient
 # "matmul")} measured by `choose`, or None (not measured: native wherever it applies, as in the
 # tests of the kernels themselves).
-_state: dict = {"module": None, "reason": None, "off": 0, "choice": None}
+# record: while `_shapes` runs the networks, the fused batch norm + GELU shapes seen ({key: spec}).
+_state: dict = {"module": None, "reason": None, "off": 0, "choice": None, "record": None}
 
 
 def _build_name() -> str:
@@ -152,8 +161,12 @@ def _conv_key(conv: torch.nn.Conv2d, x: torch.Tensor) -> str:
     return f"wgrad {conv.in_channels}->{conv.out_channels} {x.shape[2]}x{x.shape[3]}"
 
 
+def _bn_key(x: torch.Tensor) -> str:
+    return f"bngelu {x.shape[1]}x{x.shape[2]}x{x.shape[3]}"
+
+
 def _wanted(key: str) -> bool:
-    """Use the native max-pool for this shape?"""
+    """Use the native max-pool (or fused batch norm + GELU) for this shape?"""
     choice = _state["choice"]
     return choice is None or choice.get(key, "pytorch") == "native"
 
@@ -184,11 +197,13 @@ def _shapes(models, sizes) -> dict:
                    if isinstance(m, (MaxPool2x2, Conv3x3))]
         was_training = model.training
         model.eval()
+        _state["record"] = found   # bn_gelu adds its shapes
         try:
             with torch.no_grad(), disabled():
                 for size in sizes:
                     model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
         finally:
+            _state["record"] = None
             model.train(was_training)
             for h in handles:
                 h.remove()
@@ -219,6 +234,10 @@ def _pytorch_conv3x3(x, weight):
     return F.conv2d(x, weight, None, 1, 1)
 
 
+def _pytorch_bn_gelu(x, weight, bias):
+    return F.gelu(F.batch_norm(x, None, None, weight, bias, True, 0.4, 1e-12))
+
+
 def _wgrad_candidates() -> tuple:
     """The weight-gradient implementations `choose` times besides PyTorch's."""
     return ("native", "matmul") if _state["module"].has_conv3x3_wgrad() else ("matmul",)
@@ -236,6 +255,15 @@ def _time_op(spec: tuple, batch: int, repeats: int) -> dict:
         gy = torch.randn(batch, c, h // 2, w // 2, generator=g).to(torch.bfloat16).contiguous(memory_format=cl)
         fns = {impl: lambda op=op: torch.autograd.grad(op(x), x, gy)
                for impl, op in (("pytorch", _pytorch_pool), ("native", _MaxPool2x2.apply))}
+    elif spec[0] == "bngelu":
+        _, c, h, w = spec
+        x = torch.randn(batch, c, h, w, generator=g).to(torch.bfloat16).contiguous(memory_format=cl)
+        x.requires_grad_()
+        weight, bias = torch.ones(c), torch.zeros(c, requires_grad=True)
+        gy = torch.randn(batch, c, h, w, generator=g).to(torch.bfloat16).contiguous(memory_format=cl)
+        ops = {"pytorch": lambda: _pytorch_bn_gelu(x, weight, bias),
+               "native": lambda: _BNGELU.apply(x, weight, bias, 1e-12)[0]}
+        fns = {impl: lambda op=op: torch.autograd.grad(op(), (x, bias), gy) for impl, op in ops.items()}
     else:
         _, ci, co, h, w = spec
         x = torch.randn(batch, ci, h, w, generator=g).to(torch.bfloat16).contiguous(memory_format=cl)
@@ -282,10 +310,10 @@ def choose(models, sizes, batch: int = 256, repeats: int = 5, cache: Path | None
     except (OSError, ValueError):
         known = {}
     threads = torch.get_num_threads()
-    choice, summary, timed = {}, {"pool": [0, 0], "wgrad": [0, 0], "wgrad_by": {}}, 0
+    choice, summary, timed = {}, {"pool": [0, 0], "wgrad": [0, 0], "bngelu": [0, 0], "wgrad_by": {}}, 0
     for key, spec in sorted(_shapes(models, sizes).items()):
         entry = known.get(f"{threads} threads, {key}")
-        wanted = {"use", "pytorch", *(("native",) if spec[0] == "pool" else _wgrad_candidates())}
+        wanted = {"use", "pytorch", *(_wgrad_candidates() if spec[0] == "wgrad" else ("native",))}
         if entry is None or not wanted <= entry.keys():   # new, or cached before a candidate existed
             ms = _time_op(spec, batch, repeats)
             use = _pick(ms)
@@ -351,6 +379,63 @@ class MaxPool2x2(torch.nn.MaxPool2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return max_pool2x2(x)
+
+
+class _BNGELU(torch.autograd.Function):
+    """gelu(batch_norm(x)) with the batch's statistics, as one native op (csrc/native.cpp):
+    returns (y, batch mean, biased batch variance); the last two carry no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, var, rstd = _state["module"].bn_gelu_fwd(x, weight, bias, eps)
+        ctx.save_for_backward(x, mean, rstd, weight, bias)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, gy, _gmean, _gvar):
+        x, mean, rstd, weight, bias = ctx.saved_tensors
+        gy = gy.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        dx, dw, db = _state["module"].bn_gelu_bwd(gy, x, mean, rstd, weight, bias)
+        return dx, dw if ctx.needs_input_grad[1] else None, db if ctx.needs_input_grad[2] else None, None
+
+
+def _has_hooks(*modules) -> bool:
+    from torch.nn.modules import module as m
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or any(
+        mod._forward_hooks or mod._forward_pre_hooks for mod in modules))
+
+
+def _bn_eligible(bn: torch.nn.BatchNorm2d, act: torch.nn.Module, x: torch.Tensor) -> bool:
+    """A training-mode BatchNorm2d (batch statistics, running ones updated) with fp32 affine
+    parameters, then an exact GELU, on a bf16 channels_last CPU batch of more than one value per
+    channel; no hooks to bypass."""
+    return (bn.training and bn.track_running_stats and bn.running_mean is not None and bn.affine
+            and type(act) is torch.nn.GELU and act.approximate == "none"
+            and bn.weight.dtype == torch.float32 and bn.bias.dtype == torch.float32
+            and x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4
+            and x.numel() > x.shape[1] and x.is_contiguous(memory_format=torch.channels_last)
+            and _plain_eager() and not _has_hooks(bn, act))
+
+
+def bn_gelu(bn: torch.nn.BatchNorm2d, act: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act(bn(x))``: fused into one native op (statistics, normalisation and GELU in two passes
+    over x, and two in the backward) when the kernels are loaded, ``bn`` is in training mode,
+    ``act`` is an exact ``nn.GELU`` and ``x`` a bf16 channels_last CPU batch; else the two modules.
+    The running statistics and ``num_batches_tracked`` are updated as ``nn.BatchNorm2d`` does."""
+    if _state["record"] is not None and x.dim() == 4:   # `choose` is collecting shapes
+        _state["record"][_bn_key(x)] = ("bngelu", *x.shape[1:])
+    if not (_state["module"] is not None and not _state["off"] and _bn_eligible(bn, act, x)
+            and _wanted(_bn_key(x))):
+        return act(bn(x))
+    y, mean, var = _BNGELU.apply(x, bn.weight, bn.bias, bn.eps)
+    with torch.no_grad():   # as _BatchNorm.forward: momentum None = cumulative average
+        bn.num_batches_tracked.add_(1)
+        f = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        n = x.numel() // x.shape[1]
+        bn.running_mean.mul_(1 - f).add_(mean, alpha=f)
+        bn.running_var.mul_(1 - f).add_(var * (n / (n - 1)), alpha=f)
+    return y
 
 
 def conv_wgrad_available() -> bool:

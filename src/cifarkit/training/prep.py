@@ -185,7 +185,8 @@ def native_line(chosen: dict) -> str:
     """Which implementations are used, e.g. 'C++ max-pool (3 shapes); 3x3 convolution weight
     gradient: nine matrix products on 4 shapes, PyTorch's on 12'."""
     if chosen.get("always"):
-        return "C++ max-pool and 3x3 convolution weight gradient wherever they apply (CIFARKIT_NATIVE=always)"
+        return ("C++ max-pool, fused batch norm + GELU and 3x3 convolution weight gradient wherever "
+                "they apply (CIFARKIT_NATIVE=always)")
     parts = []
     native, total = chosen.get("pool", (0, 0))
     if total and native == total:
@@ -194,6 +195,10 @@ def native_line(chosen: dict) -> str:
         parts.append(f"C++ max-pool on {native} of {total} shapes, PyTorch's faster on the rest")
     elif total:
         parts.append(f"PyTorch's max-pool, faster on this CPU ({total} shapes)")
+    native, total = chosen.get("bngelu", (0, 0))
+    if total:
+        parts.append(f"fused batch norm + GELU on {native} of {total} shapes" if native
+                     else f"PyTorch's batch norm and GELU, faster on this CPU ({total} shapes)")
     by = chosen.get("wgrad_by", {})
     if by:
         names = {"native": "C++", "matmul": "nine matrix products", "pytorch": "PyTorch's"}
