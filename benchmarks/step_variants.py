@@ -175,7 +175,8 @@ def layer_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
           f"{off * 1e3:.0f} ms (ratio {off / on:.3f}; medians of 5 after one warm-up each)")
 
 
-def native_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
+def native_costs(model_args: dict, batch: int = 2000, size: int = 32, keep: list | None = None,
+                 repeats: int = 7) -> None:
     """A full fast-network step with PyTorch's ops, with the native max-pool only, with the
     max-pool and the native convolution weight gradient (or the nine matrix products) everywhere,
     with what kernels.choose kept before the matrix products and before the fused batch norm +
@@ -220,10 +221,16 @@ def native_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
     modes = ("pytorch", "pool", "pool+wgrad", "pool+matmul", "chosen-no-matmul", "chosen-no-bngelu", "chosen")
     if not wgrad():
         modes = tuple(m for m in modes if m != "pool+wgrad")
-    med = _interleaved_medians({k: lambda k=k: step(k) for k in modes}, repeats=7)
-    print(f"full step, fast {json.dumps(model_args)}, batch {batch}, {size} px (medians of 7 after one "
-          f"warm-up each): " + ", ".join(f"{k} {med[k] * 1e3:.0f} ms ({med[k] / med['pytorch']:.3f})"
-                                        for k in modes))
+    if keep:   # e.g. chosen-no-bngelu,chosen: fewer modes, so more repeats in the same minutes
+        unknown = set(keep) - {"pytorch", *modes}
+        if unknown:
+            raise SystemExit(f"--modes: unknown {', '.join(sorted(unknown))}; choose from pytorch, {', '.join(modes)}")
+        modes = tuple(m for m in ("pytorch", *modes) if m in keep)
+    med = _interleaved_medians({k: lambda k=k: step(k) for k in modes}, repeats=repeats)
+    base = modes[0]
+    print(f"full step, fast {json.dumps(model_args)}, batch {batch}, {size} px (medians of {repeats} after one "
+          f"warm-up each; ratios to {base}): " + ", ".join(f"{k} {med[k] * 1e3:.0f} ms ({med[k] / med[base]:.3f})"
+                                                            for k in modes))
     print(f"chosen: native on {chosen_map['pool'][0]} of {chosen_map['pool'][1]} pool shapes and "
           f"{chosen_map['bngelu'][0]} of {chosen_map['bngelu'][1]} batch norm + GELU shapes; weight "
           f"gradient of {chosen_map['wgrad'][1]} shapes: {json.dumps(chosen_map['wgrad_by'])}")
@@ -290,6 +297,8 @@ def main() -> int:
     ap.add_argument("--fraction", type=float, default=0.5, help="with --select: share trained on")
     ap.add_argument("--models", help="JSON list of fast model_args: time a full step of each")
     ap.add_argument("--size", type=int, default=32, help="with --models, --layers or --native: image side in px")
+    ap.add_argument("--modes", help="with --native: comma-separated modes to time only (e.g. chosen-no-bngelu,chosen)")
+    ap.add_argument("--repeats", type=int, default=7, help="with --native: interleaved repeats per mode")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.models:
@@ -302,7 +311,10 @@ def main() -> int:
     if a.native or a.layers:
         from cifarkit import resolve_config
         model_args = {"widths": widths} if widths else dict(resolve_config("fast").model_args)
-        (native_costs if a.native else layer_costs)(model_args, size=a.size)
+        if a.native:
+            native_costs(model_args, size=a.size, keep=a.modes.split(",") if a.modes else None, repeats=a.repeats)
+        else:
+            layer_costs(model_args, size=a.size)
         return 0
     if a.sizes:
         med = size_costs([int(v) for v in a.sizes.split(",")])
