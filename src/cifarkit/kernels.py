@@ -20,8 +20,9 @@ Three of the fast network's training ops, where PyTorch's CPU kernels fall short
   passes are bound by memory and took about a fifth of a fast-recipe step (45 % of its proxy
   network's). The fused op reads x twice and writes once forward, and reads and writes twice
   backward, never storing the batch norm's output; it rounds to bf16 once where PyTorch rounds
-  twice (the test holds it to PyTorch's own error against float64). 2-3x PyTorch's two ops
-  forward + backward at batch 1000 on an Intel Xeon with AMX.
+  twice (the test holds it to PyTorch's own error against float64). 1.4-2.0x PyTorch's two ops
+  forward + backward on the recipe's shapes at batch 1000 on an Intel Xeon with AMX
+  (``benchmarks/bn_gelu_kernel.py``).
 
 None is always faster: on CPUs with AMX, oneDNN's convolutions use the matrix units and beat
 the weight-gradient kernel. :func:`choose` times each op against PyTorch's on the shapes the
