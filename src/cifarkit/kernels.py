@@ -360,14 +360,15 @@ def _plain_eager() -> bool:
 
 
 def _eligible(x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4
-            and x.shape[2] >= 2 and x.shape[3] >= 2 and x.numel() > 0
+    """A non-empty bf16 channels_last 4-D CPU tensor, outside tracing and compiling."""
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4 and x.numel() > 0
             and x.is_contiguous(memory_format=torch.channels_last) and _plain_eager())
 
 
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     """``F.max_pool2d(x, 2)``, with the native kernel when it is loaded and ``x`` suits it."""
-    if _state["module"] is not None and not _state["off"] and _eligible(x) and _wanted(_pool_key(x)):
+    if (_state["module"] is not None and not _state["off"] and _eligible(x) and x.shape[2] >= 2
+            and x.shape[3] >= 2 and _wanted(_pool_key(x))):
         return _MaxPool2x2.apply(x)
     return F.max_pool2d(x, 2)
 
@@ -402,7 +403,7 @@ class _BNGELU(torch.autograd.Function):
 
 
 def _has_hooks(*modules) -> bool:
-    from torch.nn.modules import module as m
+    m = torch.nn.modules.module   # its global hooks see every module: the fused op would skip them
     return bool(m._global_forward_hooks or m._global_forward_pre_hooks or any(
         mod._forward_hooks or mod._forward_pre_hooks for mod in modules))
 
@@ -414,9 +415,7 @@ def _bn_eligible(bn: torch.nn.BatchNorm2d, act: torch.nn.Module, x: torch.Tensor
     return (bn.training and bn.track_running_stats and bn.running_mean is not None and bn.affine
             and type(act) is torch.nn.GELU and act.approximate == "none"
             and bn.weight.dtype == torch.float32 and bn.bias.dtype == torch.float32
-            and x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4
-            and x.numel() > x.shape[1] and x.is_contiguous(memory_format=torch.channels_last)
-            and _plain_eager() and not _has_hooks(bn, act))
+            and _eligible(x) and x.numel() > x.shape[1] and not _has_hooks(bn, act))
 
 
 def bn_gelu(bn: torch.nn.BatchNorm2d, act: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -8,13 +8,12 @@
 #include <cmath>
 #include <vector>
 
+// Reinterpret the bits of a float and a uint32 (gcc/clang builtin; what C++20 std::bit_cast does).
+static inline float bits_to_float(uint32_t u) { return __builtin_bit_cast(float, u); }
+static inline uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
+
 // bf16 is the top half of a float32: widen by shifting the bits.
-static inline float bf(uint16_t v) {
-  uint32_t u = (uint32_t)v << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+static inline float bf(uint16_t v) { return bits_to_float((uint32_t)v << 16); }
 
 static void check(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kBFloat16 && t.dim() == 4 &&
@@ -230,9 +229,6 @@ torch::Tensor conv3x3_wgrad(torch::Tensor x, torch::Tensor g) {
 // exp(-z^2/2) is also the normal density the derivative needs, so one exp per element serves both.
 // Plain C++ loops over channels that the compiler vectorises for the machine it is built on.
 
-static inline float bits_to_float(uint32_t u) { return __builtin_bit_cast(float, u); }
-static inline uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
-
 // Round to nearest even, as PyTorch's float -> bf16 conversion does (NaN stays NaN).
 static inline uint16_t to_bf(float f) {
   uint32_t u = float_to_bits(f);
@@ -374,7 +370,10 @@ std::vector<torch::Tensor> bn_gelu_bwd(torch::Tensor dy, torch::Tensor x, torch:
   check(dy, "grad");
   check(x, "x");
   TORCH_CHECK(dy.sizes() == x.sizes(), "bn_gelu_bwd: grad and x differ in shape");
-  for (auto* t : {&mean, &rstd, &weight, &bias}) check_bn(x, *t, "statistics");
+  check_bn(x, mean, "mean");
+  check_bn(x, rstd, "rstd");
+  check_bn(x, weight, "weight");
+  check_bn(x, bias, "bias");
   const int64_t C = x.size(1), M = x.numel() / C;
   const uint16_t* X = (const uint16_t*)x.data_ptr();
   const uint16_t* DY = (const uint16_t*)dy.data_ptr();

@@ -154,9 +154,9 @@ def whitening_sample(cfg: TrainConfig, train: TensorSplit, mean, std) -> torch.T
 def native_kernels(cfg: TrainConfig, model: nn.Module, device, precision: str, log,
                     num_classes: int) -> None:
     """Build cifarkit's C++ kernels where the network would use them (bf16 channels_last on CPU):
-    the max-pool, and the 3x3 convolution weight gradient where the CPU has AVX-512 BF16; then
-    keep each, and the weight gradient as nine matrix products, only on the shapes where it
-    beats PyTorch's op on this CPU (kernels.choose).
+    the max-pool, the fused batch norm + GELU, and the 3x3 convolution weight gradient where the
+    CPU has AVX-512 BF16; then keep each, and the weight gradient as nine matrix products, only on
+    the shapes where it beats PyTorch's op on this CPU (kernels.choose).
 
     Done here, before training starts, so the one-time build and timing are reported like the
     data decode and not counted in training time. Without them, one line says why and training
