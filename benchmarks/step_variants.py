@@ -222,10 +222,10 @@ def native_costs(model_args: dict, batch: int = 2000, size: int = 32, keep: list
     if not wgrad():
         modes = tuple(m for m in modes if m != "pool+wgrad")
     if keep:   # e.g. chosen-no-bngelu,chosen: fewer modes, so more repeats in the same minutes
-        unknown = set(keep) - {"pytorch", *modes}
+        unknown = set(keep) - set(modes)
         if unknown:
-            raise SystemExit(f"--modes: unknown {', '.join(sorted(unknown))}; choose from pytorch, {', '.join(modes)}")
-        modes = tuple(m for m in ("pytorch", *modes) if m in keep)
+            raise SystemExit(f"--modes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(modes)}")
+        modes = tuple(m for m in modes if m in keep)
     med = _interleaved_medians({k: lambda k=k: step(k) for k in modes}, repeats=repeats)
     base = modes[0]
     print(f"full step, fast {json.dumps(model_args)}, batch {batch}, {size} px (medians of {repeats} after one "
