@@ -41,11 +41,14 @@ def matmul_peak_gflops(device: torch.device, dtype=torch.bfloat16, n: int = 4096
     return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
 
 
-def train_step_flops(cfg, size: int | None = None, bias_frozen: bool = False) -> float:
+def train_step_flops(cfg, size: int | None = None, bias_frozen: bool = False,
+                     first_group_frozen: bool = False) -> float:
     """FLOPs of one forward+backward of one image of the recipe's model (flop_counter).
 
     ``bias_frozen``: the whitening bias has stopped training, so (as in cifarkit.optim.freeze_stopped) it gets no
     gradient and the first convolution's gradient to its input is not computed or counted.
+    ``first_group_frozen``: so has the first conv group (optimizer_args' first_group_epochs): no
+    weight gradients there, and no gradient to the second group's input.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -53,6 +56,9 @@ def train_step_flops(cfg, size: int | None = None, bias_frozen: bool = False) ->
     model = create_model(cfg.model, 10, **cfg.model_args)
     if bias_frozen:
         model.whiten.bias.requires_grad_(False)
+    if first_group_frozen:
+        for p in model.parameter_roles()["first_group"]:
+            p.requires_grad_(False)
     size = size or cfg.image_size
     x = torch.randn(8, 3, size, size)
     with FlopCounterMode(display=False) as counter:
@@ -78,19 +84,21 @@ def run_flops(cfg, n_train: int) -> float:
     step of the proxy network, --hard-proxy) plus a training step on the selected share."""
     from collections import Counter
 
-    from cifarkit.optim import whiten_bias_epochs
+    from cifarkit.optim import first_group_epochs, whiten_bias_epochs
     from cifarkit.training import epoch_size
     stop = whiten_bias_epochs(cfg) if cfg.model == "fast" else None   # frozen from this epoch on
+    group_stop = first_group_epochs(cfg) if cfg.model == "fast" else None
     epochs_at = Counter((epoch_size(cfg, e), stop is not None and e >= stop,
+                         group_stop is not None and e >= group_stop,
                          cfg.hard_fraction < 1 and e >= cfg.hard_start) for e in range(cfg.epochs))
     proxy = dataclasses.replace(cfg, model_args=cfg.proxy_model_args()) if cfg.hard_proxy else None
     total = 0.0
-    for (size, frozen, selecting), n in epochs_at.items():
-        step = train_step_flops(cfg, size, frozen)
+    for (size, frozen, group_frozen, selecting), n in epochs_at.items():
+        step = train_step_flops(cfg, size, frozen, group_frozen)
         if selecting:   # a proxy scores instead of the network's own forward pass
             step = cfg.hard_fraction * step + (0 if proxy else forward_flops(cfg, size))
         if proxy is not None:   # trained on every whole batch
-            step += train_step_flops(proxy, size, frozen)
+            step += train_step_flops(proxy, size, frozen)   # its first group trains to the end
         total += step * n
     return total * n_train
 

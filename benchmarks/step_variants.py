@@ -15,6 +15,8 @@ fused op), and with what it keeps now on this CPU (what training uses).
 `--select` times selective backprop's parts: a full step, the network's own no-grad scoring pass,
 a step on the hardest share, and a proxy network's step (--hard-proxy).
 `--models` times a full 32 px step of several fast-network variants (model_args), interleaved.
+`--freeze` times the recipe's whole step (proxy on the batch, network on the harder half) with
+only the whitening bias frozen and with the first conv group frozen too (first_group_epochs).
 
     python benchmarks/step_variants.py [--profile] [--only fast]
     python benchmarks/step_variants.py --sizes 16,20,24,28,32
@@ -22,6 +24,7 @@ a step on the hardest share, and a proxy network's step (--hard-proxy).
     python benchmarks/step_variants.py --native [--widths 64,256,384]   # default: the recipe's network
     python benchmarks/step_variants.py --select --widths 64,256,384 --proxy 16,64,64 --fraction 0.5
     python benchmarks/step_variants.py --models '[{"widths": [64,256,384]}, {"widths": [64,256,384], "depths": [2,2,3]}]' [--size 16]
+    python benchmarks/step_variants.py --freeze [--size 32] [--repeats 7]
 """
 from __future__ import annotations
 
@@ -266,6 +269,50 @@ def select_costs(widths: list[int], proxy: list[int], fraction: float, batch: in
           f"{own:.2f}, proxy-scored step {prox:.2f} of a full step")
 
 
+def freeze_costs(batch: int = 2000, size: int = 32, repeats: int = 7) -> None:
+    """The recipe's whole step (its proxy on the batch, the network on the harder half), with the
+    kernels training would choose, with the whitening bias frozen (after epoch 3) against the
+    network's first conv group frozen too (optimizer_args' first_group_epochs); interleaved medians."""
+    import torch
+    import torch.nn.functional as F
+
+    from cifarkit import create_model, kernels, resolve_config
+    from cifarkit.device import set_threads
+    from cifarkit.models import train_mode
+    from cifarkit.optim import make_optimizer
+
+    set_threads(0)
+    cfg = resolve_config("fast")
+    nets = [create_model("fast", **cfg.model_args), create_model("fast", **cfg.proxy_model_args())]
+    nets = [n.to(memory_format=torch.channels_last) for n in nets]
+    kernels.load()
+    kernels.choose(nets, [size])
+    opts = [make_optimizer(cfg, n) for n in nets]
+    # the network's group's trainable parameters (its batch norms' scales never train); the
+    # proxy's first group trains to the end (training.selective.Proxy)
+    groups = [[p for p in nets[0].parameter_roles()["first_group"] if p.requires_grad], []]
+    for n in nets:
+        n.whiten.bias.requires_grad_(False)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    half = (x[:batch // 2].contiguous(memory_format=torch.channels_last), y[:batch // 2])
+
+    def step(group_frozen: bool):
+        for net, opt, group, (xb, yb) in zip(nets, opts, groups, (half, (x, y)), strict=True):
+            for p in group:
+                p.requires_grad_(not group_frozen)
+            train_mode(net)   # a frozen group's batch norms use their running statistics, as in training
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(net(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    med = _interleaved_medians({k: lambda k=k: step(k) for k in (False, True)}, repeats)
+    print(f"recipe step (proxy on {batch}, network on {batch // 2} images), {size} px: whitening bias "
+          f"frozen {med[False] * 1e3:.0f} ms, first conv group frozen too {med[True] * 1e3:.0f} ms "
+          f"(ratio {med[True] / med[False]:.3f}; medians of {repeats}, interleaved)")
+
+
 def model_costs(variants: list[dict], batch: int = 2000, size: int = 32) -> None:
     """Full training steps of fast-network variants (model_args each), interleaved (medians of 5)."""
     import torch
@@ -296,13 +343,18 @@ def main() -> int:
     ap.add_argument("--proxy", default="16,64,64", help="with --select: the proxy's widths")
     ap.add_argument("--fraction", type=float, default=0.5, help="with --select: share trained on")
     ap.add_argument("--models", help="JSON list of fast model_args: time a full step of each")
-    ap.add_argument("--size", type=int, default=32, help="with --models, --layers or --native: image side in px")
+    ap.add_argument("--freeze", action="store_true", help="the recipe's step with its first conv group "
+                                                          "frozen or not (first_group_epochs)")
+    ap.add_argument("--size", type=int, default=32, help="with --models, --layers, --native or --freeze: image side in px")
     ap.add_argument("--modes", help="with --native: comma-separated modes to time only (e.g. chosen-no-bngelu,chosen)")
-    ap.add_argument("--repeats", type=int, default=7, help="with --native: interleaved repeats per mode")
+    ap.add_argument("--repeats", type=int, default=7, help="with --native or --freeze: interleaved repeats per mode")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.models:
         model_costs(json.loads(a.models), size=a.size)
+        return 0
+    if a.freeze:
+        freeze_costs(size=a.size, repeats=a.repeats)
         return 0
     widths = [int(v) for v in a.widths.split(",")] if a.widths else None
     if a.select:

@@ -46,3 +46,18 @@ def test_run_flops_count_the_scoring_and_the_trained_share(fast_recipe):
     small = fast_recipe.train_step_flops(dataclasses.replace(proxied, model_args=proxied.proxy_model_args()), 32)
     assert small < step / 8                      # the proxy is a small fraction of the network
     assert fast_recipe.run_flops(proxied, 100) == pytest.approx(2 * 100 * (0.5 * step + small))
+
+
+def test_a_frozen_first_group_drops_its_weight_gradients_and_the_gradient_below_group_two(fast_recipe):
+    cfg = resolve_config("fast")
+    bias_frozen = fast_recipe.train_step_flops(cfg, 32, bias_frozen=True)
+    both = fast_recipe.train_step_flops(cfg, 32, bias_frozen=True, first_group_frozen=True)
+    # group 1 (24 -> 64 at 31x31, 64 -> 64 at 15x15): both weight gradients and the second
+    # conv's input gradient; group 2's first conv (64 -> 224 at 15x15): its input gradient
+    skipped = 2 * 9 * (24 * 64 * 31 * 31 + 2 * 64 * 64 * 15 * 15 + 64 * 224 * 15 * 15)
+    assert bias_frozen - both == pytest.approx(skipped)
+    args = {**cfg.optimizer_args, "first_group_epochs": 14}
+    late = resolve_config("fast", overrides={"optimizer_args": args, "hard_fraction": 1.0, "hard_proxy": []})
+    never = resolve_config("fast", overrides={"hard_fraction": 1.0, "hard_proxy": []})
+    # epochs 15 and 16 (32 px) skip that work
+    assert fast_recipe.run_flops(never, 100) - fast_recipe.run_flops(late, 100) == pytest.approx(2 * 100 * skipped)

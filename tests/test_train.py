@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cifarkit import CifarkitError, TrainConfig, load_checkpoint, resolve_config, train
 from cifarkit.errors import TrainingInterrupted
@@ -137,8 +138,12 @@ def test_bf16_and_augmentation_and_ema_run(tiny_folder, tmp_path):
      "optimizer_args": {"whiten_bias_epochs": 1}, "hard_fraction": 0.5, "hard_proxy": [4, 8, 8]},
     # MixUp/CutMix draw from the global RNG, which the checkpoint carries
     {"mixup": 0.4, "cutmix": 1.0},
+    # the network's first conv group frozen after epoch 1 (the proxy's trains on)
+    {"model": "fast", "model_args": {"widths": [8, 16, 16]}, "optimizer": "muon", "lr": 0.24,
+     "optimizer_args": {"whiten_bias_epochs": 1, "first_group_epochs": 1}, "hard_fraction": 0.5,
+     "hard_proxy": [4, 8, 8]},
 ], ids=["tudui_relu", "fast-progressive-altflip", "fast-muon-frozen-whiten-bias", "hard-fraction",
-        "ema", "hard-proxy", "mixup-cutmix"])
+        "ema", "hard-proxy", "mixup-cutmix", "fast-muon-frozen-first-group"])
 def test_interrupt_then_resume_is_bit_exact(tiny_folder, tmp_path, extra, optimizer_steps):
     kw = dict(epochs=3, deterministic=True, flip=True, crop_pad=2, **extra)
     full = train(_cfg(tiny_folder, tmp_path / "full", **kw), progress=False, log=lambda *a: None)
@@ -307,6 +312,45 @@ def test_stopped_whitening_bias_is_frozen_without_changing_the_result(tiny_folde
     assert not torch.equal(a["whiten.bias"], torch.zeros_like(a["whiten.bias"]))  # it did train
 
 
+def test_first_group_follows_the_schedule_then_freezes(tiny_folder, tmp_path, monkeypatch):
+    import cifarkit.training.loop as train_mod
+    kw = dict(model="fast", model_args={"widths": [8, 16, 16]}, optimizer="muon", lr=0.24, epochs=4, schedule="linear",
+              optimizer_args={"whiten_bias_epochs": 1, "first_group_epochs": 2}, hard_fraction=0.5,
+              hard_proxy=[4, 8, 8])
+    seen, real = [], train_mod.train_one_epoch
+
+    def spy(run, epoch):
+        before = {k: v.clone() for k, v in run.state.model.state_dict().items()}
+        out = real(run, epoch)
+        after = run.state.model.state_dict()
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        first = [g for g in run.state.opt.param_groups if g.get("tag") == "first_group"]
+        seen.append((changed, [g["lr"] for g in first], run.state.model.layers[1][2].training))
+        return out
+    monkeypatch.setattr(train_mod, "train_one_epoch", spy)
+    s = train(_cfg(tiny_folder, tmp_path / "r", **kw), progress=False, log=lambda *a: None)
+    # 6 steps per epoch: the group follows the run's linear decay (to 0 at step 24) up to step 12,
+    # then its rate is 0
+    (c0, lr0, _), (c1, lr1, _), (c2, lr2, bn2), (c3, lr3, bn3) = seen
+    assert lr0[0] == pytest.approx(0.24 * (1 - 6 / 24)) and lr1 == [0.0, 0.0] and lr3 == [0.0, 0.0]
+    assert len(lr0) == 2                                   # its filters (Muon) and its BN shifts (SGD)
+    assert any(k.startswith("layers.1.") for k in c1)      # it trains until its stop
+    assert not any(k.startswith("layers.1.") for k in c2 | c3)   # then not at all, running stats included
+    assert not bn2 and not bn3                             # its batch norms use their running statistics
+    assert any(k.startswith("layers.2.") for k in c3) and "head.weight" in c3   # the rest trains on
+    ck = load_checkpoint(tmp_path / "r" / "last.ckpt")
+    proxy_groups = ck.extra["proxy"]["optimizer"]["param_groups"]
+    assert "first_group" not in [g.get("tag") for g in proxy_groups]   # the proxy's trains to the end
+    assert s["best_val_acc"] >= 0.9
+    # unset, the group is trained like the rest: no group of its own
+    cfg = _cfg(tiny_folder, tmp_path / "x", **{**kw, "optimizer_args": {}})
+    from cifarkit.models import create_model
+    from cifarkit.optim import make_optimizer
+    opt = make_optimizer(cfg, create_model("fast", 3, widths=[8, 16, 16]))
+    assert "first_group" not in [g.get("tag") for g in opt.param_groups]
+    assert sum(len(g["params"]) for g in opt.param_groups) == 14   # every trainable parameter, once
+
+
 def test_hardest_keeps_the_highest_loss_images_in_order():
     from cifarkit.training.selective import hardest as _hardest
     logits = torch.tensor([[5.0, 0.0], [0.0, 5.0], [1.0, 0.0], [0.0, 0.2], [3.0, 0.0]])
@@ -398,21 +442,26 @@ def test_hard_proxy_args_set_the_proxy_apart_from_the_network():
             TrainConfig(model="fast", **bad).validate()
 
 
-def test_hard_proxy_picks_the_images_and_the_network_never_scores(tiny_folder, tmp_path, monkeypatch):
+def _spy_on_training_passes(monkeypatch, record):
+    """Call ``record(first width, input)`` for every training-mode forward pass of the networks
+    a run builds: the network (prep) and its proxy (selective), told apart by their widths."""
     import cifarkit.models
     import cifarkit.training.prep
     import cifarkit.training.selective
-    seen = {}   # network width -> [(graph recorded?, batch size)] of its training-mode passes
     real_create = cifarkit.models.create_model
 
     def spying_create(*a, **k):
         m = real_create(*a, **k)
         w = k["widths"][0]
-        m.register_forward_hook(lambda mod, i, o: seen.setdefault(w, []).append(
-            (torch.is_grad_enabled(), len(i[0]))) if mod.training else None)
+        m.register_forward_hook(lambda mod, i, o: record(w, i[0]) if mod.training else None)
         return m
     monkeypatch.setattr(cifarkit.training.prep, "create_model", spying_create)    # the network
     monkeypatch.setattr(cifarkit.training.selective, "create_model", spying_create)  # the proxy
+
+
+def test_hard_proxy_picks_the_images_and_the_network_never_scores(tiny_folder, tmp_path, monkeypatch):
+    seen = {}   # network width -> [(graph recorded?, batch size)] of its training-mode passes
+    _spy_on_training_passes(monkeypatch, lambda w, x: seen.setdefault(w, []).append((torch.is_grad_enabled(), len(x))))
     s = train(_cfg(tiny_folder, tmp_path / "r", model="fast", model_args={"widths": [8, 16, 16]},
                    epochs=6, hard_fraction=0.5, hard_proxy=[4, 8, 8], hard_start=1, lr=0.01),
               progress=False, log=lambda *a: None)
@@ -424,6 +473,33 @@ def test_hard_proxy_picks_the_images_and_the_network_never_scores(tiny_folder, t
     assert ck.extra["proxy"]["model"]["head.weight"].shape == (3, 8)
     m = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
     assert round(m["images_per_s"] * m["seconds"]) == 96   # throughput counts every image of the epoch
+
+
+def test_hard_proxy_size_shows_the_proxy_smaller_images_and_the_network_full_ones(tiny_folder, tmp_path, monkeypatch):
+    sides = {}   # network width -> image sides of its training-mode passes
+    _spy_on_training_passes(monkeypatch, lambda w, x: sides.setdefault(w, set()).add(x.shape[-1]))
+    s = train(_cfg(tiny_folder, tmp_path / "r", model="fast", model_args={"widths": [8, 16, 16]}, epochs=4,
+                   hard_fraction=0.5, hard_proxy=[4, 8, 8], hard_proxy_size=16, progressive=[12], lr=0.01),
+              progress=False, log=lambda *a: None)
+    assert sides[8] == {12, 32}     # the network: its progressive sizes
+    assert sides[4] == {12, 16}     # the proxy: at most 16 px, never enlarged
+    assert s["best_val_acc"] >= 0.9
+    for bad in (4, -1, 2.5):
+        with pytest.raises(CifarkitError, match="--hard-proxy-size"):
+            TrainConfig(model="fast", hard_fraction=0.5, hard_proxy=[4, 8, 8], hard_proxy_size=bad).validate()
+    # without a proxy it is unused, so `--hard-proxy=` still turns a recipe's proxy off
+    assert TrainConfig(model="fast", hard_proxy_size=16).validate()
+
+
+def test_shrink_resizes_only_larger_batches():
+    from cifarkit.training.selective import shrink
+    i = torch.arange(32.0)
+    x = (torch.sin(i / 5)[:, None] + torch.cos(i / 7)[None, :]).expand(2, 3, 32, 32)   # smooth images
+    assert shrink(x, 0) is x and shrink(x, 32) is x and shrink(x, 40) is x
+    small = shrink(x, 16)
+    assert small.shape == (2, 3, 16, 16)
+    # a 2x reduction of a smooth image is close to its 2x2 means
+    assert torch.allclose(small, F.avg_pool2d(x, 2), atol=0.1)
 
 
 def test_a_deeper_network_trains_with_a_shallower_proxy(tiny_folder, tmp_path):

@@ -77,7 +77,9 @@ MUON_DEFAULTS = {"muon_momentum": 0.6,     # momentum of the orthogonalised filt
                  "bias_lr": 0.053,         # per image: x batch size
                  "head_lr": 0.67,          # per image: x batch size
                  "decay": 2e-6,            # per image and step: x batch size
-                 "whiten_bias_epochs": 3}  # epochs; then its learning rate is 0 for good
+                 "whiten_bias_epochs": 3,  # epochs; then its learning rate is 0 for good
+                 "first_group_epochs": 0}  # epochs the network's first conv group trains (on the
+                                           # run's schedule), then it is frozen; 0 = all epochs
 
 
 def make_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -120,6 +122,8 @@ def _make_muon(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     a = muon_settings(cfg)
     bs = cfg.batch_size
     roles = parameter_roles(model)      # e.g. {"whiten_bias": [...]}: the network says which
+    if not a["first_group_epochs"]:     # the first group is then trained like the rest
+        roles.pop("first_group", None)
     special = {id(p) for params in roles.values() for p in params}
     filters, biases, head = [], [], []
     for p in model.parameters():
@@ -129,8 +133,13 @@ def _make_muon(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     shrink = a["decay"] * bs   # per step; SGD's coupled decay multiplies weight_decay by lr
     groups = [{"params": filters, "kind": "muon", "lr": cfg.lr, "momentum": a["muon_momentum"],
                "weight_decay": 0.0}]
+    first = [p for p in roles.get("first_group", []) if p.requires_grad]
+    if first:
+        groups.append({"params": [p for p in first if p.ndim == 4], "kind": "muon", "lr": cfg.lr,
+                       "momentum": a["muon_momentum"], "weight_decay": 0.0, "tag": "first_group"})
     whiten_bias = [p for p in roles.get("whiten_bias", []) if p.requires_grad]
     for params, lr, tag in ((whiten_bias, a["bias_lr"] * bs, "whiten_bias"),
+                            ([p for p in first if p.ndim < 4], a["bias_lr"] * bs, "first_group"),
                             (biases, a["bias_lr"] * bs, "bias"), (head, a["head_lr"] * bs, "head")):
         if params:
             groups.append({"params": params, "kind": "sgd", "lr": lr, "momentum": a["sgd_momentum"],
@@ -167,8 +176,17 @@ def whiten_bias_epochs(cfg) -> float | None:
     return muon_settings(cfg)["whiten_bias_epochs"] if cfg.optimizer == "muon" else None
 
 
+def first_group_epochs(cfg) -> float | None:
+    """How long the first conv group trains (Muon recipes that set it); None: all epochs."""
+    return (muon_settings(cfg)["first_group_epochs"] or None) if cfg.optimizer == "muon" else None
+
+
 def make_scheduler(cfg, opt, total_steps: int, steps_per_epoch: int):
-    """Per-step LambdaLR: one multiplier per group; the whitening bias decays to 0 and stops."""
+    """Per-step LambdaLR: one multiplier per group; the whitening bias decays to 0 and stops.
+    Where first_group_epochs is set, the first conv group follows the run's schedule and then
+    stops: its rate drops to 0 (earlier layers settle first; FreezeOut, Brock et al., 2017, anneals
+    each layer to 0 by its own time instead, which cost the fast recipe more accuracy here:
+    docs/benchmarks.md)."""
     main = lambda s: lr_factor(cfg, s, total_steps, steps_per_epoch)
     lambdas = []
     for g in opt.param_groups:
@@ -176,6 +194,10 @@ def make_scheduler(cfg, opt, total_steps: int, steps_per_epoch: int):
             stop = max(1, int(whiten_bias_epochs(cfg) * steps_per_epoch))
             lambdas.append(lambda s, stop=stop: max(0.0, 1 - s / stop))
             g["stop_step"] = stop    # from here on its learning rate is 0 for good (see freeze_stopped)
+        elif g.get("tag") == "first_group":
+            stop = max(1, int(first_group_epochs(cfg) * steps_per_epoch))
+            lambdas.append(lambda s, stop=stop: main(s) if s < stop else 0.0)
+            g["stop_step"] = stop
         else:
             lambdas.append(main)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
@@ -187,7 +209,10 @@ def freeze_stopped(opt, global_step: int) -> None:
     The whitening bias stops training after a few epochs; its gradient would still cost the
     backward pass of the first convolution with respect to its input (and a GELU backward at full
     resolution), about 6 % of a step on a CPU. With a learning rate of 0 the update is exactly
-    zero, so freezing changes no weight: it only skips work.
+    zero, so freezing changes no weight: it only skips work. A frozen first conv group
+    (first_group_epochs) skips more: its weight gradients, and every gradient below the second
+    group's input, where the images are largest. Its batch norms then normalise with their running
+    statistics (models.train_mode), as a frozen backbone's do.
     """
     for g in opt.param_groups:
         if g.get("stop_step") is not None and global_step >= g["stop_step"]:

@@ -74,8 +74,9 @@ def parameter_roles(model: nn.Module) -> dict:
     """Parameters a network asks to be treated specially by the optimiser, by role.
 
     A network declares them with a ``parameter_roles()`` method returning ``{role: [params]}``;
-    the known role is "whiten_bias" (trained only for the first epochs of a Muon recipe, then
-    frozen). Networks without the method (any plain nn.Module) have none.
+    the known roles are "whiten_bias" (trained only for the first epochs of a Muon recipe, then
+    frozen), "first_group" (the same, where optimizer_args sets first_group_epochs) and "head".
+    Networks without the method (any plain nn.Module) have none.
     """
     declare = getattr(model, "parameter_roles", None)
     return dict(declare()) if callable(declare) else {}

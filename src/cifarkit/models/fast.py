@@ -98,7 +98,8 @@ class FastNet(nn.Module):
         self.init_whitening(x)
 
     def parameter_roles(self) -> dict:   # models.parameter_roles: for the optimiser's groups
-        return {"whiten_bias": [self.whiten.bias]}
+        # first_group: frozen after optimizer_args' first_group_epochs, when that is set
+        return {"whiten_bias": [self.whiten.bias], "first_group": list(self.layers[1].parameters())}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.layers(self.whiten(x))) * self.head_scale
