@@ -195,6 +195,11 @@ class TrainConfig:
             raise CifarkitError(f"model_args should be a mapping of settings, got {self.model_args!r}",
                                 "e.g. model_args: {widths: [64, 256, 256]}", exit_code=2)
         _try_build(self.model, self.model_args)   # unknown settings and bad values, before any data
+        self._validate_proxy()
+        return self
+
+    def _validate_proxy(self) -> None:
+        """The --hard-proxy settings: its model_args, its image size and a network it can copy."""
         if not isinstance(self.hard_proxy_args, dict):
             raise CifarkitError(f"hard_proxy_args should be a mapping of model settings, got "
                                 f"{self.hard_proxy_args!r}", "e.g. hard_proxy_args: {depths: [2, 2, 2]}", exit_code=2)
@@ -211,7 +216,6 @@ class TrainConfig:
             except CifarkitError as exc:   # say which setting it came from: the proxy's
                 where = f"--hard-proxy {self.hard_proxy}" + (" with hard_proxy_args" if self.hard_proxy_args else "")
                 raise CifarkitError(f"{where}: {exc.message}", exc.hint, 2) from None
-        return self
 
     def proxy_model_args(self) -> dict:
         """The --hard-proxy network's settings: the model's own < hard_proxy_args < the proxy's widths."""

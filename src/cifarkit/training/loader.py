@@ -22,6 +22,14 @@ def epoch_size(cfg, epoch: int) -> int:
     return cfg.progressive[epoch] if epoch < len(cfg.progressive) else cfg.image_size
 
 
+def resize(xb: torch.Tensor, size: int) -> torch.Tensor:
+    """Normalised float images ``xb`` at ``size`` x ``size`` pixels (antialiased bilinear; as they
+    are when already that size): progressive resizing's, and --hard-proxy-size's, resize."""
+    if size == xb.shape[-1]:
+        return xb
+    return F.interpolate(xb, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
 class Loader:
     """Batches of ``split`` (uint8 on the training device) for one run of ``cfg``."""
 
@@ -70,13 +78,10 @@ class Loader:
         n_global = len(yb)
         xb, yb = local_slice(xb, self.dist), local_slice(yb, self.dist)
         xb = normalize(xb, self.mean, self.std, channels_last=self.channels_last)
-        size = self.image_size
-        if size != xb.shape[-1]:
-            # Progressive resizing: early epochs see smaller images, which cost about (size/32)^2
-            # of a full-size step; networks that end in a global pool take any size, and the last
-            # full-size epochs adapt them back.
-            xb = F.interpolate(xb, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return xb, yb, n_global
+        # Progressive resizing: early epochs see smaller images, which cost about (size/32)^2
+        # of a full-size step; networks that end in a global pool take any size, and the last
+        # full-size epochs adapt them back.
+        return resize(xb, self.image_size), yb, n_global
 
     def samples(self, n: int = 32) -> torch.Tensor:
         """A few training images after augmentation, for TensorBoard (own generator: the training

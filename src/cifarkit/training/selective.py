@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..device import autocast
 from ..models import create_model, init_from_data
 from ..optim import freeze_stopped, make_optimizer, make_scheduler
+from .loader import resize
 
 
 class Selector:
@@ -64,9 +65,7 @@ def shrink(xb: torch.Tensor, size: int) -> torch.Tensor:
     does. A proxy step at 16 px costs about a third of one at 32 px on a CPU (its narrow layers are
     bound by memory traffic), but the ranking loses: on the fast recipe at 13 epochs a 16 px proxy
     cost 2.1 points of val accuracy on seed 0 (docs/benchmarks.md), so no recipe uses it."""
-    if not size or xb.shape[-1] <= size:
-        return xb
-    return F.interpolate(xb, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return xb if not size or xb.shape[-1] <= size else resize(xb, size)
 
 
 def score(model: nn.Module, loss_fn, xb, yb, device, precision):
