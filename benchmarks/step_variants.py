@@ -17,6 +17,8 @@ a step on the hardest share, and a proxy network's step (--hard-proxy).
 `--models` times a full 32 px step of several fast-network variants (model_args), interleaved.
 `--freeze` times the recipe's whole step (proxy on the batch, network on the harder half) with
 only the whitening bias frozen and with the first conv group frozen too (first_group_epochs).
+`--proxies` times the same whole step with variants of the proxy (changes to its model_args);
+with `--profile`, then the op breakdown of that step.
 
     python benchmarks/step_variants.py [--profile] [--only fast]
     python benchmarks/step_variants.py --sizes 16,20,24,28,32
@@ -25,6 +27,7 @@ only the whitening bias frozen and with the first conv group frozen too (first_g
     python benchmarks/step_variants.py --select --widths 64,256,384 --proxy 16,64,64 --fraction 0.5
     python benchmarks/step_variants.py --models '[{"widths": [64,256,384]}, {"widths": [64,256,384], "depths": [2,2,3]}]' [--size 16]
     python benchmarks/step_variants.py --freeze [--size 32] [--repeats 7]
+    python benchmarks/step_variants.py --proxies '[{}, {"whiten_width": 12}]' [--size 32] [--repeats 7] [--profile]
 """
 from __future__ import annotations
 
@@ -274,7 +277,6 @@ def freeze_costs(batch: int = 2000, size: int = 32, repeats: int = 7) -> None:
     kernels training would choose, with the whitening bias frozen (after epoch 3) against the
     network's first conv group frozen too (optimizer_args' first_group_epochs); interleaved medians."""
     import torch
-    import torch.nn.functional as F
 
     from cifarkit import create_model, kernels, resolve_config
     from cifarkit.device import set_threads
@@ -302,15 +304,64 @@ def freeze_costs(batch: int = 2000, size: int = 32, repeats: int = 7) -> None:
             for p in group:
                 p.requires_grad_(not group_frozen)
             train_mode(net)   # a frozen group's batch norms use their running statistics, as in training
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = F.cross_entropy(net(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _train_once(net, opt, xb, yb)
     med = _interleaved_medians({k: lambda k=k: step(k) for k in (False, True)}, repeats)
     print(f"recipe step (proxy on {batch}, network on {batch // 2} images), {size} px: whitening bias "
           f"frozen {med[False] * 1e3:.0f} ms, first conv group frozen too {med[True] * 1e3:.0f} ms "
           f"(ratio {med[True] / med[False]:.3f}; medians of {repeats}, interleaved)")
+
+
+def _train_once(net, opt, xb, yb) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(net(xb), yb)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def proxy_costs(variants: list[dict], batch: int = 2000, size: int = 32, repeats: int = 7,
+                profile: bool = False) -> None:
+    """The recipe's whole step (a proxy trained on the batch, the network on the harder half; the
+    whitening biases frozen, as after epoch 3), once per proxy variant (the recipe's proxy
+    model_args updated by each dict), with the kernels training would choose; interleaved medians.
+    ``profile``: then the op breakdown of three steps with the first variant."""
+    import torch
+
+    from cifarkit import create_model, kernels, resolve_config
+    from cifarkit.device import set_threads
+    from cifarkit.optim import make_optimizer
+
+    set_threads(0)
+    cfg = resolve_config("fast")
+    nets = [create_model("fast", **cfg.model_args)]
+    nets += [create_model("fast", **{**cfg.proxy_model_args(), **v}) for v in variants]
+    nets = [n.to(memory_format=torch.channels_last).train() for n in nets]
+    kernels.load()
+    kernels.choose(nets, [size])
+    opts = [make_optimizer(cfg, n) for n in nets]
+    for n in nets:
+        n.whiten.bias.requires_grad_(False)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    half = (x[:batch // 2].contiguous(memory_format=torch.channels_last), y[:batch // 2])
+
+    def step(i: int):
+        _train_once(nets[i + 1], opts[i + 1], x, y)
+        _train_once(nets[0], opts[0], *half)
+    med = _interleaved_medians({i: lambda i=i: step(i) for i in range(len(variants))}, repeats)
+    for i, v in enumerate(variants):
+        print(f"recipe step, proxy {json.dumps(v):40} {med[i] * 1e3:6.0f} ms = {med[i] / med[0]:.3f} of the "
+              f"first (proxy on {batch}, network on {batch // 2} images, {size} px; medians of {repeats}, "
+              f"interleaved)", flush=True)
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as prof
+        with prof(activities=[ProfilerActivity.CPU]) as p:
+            for _ in range(3):
+                step(0)
+        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 def model_costs(variants: list[dict], batch: int = 2000, size: int = 32) -> None:
@@ -345,13 +396,18 @@ def main() -> int:
     ap.add_argument("--models", help="JSON list of fast model_args: time a full step of each")
     ap.add_argument("--freeze", action="store_true", help="the recipe's step with its first conv group "
                                                           "frozen or not (first_group_epochs)")
-    ap.add_argument("--size", type=int, default=32, help="with --models, --layers, --native or --freeze: image side in px")
+    ap.add_argument("--proxies", help="JSON list of changes to the recipe's proxy model_args: time the "
+                                      "recipe's whole step with each, e.g. '[{}, {\"whiten_width\": 12}]'")
+    ap.add_argument("--size", type=int, default=32, help="with --models, --proxies, --layers, --native or --freeze: image side in px")
     ap.add_argument("--modes", help="with --native: comma-separated modes to time only (e.g. chosen-no-bngelu,chosen)")
-    ap.add_argument("--repeats", type=int, default=7, help="with --native or --freeze: interleaved repeats per mode")
+    ap.add_argument("--repeats", type=int, default=7, help="with --native, --proxies or --freeze: interleaved repeats per mode")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.models:
         model_costs(json.loads(a.models), size=a.size)
+        return 0
+    if a.proxies:
+        proxy_costs(json.loads(a.proxies), size=a.size, repeats=a.repeats, profile=a.profile)
         return 0
     if a.freeze:
         freeze_costs(size=a.size, repeats=a.repeats)
