@@ -11,7 +11,8 @@ only, with the max-pool and the native 3x3 convolution weight gradient everywher
 with the max-pool and the weight gradient as nine matrix products everywhere, with what
 kernels.choose kept before the matrix products were a candidate (PyTorch's or native, shape by
 shape), with what it keeps now but PyTorch's batch norm and GELU (chosen-no-bngelu: before the
-fused op), and with what it keeps now on this CPU (what training uses).
+fused op), with what it would keep without the whole convolution as matrix products (chosen-no-gemm),
+and with what it keeps now on this CPU (what training uses).
 `--select` times selective backprop's parts: a full step, the network's own no-grad scoring pass,
 a step on the hardest share, and a proxy network's step (--hard-proxy).
 `--models` times a full 32 px step of several fast-network variants (model_args), interleaved.
@@ -212,7 +213,12 @@ def native_costs(model_args: dict, batch: int = 2000, size: int = 32, keep: list
                "pool+matmul": only(pool="native", wgrad="matmul"),
                "chosen-no-matmul": {k: ("pytorch" if k.startswith("bngelu") else kernels._pick(
                    {i: known[prefix + k][i] for i in ("pytorch", "native")})) for k in chosen},
-               "chosen-no-bngelu": no_bngelu, "chosen": chosen}
+               "chosen-no-bngelu": no_bngelu,
+               # what it kept before the whole convolution as matrix products was a candidate
+               "chosen-no-gemm": {k: (kernels._pick({i: e for i, e in known[prefix + k].items()
+                                                     if i in ("pytorch", "native", "matmul")})
+                                      if v == "gemm" else v) for k, v in chosen.items()},
+               "chosen": chosen}
 
     def step(mode: str):
         if mode == "pytorch":
@@ -224,7 +230,8 @@ def native_costs(model_args: dict, batch: int = 2000, size: int = 32, keep: list
             train_step(x, y)
         finally:
             kernels._state["choice"] = chosen
-    modes = ("pytorch", "pool", "pool+wgrad", "pool+matmul", "chosen-no-matmul", "chosen-no-bngelu", "chosen")
+    modes = ("pytorch", "pool", "pool+wgrad", "pool+matmul", "chosen-no-matmul", "chosen-no-bngelu",
+             "chosen-no-gemm", "chosen")
     if not wgrad():
         modes = tuple(m for m in modes if m != "pool+wgrad")
     if keep:   # e.g. chosen-no-bngelu,chosen: fewer modes, so more repeats in the same minutes

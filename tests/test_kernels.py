@@ -196,13 +196,42 @@ def test_matmul_weight_gradient_is_the_sum_rounded_once(shape):
     assert ((got.double() - ref).abs() <= 2 ** -8 * ref.abs() + 16 * 2 ** -24 * size).all()
 
 
-def test_training_with_the_matrix_product_gradient_learns(native, tmp_path, monkeypatch):
+@pytest.mark.parametrize("shape", [(2000 // 40, 64, 224, 7, 7), (3, 12, 48, 2, 5), (5, 24, 16, 4, 3),
+                                   (1, 4, 16, 1, 1), (9, 20, 80, 5, 5), (4, 3, 5, 3, 2), (6, 320, 320, 2, 2)])
+def test_gemm_convolution_and_its_gradients_are_the_sums_rounded_once(shape):
+    # forward, input gradient and weight gradient against float64 references, on any channel
+    # counts, 1x1, 1-pixel-high and non-square inputs
+    n, ci, co, h, w = shape
+    gen = torch.Generator().manual_seed(n * co + 2)
+    x = torch.randn(n, ci, h, w, generator=gen).to(torch.bfloat16).contiguous(memory_format=CL)
+    wt = torch.randn(co, ci, 3, 3, generator=gen).to(torch.bfloat16).contiguous(memory_format=CL)
+    g = torch.randn(n, co, h, w, generator=gen).to(torch.bfloat16).contiguous(memory_format=CL)
+
+    def refs(x, wt, g):
+        y = F.conv2d(x.double(), wt.double(), padding=1)
+        gx, gw = torch.ops.aten.convolution_backward(g.double(), x.double(), wt.double(), None, [1, 1], [1, 1],
+                                                     [1, 1], False, [0, 0], 1, [True, True, False])[:2]
+        return y, gx, gw
+    y = kernels.gemm_conv3x3(x, wt)
+    gx, gw = kernels.gemm_conv3x3_backward(x, wt, g, True, True)
+    for got, ref, size in zip((y, gx, gw), refs(x, wt, g), refs(x.abs(), wt.abs(), g.abs()), strict=True):
+        assert got.dtype == torch.bfloat16 and got.shape == ref.shape and got.is_contiguous(memory_format=CL)
+        # rounded once to bf16 (at most 2^-8 of the value) plus the fp32 sums' own error: a tap
+        # in the wrong place, a flipped filter or a dropped term is far outside this
+        assert ((got.double() - ref).abs() <= 2 ** -8 * ref.abs() + 16 * 2 ** -24 * size).all()
+    assert kernels.gemm_conv3x3_backward(x, wt, g, False, False) == (None, None)
+
+
+@pytest.mark.parametrize("impl", ["matmul", "gemm"])
+def test_training_with_the_matrix_product_gradient_learns(native, tmp_path, monkeypatch, impl):
     from helpers import make_folder
     tiny_folder = make_folder(tmp_path / "images", n_per_class=40, shape_only=True)
     monkeypatch.delenv("CIFARKIT_NATIVE", raising=False)
-    # the chooser "measures" the matrix products fastest on every shape (pools: PyTorch's)
+    # the chooser "measures" the matrix products (the weight gradient's, or the whole
+    # convolution's) fastest on every shape (pools: PyTorch's)
+    others = {"matmul": 3.0, "gemm": 3.0, impl: 1.0}
     monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: {"pytorch": 1.0, "native": 2.0} if spec[0] != "wgrad"
-                        else {"pytorch": 2.0, "native": 3.0, "matmul": 1.0})
+                        else {"pytorch": 2.0, "native": 3.0, **others})
     monkeypatch.setattr(kernels, "_cache_path", lambda: tmp_path / "choices.json")
     monkeypatch.setitem(kernels._state, "choice", None)     # training's choice is undone afterwards
     calls = []
@@ -213,8 +242,9 @@ def test_training_with_the_matrix_product_gradient_learns(native, tmp_path, monk
         data=str(tiny_folder), val_size=24, epochs=8, batch_size=32, tensorboard=False,
         model_args={"widths": [16, 16, 32]}, deterministic=True, out=str(tmp_path / "run")))
     acc = train(cfg, progress=False, log=logs.append)["best_val_acc"]
-    assert calls and set(calls) == {"matmul"}
-    assert any("weight gradient: nine matrix products on" in line for line in logs), logs
+    assert calls and set(calls) == {impl}
+    said = {"matmul": "weight gradient: nine matrix products on", "gemm": "the whole convolution as matrix products on"}
+    assert any(said[impl] in line for line in logs), logs
     assert acc >= 0.9                                         # 3 classes: chance is 0.33
 
 
@@ -330,6 +360,7 @@ def _net():
 def test_chooser_keeps_pytorch_where_the_native_op_is_slower(chooser, tmp_path, monkeypatch):
     monkeypatch.setitem(kernels._state, "module", _Slowed(kernels._state["module"]))
     monkeypatch.setattr(kernels, "matmul_wgrad", _much_slower(kernels.matmul_wgrad))
+    monkeypatch.setattr(kernels, "gemm_conv3x3", _much_slower(kernels.gemm_conv3x3))
     got = kernels.choose([_net()], [16], batch=8, repeats=3, cache=tmp_path / "c.json")
     assert got["pool"][1] == 3 and got["pool"][0] == 0                      # three pools, none native
     assert got["wgrad"][0] == 0 and got["wgrad"][1] == 5                    # five 3x3 convolutions
@@ -400,7 +431,8 @@ def test_chooser_decides_with_a_margin_and_records_batch_and_threads(chooser, tm
     ms = {"pool": {"pytorch": 100.0, "native": 100.0 * (1 - kernels.MARGIN)},
           "bngelu": {"pytorch": 100.0, "native": 100.0 * (1 - kernels.MARGIN)},
           "wgrad": {"pytorch": 100.0, "native": 100.0 * (1 - kernels.MARGIN) - 0.01,
-                    "matmul": 100.0 * (1 - kernels.MARGIN) - 0.02}}
+                    "matmul": 100.0 * (1 - kernels.MARGIN) - 0.02,
+                    "gemm": 100.0 * (1 - kernels.MARGIN) - 0.015}}
     asked = []
     monkeypatch.setattr(kernels, "_time_op", lambda spec, batch, repeats: asked.append((batch, repeats)) or
                         dict(ms[spec[0]]))
@@ -453,9 +485,9 @@ def test_without_avx512_bf16_the_chooser_times_only_the_matrix_products(chooser,
                         or ({"pytorch": 2.0, "native": 1.0} if spec[0] != "wgrad" else {"pytorch": 2.0, "matmul": 1.0}))
     got = kernels.choose([_net()], [16], batch=8, cache=tmp_path / "c.json")
     assert got["wgrad"] == [5, 5] and got["wgrad_by"] == {"matmul": 5} and got["pool"] == [3, 3]
-    # the real timing tried the matrix products against PyTorch's, never the missing C++ one
+    # the real timing tried both kinds of matrix products against PyTorch's, never the missing C++ one
     # (3 pool and 3 batch norm + GELU shapes: native against PyTorch's)
-    assert timed.count(["native", "pytorch"]) == 3 + 3 and timed.count(["matmul", "pytorch"]) == 5
+    assert timed.count(["native", "pytorch"]) == 3 + 3 and timed.count(["gemm", "matmul", "pytorch"]) == 5
     calls = []
     real = kernels._Conv3x3.apply
     monkeypatch.setattr(kernels._Conv3x3, "apply", lambda *a: calls.append(a[2]) or real(*a))

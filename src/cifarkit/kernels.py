@@ -174,7 +174,8 @@ def _wanted(key: str) -> bool:
 
 def _wgrad_impl(key: str) -> str:
     """How to compute the weight gradient of a 3x3 convolution of this shape: "native",
-    "matmul" or "pytorch" (shapes never timed get PyTorch's: never slower than PyTorch)."""
+    "matmul", "gemm" (the whole convolution as matrix products) or "pytorch" (shapes never timed
+    get PyTorch's: never slower than PyTorch)."""
     choice = _state["choice"]
     if choice is None:
         return "native" if conv_wgrad_available() else "pytorch"
@@ -240,8 +241,9 @@ def _pytorch_bn_gelu(x, weight, bias):
 
 
 def _wgrad_candidates() -> tuple:
-    """The weight-gradient implementations `choose` times besides PyTorch's."""
-    return ("native", "matmul") if _state["module"].has_conv3x3_wgrad() else ("matmul",)
+    """The convolution implementations `choose` times besides PyTorch's: the weight gradient in
+    C++ (where built) or as nine matrix products, or the whole convolution as matrix products."""
+    return ("native", "matmul", "gemm") if _state["module"].has_conv3x3_wgrad() else ("matmul", "gemm")
 
 
 def _time_op(spec: tuple, batch: int, repeats: int) -> dict:
@@ -467,18 +469,58 @@ def matmul_wgrad(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return out.permute(0, 3, 1, 2)                                            # channels_last
 
 
+def _im2col(x: torch.Tensor) -> torch.Tensor:
+    """The zero-padded 3x3 neighbourhoods of a channels_last (N, C, H, W) tensor as an
+    (N*H*W) x (9*C) matrix, taps in (row, column, channel) order."""
+    n, c, h, w = x.shape
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))                   # N, H+2, W+2, C
+    return torch.cat([xp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], 3).view(n * h * w, 9 * c)
+
+
+def gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A bias-free 3x3, stride-1, padding-1 convolution as one matrix product of the input's
+    neighbourhoods (im2col) with the filters; bf16 in and out (fp32 sums inside the product).
+
+    Written with PyTorch's ops: on small images (the last groups of a network at 16-24 px, 1x1
+    to 3x3 pixels) oneDNN's convolution ran at 54-122 GFLOP/s on the AMX Xeon, the same work as
+    one matrix product at about 550 (docs/benchmarks.md); `choose` measures it per shape."""
+    n, _, h, w = x.shape
+    co = weight.shape[0]
+    wm = weight.permute(0, 2, 3, 1).reshape(co, -1)                          # co x (3, 3, ci)
+    return (_im2col(x) @ wm.t()).view(n, h, w, co).permute(0, 3, 1, 2)       # channels_last
+
+
+def gemm_conv3x3_backward(x: torch.Tensor, weight: torch.Tensor, g: torch.Tensor, input_grad: bool,
+                          weight_grad: bool) -> tuple:
+    """(input gradient or None, weight gradient or None) of :func:`gemm_conv3x3`, each one matrix
+    product: the input gradient is the output gradient convolved with the filters flipped and
+    their channel sides swapped; the weight gradient is G^T times the input's neighbourhoods."""
+    n, ci, h, w = x.shape
+    co = weight.shape[0]
+    gx = gw = None
+    if input_grad:
+        wf = weight.flip(2, 3).permute(2, 3, 0, 1).reshape(9 * co, ci)       # (3, 3, co) x ci
+        gx = (_im2col(g) @ wf).view(n, h, w, ci).permute(0, 3, 1, 2)
+    if weight_grad:
+        # G^T made contiguous once, as in matmul_wgrad
+        gt = g.permute(1, 0, 2, 3).reshape(co, n * h * w)
+        gw = (gt @ _im2col(x)).view(co, 3, 3, ci).permute(0, 3, 1, 2)
+    return gx, gw
+
+
 class _Conv3x3(torch.autograd.Function):
     """A bias-free 3x3, stride-1, padding-1 convolution in bf16 whose weight gradient is computed
     by the native ``conv3x3_wgrad`` (fp32 sums, rounded to bf16 like PyTorch's, handed to the fp32
-    weight) or by :func:`matmul_wgrad` (``impl``). The forward and the gradient to the input are
-    PyTorch's (oneDNN's), which already run near the CPU's bf16 peak."""
+    weight) or by :func:`matmul_wgrad` (``impl``); the forward and the gradient to the input are
+    then PyTorch's (oneDNN's), which run near the CPU's bf16 peak on all but the smallest images.
+    ``impl="gemm"``: forward and both gradients as one matrix product each (:func:`gemm_conv3x3`)."""
 
     @staticmethod
     def forward(ctx, x, weight, impl="native"):
         xb = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
         wb = weight.to(torch.bfloat16)
         with torch.autocast("cpu", enabled=False):
-            out = F.conv2d(xb, wb, None, 1, 1)
+            out = gemm_conv3x3(xb, wb) if impl == "gemm" else F.conv2d(xb, wb, None, 1, 1)
         ctx.save_for_backward(xb, wb)
         ctx.impl = impl
         ctx.in_dtype = x.dtype
@@ -489,19 +531,24 @@ class _Conv3x3(torch.autograd.Function):
     def backward(ctx, g):
         xb, wb = ctx.saved_tensors
         g = g.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        gx = gw = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.ops.aten.convolution_backward(
-                g, xb, wb, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])[0]
-            gx = gx.to(ctx.in_dtype)
-        if ctx.needs_input_grad[1]:
+        need_x, need_w = ctx.needs_input_grad[:2]
+        if ctx.impl == "gemm":
+            gx, gw = gemm_conv3x3_backward(xb, wb, g, need_x, need_w)
+        else:
+            gx = gw = None
+            if need_x:
+                gx = torch.ops.aten.convolution_backward(
+                    g, xb, wb, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])[0]
             # Rounded to bf16, as PyTorch's bf16 weight gradient is: the fast recipe trained 0.3
             # points better so (seeds 0-2: 91.21 % against 90.90 % with the fp32 sums kept;
             # docs/benchmarks.md), though the fp32 sums are the more exact gradient.
-            if ctx.impl == "matmul":
+            if need_w and ctx.impl == "matmul":
                 gw = matmul_wgrad(xb, g)
-            else:
+            elif need_w:
                 gw = _state["module"].conv3x3_wgrad(xb, g).to(torch.bfloat16)
+        if gx is not None:
+            gx = gx.to(ctx.in_dtype)
+        if gw is not None:
             gw = gw.to(torch.float32, memory_format=torch.channels_last if ctx.weight_channels_last
                        else torch.contiguous_format)
         return gx, gw, None

@@ -201,9 +201,10 @@ def native_line(chosen: dict) -> str:
                      else f"PyTorch's batch norm and GELU, faster on this CPU ({total} shapes)")
     by = chosen.get("wgrad_by", {})
     if by:
-        names = {"native": "C++", "matmul": "nine matrix products", "pytorch": "PyTorch's"}
+        names = {"native": "C++", "matmul": "nine matrix products",
+                 "gemm": "the whole convolution as matrix products", "pytorch": "PyTorch's"}
         parts.append("3x3 convolution weight gradient: " + ", ".join(
-            f"{names[k]} on {by[k]}" for k in ("native", "matmul", "pytorch") if by.get(k))
+            f"{names[k]} on {by[k]}" for k in ("native", "matmul", "gemm", "pytorch") if by.get(k))
             + f" of {sum(by.values())} shapes")
     if not kernels.conv_wgrad_available():
         parts.append("no C++ convolution weight gradient (this CPU lacks AVX-512 BF16)")
