@@ -230,6 +230,7 @@ def test_training_with_the_matrix_product_gradient_learns(native, tmp_path, monk
     # the chooser "measures" the matrix products (the weight gradient's, or the whole
     # convolution's) fastest on every shape (pools: PyTorch's)
     others = {"matmul": 3.0, "gemm": 3.0, impl: 1.0}
+    monkeypatch.setenv("CIFARKIT_GEMM_CONV", "1")            # the whole convolution: opt-in
     monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: {"pytorch": 1.0, "native": 2.0} if spec[0] != "wgrad"
                         else {"pytorch": 2.0, "native": 3.0, **others})
     monkeypatch.setattr(kernels, "_cache_path", lambda: tmp_path / "choices.json")
@@ -485,15 +486,25 @@ def test_without_avx512_bf16_the_chooser_times_only_the_matrix_products(chooser,
                         or ({"pytorch": 2.0, "native": 1.0} if spec[0] != "wgrad" else {"pytorch": 2.0, "matmul": 1.0}))
     got = kernels.choose([_net()], [16], batch=8, cache=tmp_path / "c.json")
     assert got["wgrad"] == [5, 5] and got["wgrad_by"] == {"matmul": 5} and got["pool"] == [3, 3]
-    # the real timing tried both kinds of matrix products against PyTorch's, never the missing C++ one
+    # the real timing tried the matrix products against PyTorch's, never the missing C++ one (nor,
+    # without CIFARKIT_GEMM_CONV=1, the whole convolution as matrix products)
     # (3 pool and 3 batch norm + GELU shapes: native against PyTorch's)
-    assert timed.count(["native", "pytorch"]) == 3 + 3 and timed.count(["gemm", "matmul", "pytorch"]) == 5
+    assert timed.count(["native", "pytorch"]) == 3 + 3 and timed.count(["matmul", "pytorch"]) == 5
     calls = []
     real = kernels._Conv3x3.apply
     monkeypatch.setattr(kernels._Conv3x3, "apply", lambda *a: calls.append(a[2]) or real(*a))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _net()(torch.randn(2, 3, 16, 16).contiguous(memory_format=CL)).sum().backward()
     assert calls == ["matmul"] * 6                       # six convolutions, five shapes
+
+
+def test_the_whole_convolution_as_matrix_products_is_timed_only_when_asked(chooser, monkeypatch):
+    monkeypatch.delenv("CIFARKIT_GEMM_CONV", raising=False)
+    assert "gemm" not in kernels._wgrad_candidates()
+    monkeypatch.setenv("CIFARKIT_GEMM_CONV", "1")
+    assert kernels._wgrad_candidates()[-1] == "gemm"
+    ms = kernels._time_op(("wgrad", 32, 32, 2, 2), batch=4, repeats=1)
+    assert set(ms) == {"pytorch", *kernels._wgrad_candidates()}
 
 
 def test_best_ms_is_the_fastest_run_in_milliseconds():

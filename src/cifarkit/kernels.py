@@ -242,8 +242,12 @@ def _pytorch_bn_gelu(x, weight, bias):
 
 def _wgrad_candidates() -> tuple:
     """The convolution implementations `choose` times besides PyTorch's: the weight gradient in
-    C++ (where built) or as nine matrix products, or the whole convolution as matrix products."""
-    return ("native", "matmul", "gemm") if _state["module"].has_conv3x3_wgrad() else ("matmul", "gemm")
+    C++ (where built) or as nine matrix products, and with CIFARKIT_GEMM_CONV=1 the whole
+    convolution as matrix products. That one is opt-in: it made the fast recipe's step on 16-24
+    px images 0.74-0.92 of the time on the AMX Xeon, but 13-epoch runs with it reached 90.43 %
+    against 90.60 % without on seeds 0-2 (docs/benchmarks.md), too few seeds to call it equal."""
+    found = ("native", "matmul") if _state["module"].has_conv3x3_wgrad() else ("matmul",)
+    return found + ("gemm",) if os.environ.get("CIFARKIT_GEMM_CONV") == "1" else found
 
 
 def _time_op(spec: tuple, batch: int, repeats: int) -> dict:
