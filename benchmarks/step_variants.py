@@ -279,32 +279,41 @@ def select_costs(widths: list[int], proxy: list[int], fraction: float, batch: in
           f"{own:.2f}, proxy-scored step {prox:.2f} of a full step")
 
 
-def freeze_costs(batch: int = 2000, size: int = 32, repeats: int = 7) -> None:
-    """The recipe's whole step (its proxy on the batch, the network on the harder half), with the
-    kernels training would choose, with the whitening bias frozen (after epoch 3) against the
-    network's first conv group frozen too (optimizer_args' first_group_epochs); interleaved medians."""
+def _recipe_parts(cfg, nets: list, batch: int, size: int):
+    """What the recipe's step timings share: ``nets`` in channels_last and train mode, with the
+    kernels training would choose, their optimisers and the whitening biases frozen (as after
+    epoch 3); a random batch and its first half (the network's share): (nets, opts, batch, half)."""
     import torch
 
-    from cifarkit import create_model, kernels, resolve_config
+    from cifarkit import kernels
     from cifarkit.device import set_threads
-    from cifarkit.models import train_mode
     from cifarkit.optim import make_optimizer
 
     set_threads(0)
-    cfg = resolve_config("fast")
-    nets = [create_model("fast", **cfg.model_args), create_model("fast", **cfg.proxy_model_args())]
-    nets = [n.to(memory_format=torch.channels_last) for n in nets]
+    nets = [n.to(memory_format=torch.channels_last).train() for n in nets]
     kernels.load()
     kernels.choose(nets, [size])
     opts = [make_optimizer(cfg, n) for n in nets]
-    # the network's group's trainable parameters (its batch norms' scales never train); the
-    # proxy's first group trains to the end (training.selective.Proxy)
-    groups = [[p for p in nets[0].parameter_roles()["first_group"] if p.requires_grad], []]
     for n in nets:
         n.whiten.bias.requires_grad_(False)
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
-    half = (x[:batch // 2].contiguous(memory_format=torch.channels_last), y[:batch // 2])
+    return nets, opts, (x, y), (x[:batch // 2].contiguous(memory_format=torch.channels_last), y[:batch // 2])
+
+
+def freeze_costs(batch: int = 2000, size: int = 32, repeats: int = 7) -> None:
+    """The recipe's whole step (its proxy on the batch, the network on the harder half), with the
+    kernels training would choose, with the whitening bias frozen (after epoch 3) against the
+    network's first conv group frozen too (optimizer_args' first_group_epochs); interleaved medians."""
+    from cifarkit import create_model, resolve_config
+    from cifarkit.models import train_mode
+
+    cfg = resolve_config("fast")
+    nets = [create_model("fast", **cfg.model_args), create_model("fast", **cfg.proxy_model_args())]
+    # the network's group's trainable parameters (its batch norms' scales never train); the
+    # proxy's first group trains to the end (training.selective.Proxy)
+    groups = [[p for p in nets[0].parameter_roles()["first_group"] if p.requires_grad], []]
+    nets, opts, (x, y), half = _recipe_parts(cfg, nets, batch, size)
 
     def step(group_frozen: bool):
         for net, opt, group, (xb, yb) in zip(nets, opts, groups, (half, (x, y)), strict=True):
@@ -335,25 +344,12 @@ def proxy_costs(variants: list[dict], batch: int = 2000, size: int = 32, repeats
     whitening biases frozen, as after epoch 3), once per proxy variant (the recipe's proxy
     model_args updated by each dict), with the kernels training would choose; interleaved medians.
     ``profile``: then the op breakdown of three steps with the first variant."""
-    import torch
+    from cifarkit import create_model, resolve_config
 
-    from cifarkit import create_model, kernels, resolve_config
-    from cifarkit.device import set_threads
-    from cifarkit.optim import make_optimizer
-
-    set_threads(0)
     cfg = resolve_config("fast")
     nets = [create_model("fast", **cfg.model_args)]
     nets += [create_model("fast", **{**cfg.proxy_model_args(), **v}) for v in variants]
-    nets = [n.to(memory_format=torch.channels_last).train() for n in nets]
-    kernels.load()
-    kernels.choose(nets, [size])
-    opts = [make_optimizer(cfg, n) for n in nets]
-    for n in nets:
-        n.whiten.bias.requires_grad_(False)
-    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
-    half = (x[:batch // 2].contiguous(memory_format=torch.channels_last), y[:batch // 2])
+    nets, opts, (x, y), half = _recipe_parts(cfg, nets, batch, size)
 
     def step(i: int):
         _train_once(nets[i + 1], opts[i + 1], x, y)

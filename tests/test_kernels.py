@@ -38,6 +38,11 @@ def _bf16(shape, low=-3, high=4, seed=0):
     return torch.randint(low, high, shape, generator=g).to(torch.bfloat16).contiguous(memory_format=CL)
 
 
+def _randn_bf16(gen, *shape):
+    """Normal random numbers rounded to bf16, channels_last (the kernels' inputs)."""
+    return torch.randn(*shape, generator=gen).to(torch.bfloat16).contiguous(memory_format=CL)
+
+
 @pytest.mark.parametrize("shape", [(6, 64, 31, 31), (4, 256, 15, 15), (3, 5, 4, 4), (2, 3, 2, 3),
                                    (2, 17, 7, 6), (1, 1, 5, 5)])
 def test_native_pool_equals_max_pool2d_forward_and_backward(native, shape):
@@ -165,8 +170,8 @@ def test_native_conv_weight_gradient_is_the_exact_sum(wgrad, shape):
     # odd batches (an image paired with zeros), 16-channel remainders, 1x1 and non-square inputs
     n, ci, co, h, w = shape
     gen = torch.Generator().manual_seed(n * co)
-    x = torch.randn(n, ci, h, w, generator=gen).to(torch.bfloat16).contiguous(memory_format=CL)
-    g = torch.randn(n, co, h, w, generator=gen).to(torch.bfloat16).contiguous(memory_format=CL)
+    x = _randn_bf16(gen, n, ci, h, w)
+    g = _randn_bf16(gen, n, co, h, w)
     got = wgrad._state["module"].conv3x3_wgrad(x, g)
     ref = _wgrad_ref(x, g)
     assert got.dtype == torch.float32 and got.shape == ref.shape and got.is_contiguous(memory_format=CL)
@@ -184,8 +189,8 @@ def test_matmul_weight_gradient_is_the_sum_rounded_once(shape):
     # any channel counts (3 and 5 too), 1x1, 1-pixel-high and non-square inputs
     n, ci, co, h, w = shape
     gen = torch.Generator().manual_seed(n * co + 1)
-    x = torch.randn(n, ci, h, w, generator=gen).to(torch.bfloat16).contiguous(memory_format=CL)
-    g = torch.randn(n, co, h, w, generator=gen).to(torch.bfloat16).contiguous(memory_format=CL)
+    x = _randn_bf16(gen, n, ci, h, w)
+    g = _randn_bf16(gen, n, co, h, w)
     got = kernels.matmul_wgrad(x, g)
     ref = _wgrad_ref(x, g)
     assert got.dtype == torch.bfloat16 and got.shape == ref.shape and got.is_contiguous(memory_format=CL)
@@ -203,9 +208,9 @@ def test_gemm_convolution_and_its_gradients_are_the_sums_rounded_once(shape):
     # counts, 1x1, 1-pixel-high and non-square inputs
     n, ci, co, h, w = shape
     gen = torch.Generator().manual_seed(n * co + 2)
-    x = torch.randn(n, ci, h, w, generator=gen).to(torch.bfloat16).contiguous(memory_format=CL)
-    wt = torch.randn(co, ci, 3, 3, generator=gen).to(torch.bfloat16).contiguous(memory_format=CL)
-    g = torch.randn(n, co, h, w, generator=gen).to(torch.bfloat16).contiguous(memory_format=CL)
+    x = _randn_bf16(gen, n, ci, h, w)
+    wt = _randn_bf16(gen, co, ci, 3, 3)
+    g = _randn_bf16(gen, n, co, h, w)
 
     def refs(x, wt, g):
         y = F.conv2d(x.double(), wt.double(), padding=1)

@@ -487,7 +487,8 @@ def gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     Written with PyTorch's ops: on small images (the last groups of a network at 16-24 px, 1x1
     to 3x3 pixels) oneDNN's convolution ran at 54-122 GFLOP/s on the AMX Xeon, the same work as
-    one matrix product at about 550 (docs/benchmarks.md); `choose` measures it per shape."""
+    one matrix product at about 550 (docs/benchmarks.md); with CIFARKIT_GEMM_CONV=1, `choose`
+    measures it per shape (see _wgrad_candidates for why it is opt-in)."""
     n, _, h, w = x.shape
     co = weight.shape[0]
     wm = weight.permute(0, 2, 3, 1).reshape(co, -1)                          # co x (3, 3, ci)
