@@ -512,6 +512,22 @@ def test_the_whole_convolution_as_matrix_products_is_timed_only_when_asked(choos
     assert set(ms) == {"pytorch", *kernels._wgrad_candidates()}
 
 
+def test_a_cached_gemm_choice_is_not_used_once_the_option_is_off(chooser, tmp_path, monkeypatch):
+    # timed with CIFARKIT_GEMM_CONV=1: the whole convolution as matrix products won every shape
+    monkeypatch.setenv("CIFARKIT_GEMM_CONV", "1")
+    fake = {"pytorch": 10.0, "native": 8.0, "matmul": 6.0, "gemm": 1.0}
+    monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: dict(fake) if spec[0] == "wgrad"
+                        else {"pytorch": 1.0, "native": 2.0})
+    cache = tmp_path / "c.json"
+    assert kernels.choose([_net()], [16], batch=8, cache=cache)["wgrad_by"] == {"gemm": 5}
+    # without the option the same cache gives the fastest of the others, and nothing is re-timed
+    monkeypatch.delenv("CIFARKIT_GEMM_CONV")
+    monkeypatch.setattr(kernels, "_time_op", lambda *a: pytest.fail("timed again despite the cache"))
+    got = kernels.choose([_net()], [16], batch=8, cache=cache)
+    assert got["wgrad_by"] == {"matmul": 5} and got["timed"] == 0
+    assert "gemm" not in kernels._state["choice"].values()
+
+
 def test_best_ms_is_the_fastest_run_in_milliseconds():
     import time
     runs = iter([0.06, 0.01, 0.12])    # a warm-up, then 10 ms, 120 ms and 60 ms

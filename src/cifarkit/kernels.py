@@ -328,7 +328,10 @@ def choose(models, sizes, batch: int = 256, repeats: int = 5, cache: Path | None
             entry = {**ms, "batch": batch, "use": use, "native_faster": use == "native"}
             known[f"{threads} threads, {key}"] = entry
             timed += 1
-        choice[key] = entry["use"]
+        use = entry["use"]
+        if use not in wanted:   # chosen while CIFARKIT_GEMM_CONV=1, now off: the best of the rest
+            use = _pick({impl: entry[impl] for impl in wanted - {"use"}})
+        choice[key] = use
         summary[spec[0]][0] += choice[key] != "pytorch"
         summary[spec[0]][1] += 1
         if spec[0] == "wgrad":
