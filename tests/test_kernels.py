@@ -235,7 +235,7 @@ def test_training_with_the_matrix_product_gradient_learns(native, tmp_path, monk
     # the chooser "measures" the matrix products (the weight gradient's, or the whole
     # convolution's) fastest on every shape (pools: PyTorch's)
     others = {"matmul": 3.0, "gemm": 3.0, impl: 1.0}
-    monkeypatch.setenv("CIFARKIT_GEMM_CONV", "1")            # the whole convolution: opt-in
+    monkeypatch.delenv("CIFARKIT_GEMM_CONV", raising=False)  # the whole convolution: timed by default
     monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: {"pytorch": 1.0, "native": 2.0} if spec[0] != "wgrad"
                         else {"pytorch": 2.0, "native": 3.0, **others})
     monkeypatch.setattr(kernels, "_cache_path", lambda: tmp_path / "choices.json")
@@ -485,6 +485,7 @@ def test_without_avx512_bf16_the_chooser_times_only_the_matrix_products(chooser,
         def __getattr__(self, name):
             return getattr(self.inner, name)
     monkeypatch.setitem(kernels._state, "module", NoWgrad(kernels._state["module"]))
+    monkeypatch.setenv("CIFARKIT_GEMM_CONV", "0")
     timed = []
     real_time_op = kernels._time_op
     monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: timed.append(sorted(real_time_op(spec, b, 1)))
@@ -492,7 +493,7 @@ def test_without_avx512_bf16_the_chooser_times_only_the_matrix_products(chooser,
     got = kernels.choose([_net()], [16], batch=8, cache=tmp_path / "c.json")
     assert got["wgrad"] == [5, 5] and got["wgrad_by"] == {"matmul": 5} and got["pool"] == [3, 3]
     # the real timing tried the matrix products against PyTorch's, never the missing C++ one (nor,
-    # without CIFARKIT_GEMM_CONV=1, the whole convolution as matrix products)
+    # with CIFARKIT_GEMM_CONV=0, the whole convolution as matrix products)
     # (3 pool and 3 batch norm + GELU shapes: native against PyTorch's)
     assert timed.count(["native", "pytorch"]) == 3 + 3 and timed.count(["matmul", "pytorch"]) == 5
     calls = []
@@ -503,25 +504,26 @@ def test_without_avx512_bf16_the_chooser_times_only_the_matrix_products(chooser,
     assert calls == ["matmul"] * 6                       # six convolutions, five shapes
 
 
-def test_the_whole_convolution_as_matrix_products_is_timed_only_when_asked(chooser, monkeypatch):
+def test_the_whole_convolution_as_matrix_products_is_timed_unless_turned_off(chooser, monkeypatch):
     monkeypatch.delenv("CIFARKIT_GEMM_CONV", raising=False)
-    assert "gemm" not in kernels._wgrad_candidates()
-    monkeypatch.setenv("CIFARKIT_GEMM_CONV", "1")
     assert kernels._wgrad_candidates()[-1] == "gemm"
     ms = kernels._time_op(("wgrad", 32, 32, 2, 2), batch=4, repeats=1)
     assert set(ms) == {"pytorch", *kernels._wgrad_candidates()}
+    monkeypatch.setenv("CIFARKIT_GEMM_CONV", "0")
+    assert "gemm" not in kernels._wgrad_candidates()
+    assert "gemm" not in kernels._time_op(("wgrad", 32, 32, 2, 2), batch=4, repeats=1)
 
 
 def test_a_cached_gemm_choice_is_not_used_once_the_option_is_off(chooser, tmp_path, monkeypatch):
-    # timed with CIFARKIT_GEMM_CONV=1: the whole convolution as matrix products won every shape
-    monkeypatch.setenv("CIFARKIT_GEMM_CONV", "1")
+    # timed by default: the whole convolution as matrix products won every shape
+    monkeypatch.delenv("CIFARKIT_GEMM_CONV", raising=False)
     fake = {"pytorch": 10.0, "native": 8.0, "matmul": 6.0, "gemm": 1.0}
     monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: dict(fake) if spec[0] == "wgrad"
                         else {"pytorch": 1.0, "native": 2.0})
     cache = tmp_path / "c.json"
     assert kernels.choose([_net()], [16], batch=8, cache=cache)["wgrad_by"] == {"gemm": 5}
-    # without the option the same cache gives the fastest of the others, and nothing is re-timed
-    monkeypatch.delenv("CIFARKIT_GEMM_CONV")
+    # turned off, the same cache gives the fastest of the others, and nothing is re-timed
+    monkeypatch.setenv("CIFARKIT_GEMM_CONV", "0")
     monkeypatch.setattr(kernels, "_time_op", lambda *a: pytest.fail("timed again despite the cache"))
     got = kernels.choose([_net()], [16], batch=8, cache=cache)
     assert got["wgrad_by"] == {"matmul": 5} and got["timed"] == 0

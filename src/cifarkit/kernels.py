@@ -242,12 +242,12 @@ def _pytorch_bn_gelu(x, weight, bias):
 
 def _wgrad_candidates() -> tuple:
     """The convolution implementations `choose` times besides PyTorch's: the weight gradient in
-    C++ (where built) or as nine matrix products, and with CIFARKIT_GEMM_CONV=1 the whole
-    convolution as matrix products. That one is opt-in: it made the fast recipe's step on 16-24
-    px images 0.74-0.92 of the time on the AMX Xeon, but 13-epoch runs with it reached 90.43 %
-    against 90.60 % without on seeds 0-2 (docs/benchmarks.md), too few seeds to call it equal."""
+    C++ (where built) or as nine matrix products, and the whole convolution as matrix products
+    (CIFARKIT_GEMM_CONV=0 leaves that one out). On the AMX Xeon it made the fast recipe's step on
+    16-24 px images 0.74-0.92 of the time, and 13-epoch runs with and without it reached the same
+    accuracy over six seeds (90.55 against 90.58 %, docs/benchmarks.md)."""
     found = ("native", "matmul") if _state["module"].has_conv3x3_wgrad() else ("matmul",)
-    return found + ("gemm",) if os.environ.get("CIFARKIT_GEMM_CONV") == "1" else found
+    return found if os.environ.get("CIFARKIT_GEMM_CONV") == "0" else found + ("gemm",)
 
 
 def _time_op(spec: tuple, batch: int, repeats: int) -> dict:
@@ -329,7 +329,7 @@ def choose(models, sizes, batch: int = 256, repeats: int = 5, cache: Path | None
             known[f"{threads} threads, {key}"] = entry
             timed += 1
         use = entry["use"]
-        if use not in wanted:   # chosen while CIFARKIT_GEMM_CONV=1, now off: the best of the rest
+        if use not in wanted:   # chosen before CIFARKIT_GEMM_CONV=0 was set: the best of the rest
             use = _pick({impl: entry[impl] for impl in wanted - {"use"}})
         choice[key] = use
         summary[spec[0]][0] += choice[key] != "pytorch"
@@ -490,8 +490,8 @@ def gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     Written with PyTorch's ops: on small images (the last groups of a network at 16-24 px, 1x1
     to 3x3 pixels) oneDNN's convolution ran at 54-122 GFLOP/s on the AMX Xeon, the same work as
-    one matrix product at about 550 (docs/benchmarks.md); with CIFARKIT_GEMM_CONV=1, `choose`
-    measures it per shape (see _wgrad_candidates for why it is opt-in)."""
+    one matrix product at about 550 (docs/benchmarks.md); `choose` measures it per shape
+    (unless CIFARKIT_GEMM_CONV=0)."""
     n, _, h, w = x.shape
     co = weight.shape[0]
     wm = weight.permute(0, 2, 3, 1).reshape(co, -1)                          # co x (3, 3, ci)
