@@ -246,7 +246,8 @@ def test_training_with_the_matrix_product_gradient_learns(native, tmp_path, monk
     logs = []
     cfg = resolve_config("fast", overrides=dict(
         data=str(tiny_folder), val_size=24, epochs=8, batch_size=32, tensorboard=False,
-        model_args={"widths": [16, 16, 32]}, deterministic=True, out=str(tmp_path / "run")))
+        model_args={"widths": [16, 16, 32]}, deterministic=True, out=str(tmp_path / "run"),
+        precision="bf16"))   # the paths are bf16's; auto is fp32 on CPUs without native bf16
     acc = train(cfg, progress=False, log=logs.append)["best_val_acc"]
     assert calls and set(calls) == {impl}
     said = {"matmul": "weight gradient: nine matrix products on", "gemm": "the whole convolution as matrix products on"}
