@@ -213,13 +213,23 @@ def main() -> int:
 def _machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    # A virtual machine's model name can be as bare as "AMD EPYC": family and model tell Zen 3
+    # (25/1) from Zen 4 (25/17) and Zen 5 (26/...), and the bf16 units say which precision is fast.
+    info = {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({len(os.sched_getaffinity(0))} cores)"
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+            if line.strip() == "":
+                break
     except OSError:
-        pass
-    return platform.processor()
+        return platform.processor()
+    flags = info.get("flags", "").split()
+    bf16 = ("AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags
+            else "AVX-512, no bf16" if "avx512f" in flags else "AVX2, no bf16" if "avx2" in flags
+            else "no AVX2")
+    return (f"{info.get('model name', platform.processor())} (family {info.get('cpu family', '?')} "
+            f"model {info.get('model', '?')}, {bf16}; {len(os.sched_getaffinity(0))} cores)")
 
 
 if __name__ == "__main__":

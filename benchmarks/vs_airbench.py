@@ -7,7 +7,9 @@ loads its data onto GPU 0. On a CPU this script maps device and dtype *around* t
 without editing or copying it: its network stays on the CPU in fp32 and runs its forward passes
 under bf16 autocast (cifarkit's own precision there; the whitening set-up stays in fp32, as on the
 GPU), tensor `.half()` becomes `.bfloat16()`, CUDA events become a wall clock, and its data loader
-reads from the CPU. On a GPU it runs as shipped.
+reads from the CPU. On a CPU without native bf16 (no AVX-512 BF16 or AMX, e.g. AMD Zen 3) bf16 is
+emulated and slow, and cifarkit's `auto` precision is fp32 there: airbench then runs in fp32 too
+(`--airbench-precision`, default `auto`: the same rule as cifarkit's). On a GPU it runs as shipped.
 
 Both train on the same images and are scored on the same held-out ones: for each seed, the
 `--val-size` images that `cifarkit train --seed S` holds out (stratified by class) are written in
@@ -60,8 +62,9 @@ def write_airbench_data(data: str, seed: int, val_size: int, dest: Path) -> dict
 
 
 @contextlib.contextmanager
-def on_cpu_in_bf16():
-    """airbench's CUDA calls, mapped onto the CPU for the duration of the block."""
+def on_cpu(precision: str = "bf16"):
+    """airbench's CUDA calls, mapped onto the CPU for the duration of the block (its fp16 in
+    ``precision``: bf16 autocast, or fp32 throughout)."""
     import torch
     import airbench.utils as utils
 
@@ -82,8 +85,11 @@ def on_cpu_in_bf16():
     saved = (torch.nn.Module.cuda, torch.nn.Module.half, torch.Tensor.half, torch.cuda.Event,
              torch.cuda.synchronize, utils.CifarLoader)
     torch.nn.Module.cuda = lambda self, *a, **k: self
-    torch.nn.Module.half = lambda self: self                  # fp32 weights, bf16 autocast
-    torch.Tensor.half = lambda self, *a, **k: self.bfloat16()  # its fp16 images: bf16
+    torch.nn.Module.half = lambda self: self                  # fp32 weights (bf16: under autocast)
+    if precision == "bf16":
+        torch.Tensor.half = lambda self, *a, **k: self.bfloat16()   # its fp16 images: bf16
+    else:
+        torch.Tensor.half = lambda self, *a, **k: self.float()      # fp32 throughout
     torch.cuda.Event, torch.cuda.synchronize = WallClockEvent, lambda *a: None
     utils.CifarLoader = CpuLoader
     try:
@@ -108,7 +114,16 @@ def make_net_bf16():
     return net
 
 
-def airbench_child(data_dir: Path, seed: int, score: bool) -> dict:
+def cpu_precision(asked: str) -> str:
+    """airbench's precision on the CPU: ``auto`` follows cifarkit's own rule (bf16 only where the
+    CPU does it natively), so each side runs in what is fast on the machine."""
+    if asked != "auto":
+        return asked
+    from cifarkit.device import cpu_has_fast_bf16
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def airbench_child(data_dir: Path, seed: int, score: bool, precision: str = "bf16") -> dict:
     """One airbench94 run (its package's train94 and hyper-parameters) in this process."""
     import torch
     import airbench
@@ -120,7 +135,7 @@ def airbench_child(data_dir: Path, seed: int, score: bool) -> dict:
     if not cuda:
         from cifarkit.device import set_threads
         set_threads(0)
-    with (contextlib.nullcontext(airbench.CifarLoader) if cuda else on_cpu_in_bf16()) as Loader:
+    with (contextlib.nullcontext(airbench.CifarLoader) if cuda else on_cpu(precision)) as Loader:
         loader = Loader("cifar10", train=True, batch_size=hyp["opt"]["batch_size"], aug=hyp["aug"],
                         altflip=True)
         test = Loader("cifar10", train=False, batch_size=2000)
@@ -129,7 +144,8 @@ def airbench_child(data_dir: Path, seed: int, score: bool) -> dict:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         model = airbench.train94(train_loader=loader, verbose=False,
-                                 make_net=airbench.make_net94 if cuda else make_net_bf16)
+                                 make_net=make_net_bf16 if not cuda and precision == "bf16"
+                                 else airbench.make_net94)
         if cuda:
             torch.cuda.synchronize()
         t1 = time.perf_counter()
@@ -158,10 +174,11 @@ def cifarkit_run(data: str, seed: int, val_size: int, extra: list[str]) -> dict:
             "summary_wall_seconds": s["wall_seconds"], "n_train": s["n_train"], "n_val": s["n_val"]}
 
 
-def airbench_run(data: str, seed: int, val_size: int) -> dict:
+def airbench_run(data: str, seed: int, val_size: int, precision: str = "bf16") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         sizes = write_airbench_data(data, seed, val_size, Path(tmp))
-        cmd = [sys.executable, __file__, "--airbench-child", tmp, "--seed", str(seed)]
+        cmd = [sys.executable, __file__, "--airbench-child", tmp, "--seed", str(seed),
+               "--airbench-precision", precision]
         if val_size == 0:
             cmd.append("--no-score")
         t0 = time.perf_counter()
@@ -186,12 +203,16 @@ def main() -> int:
                     help="images held out and scored (0: train both on everything, compare times)")
     ap.add_argument("--cifarkit-args", default="", help="extra flags for cifarkit train, e.g. '--epochs 2'")
     ap.add_argument("--json", type=Path, help="write every run and the summary here")
+    ap.add_argument("--airbench-precision", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="airbench's precision on a CPU (auto: bf16 where the CPU has native bf16, "
+                         "else fp32, as cifarkit's auto)")
     ap.add_argument("--airbench-child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--no-score", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.airbench_child:
-        print(json.dumps(airbench_child(a.airbench_child, a.seed, not a.no_score)))
+        print(json.dumps(airbench_child(a.airbench_child, a.seed, not a.no_score,
+                                        cpu_precision(a.airbench_precision))))
         return 0
     try:
         import airbench  # noqa: F401
@@ -208,13 +229,16 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from fast_recipe import _machine
     machine = _machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    print(f"# {machine} | torch {torch.__version__} | val-size {a.val_size}", flush=True)
+    ab_precision = "as shipped" if torch.cuda.is_available() else cpu_precision(a.airbench_precision)
+    print(f"# {machine} | torch {torch.__version__} | val-size {a.val_size} | airbench in "
+          f"{ab_precision}", flush=True)
     report = {"machine": machine, "torch": str(torch.__version__), "val_size": a.val_size,
-              "cifarkit_args": a.cifarkit_args, "runs": []}
+              "cifarkit_args": a.cifarkit_args, "airbench_precision": ab_precision, "runs": []}
     for seed in range(a.seed_start, a.seed_start + a.seeds):
         order = ("airbench94", "cifarkit") if seed % 2 == 0 else ("cifarkit", "airbench94")
         for who in order:
-            r = (airbench_run(a.data, seed, a.val_size) if who == "airbench94"
+            r = (airbench_run(a.data, seed, a.val_size, cpu_precision(a.airbench_precision))
+                 if who == "airbench94"
                  else cifarkit_run(a.data, seed, a.val_size, a.cifarkit_args.split()))
             r.update(who=who, seed=seed)
             report["runs"].append(r)
