@@ -122,6 +122,17 @@ def test_bf16_and_augmentation_and_ema_run(tiny_folder, tmp_path):
     assert ck.extra["model_raw"] is not None   # EMA run keeps the raw weights for resuming
 
 
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_auto_precision_follows_the_cpu_and_says_why_fp32(tiny_folder, tmp_path, monkeypatch, fast_bf16):
+    import cifarkit.device
+    monkeypatch.setattr(cifarkit.device, "cpu_has_fast_bf16", lambda: fast_bf16)
+    logs = []
+    s = train(_cfg(tiny_folder, tmp_path / "r", precision="auto", epochs=1), progress=False, log=logs.append)
+    assert s["precision"] == ("bf16" if fast_bf16 else "fp32")
+    said = [line for line in logs if "| precision " in line]
+    assert said and ("no native bf16" in said[0]) != fast_bf16, said
+
+
 @pytest.mark.parametrize("extra", [
     {},
     # the fast recipe's extras: stopped in the 24 px epoch, resumed at that size, then 32 px
