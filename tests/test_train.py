@@ -114,9 +114,11 @@ def test_short_run_learns_and_writes_run_folder(tiny_folder, tmp_path):
 def test_bf16_and_augmentation_and_ema_run(tiny_folder, tmp_path):
     s = train(_cfg(tiny_folder, tmp_path / "r", precision="bf16", flip=True, crop_pad=2, cutout=4,
                    ema=0.9, tta="flip_translate", schedule="onecycle", model="fast",
-                   optimizer="muon", lr=0.24, label_smoothing=0.1, batch_size=32, epochs=4),
+                   optimizer="muon", lr=0.24, label_smoothing=0.1, batch_size=32, epochs=4,
+                   # narrow: bf16 is emulated on CPUs without it (165 s at full width on a Zen 3)
+                   model_args={"widths": [16, 16, 32]}),
               progress=False, log=lambda *a: None)
-    # 1.0 when it learns; the same network with its convolutions frozen reaches 0.33 here
+    # 1.0 when it learns; with lr 1e-9 (learning nothing beyond its data-set whitening) 0.54
     assert s["best_val_acc"] >= 0.9 and s["precision"] == "bf16"
     ck = load_checkpoint(tmp_path / "r" / "last.ckpt")
     assert ck.extra["model_raw"] is not None   # EMA run keeps the raw weights for resuming
