@@ -229,16 +229,16 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from fast_recipe import _machine
     machine = _machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    ab_precision = "as shipped" if torch.cuda.is_available() else cpu_precision(a.airbench_precision)
+    precision = cpu_precision(a.airbench_precision)   # what the child uses on a CPU
+    shown = "as shipped" if torch.cuda.is_available() else precision
     print(f"# {machine} | torch {torch.__version__} | val-size {a.val_size} | airbench in "
-          f"{ab_precision}", flush=True)
+          f"{shown}", flush=True)
     report = {"machine": machine, "torch": str(torch.__version__), "val_size": a.val_size,
-              "cifarkit_args": a.cifarkit_args, "airbench_precision": ab_precision, "runs": []}
+              "cifarkit_args": a.cifarkit_args, "airbench_precision": shown, "runs": []}
     for seed in range(a.seed_start, a.seed_start + a.seeds):
         order = ("airbench94", "cifarkit") if seed % 2 == 0 else ("cifarkit", "airbench94")
         for who in order:
-            r = (airbench_run(a.data, seed, a.val_size, cpu_precision(a.airbench_precision))
-                 if who == "airbench94"
+            r = (airbench_run(a.data, seed, a.val_size, precision) if who == "airbench94"
                  else cifarkit_run(a.data, seed, a.val_size, a.cifarkit_args.split()))
             r.update(who=who, seed=seed)
             report["runs"].append(r)

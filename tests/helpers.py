@@ -96,3 +96,13 @@ def assert_one_clear_line(rc, err, *needles, code=None):
     assert lines[0].startswith("error: ")
     for n in needles:
         assert n.lower() in lines[0].lower(), (n, lines[0])
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ (not a package) imported as a module, e.g. ``load_benchmark("vs_airbench")``."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

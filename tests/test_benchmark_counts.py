@@ -1,19 +1,13 @@
 """The FLOP counts behind the published GFLOP/s (benchmarks/fast_recipe.py) count work actually done."""
-import importlib.util
-from pathlib import Path
-
 import pytest
+from helpers import load_benchmark
 
 from cifarkit import resolve_config
 
 
 @pytest.fixture(scope="module")
 def fast_recipe():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fast_recipe.py"
-    spec = importlib.util.spec_from_file_location("fast_recipe_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("fast_recipe")
 
 
 def test_frozen_whitening_bias_drops_the_first_convs_input_gradient(fast_recipe):

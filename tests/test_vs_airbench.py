@@ -1,17 +1,11 @@
 """benchmarks/vs_airbench.py runs airbench in the precision that is fast on the CPU at hand."""
-import importlib.util
-from pathlib import Path
-
 import pytest
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def vs_airbench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "vs_airbench.py"
-    spec = importlib.util.spec_from_file_location("vs_airbench_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("vs_airbench")
 
 
 @pytest.mark.parametrize("fast_bf16, expected", [(True, "bf16"), (False, "fp32")])

@@ -57,6 +57,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def precision_note(asked: str, device: torch.device, resolved: str) -> str:
+    """Why ``auto`` resolved to fp32 on a CPU (see resolve_precision), for the run's start line."""
+    if asked == "auto" and device.type == "cpu" and resolved == "fp32":
+        return " (auto: this CPU has no native bf16)"
+    return ""
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()

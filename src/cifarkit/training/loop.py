@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .. import checkpoint as ckpt_mod, kernels
 from ..config import TrainConfig
-from ..device import autocast
+from ..device import autocast, precision_note
 from ..distributed import Dist, setup as dist_setup
 from ..errors import CifarkitError, TrainingInterrupted
 from ..evaluate import evaluate
@@ -37,13 +37,6 @@ from .selective import Selector
 from .state import EpochSums, TrainState
 from .writer import RunWriter, epoch_line, final_line, summary as make_summary
 
-
-
-def _why_precision(cfg, p) -> str:
-    """Why auto chose fp32 on a CPU: without AVX-512 BF16 or AMX, bf16 is emulated and slower."""
-    if cfg.precision == "auto" and p.device.type == "cpu" and p.precision == "fp32":
-        return " (auto: this CPU has no native bf16)"
-    return ""
 
 def make_loss(cfg: TrainConfig, num_classes: int, class_weights: torch.Tensor | None = None):
     """ce: cross-entropy on logits; mse/l1 (the notes' other losses): on softmax vs one-hot.
@@ -153,7 +146,7 @@ def _run(cfg: TrainConfig, saved, dist: Dist, progress: bool, log, started: floa
     writer = RunWriter(run_dir, cfg, enabled=dist.is_main)
     writer.start(state.epoch, resumed=state.epoch > 0 or state.step > 0, samples=state.loader.samples)
     log(f"model {cfg.model}: {count_parameters(state.model):,} parameters | device {p.device} | "
-        f"precision {p.precision}{_why_precision(cfg, p)} | {cfg.epochs} epochs x {state.loader.steps_per_epoch} steps of {cfg.batch_size}")
+        f"precision {p.precision}{precision_note(cfg.precision, p.device, p.precision)} | {cfg.epochs} epochs x {state.loader.steps_per_epoch} steps of {cfg.batch_size}")
 
     run = Run(cfg, p, state, loss_fn, Forward(step_model, cfg.compile), batch_mixer(cfg, len(p.classes)),
               dist, progress, DeferredInterrupt())
