@@ -18,10 +18,32 @@ import torch
 _NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
+def _ns_dtype(device: torch.device) -> torch.dtype:
+    """The iterations' dtype: bf16 where its matrix products are fast (CUDA; CPUs with AVX-512
+    BF16 or AMX), else fp32. A CPU without native bf16 emulates it: on an AMD Zen 3 these products
+    in bf16 took 3.0 s of a 4.4 s fast-recipe step at 16 px (`benchmarks/step_variants.py
+    --conv32`), and fp32 is the more exact of the two anyway."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and _cpu_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _cpu_bf16() -> bool:   # read /proc/cpuinfo once, not once per filter per step
+    if "fast" not in _CPU_BF16:
+        from .device import cpu_has_fast_bf16
+        _CPU_BF16["fast"] = cpu_has_fast_bf16()
+    return _CPU_BF16["fast"]
+
+
+_CPU_BF16: dict = {}
+
+
 def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
     """Approximately U V^T of the 2-D matrix g = U S V^T (singular values pushed towards 1)."""
     a, b, c = _NS_COEFFS
-    x = g.to(torch.bfloat16) if g.device.type in ("cuda", "cpu") else g.float()
+    x = g.to(_ns_dtype(g.device))
     x = x / (x.norm() + eps)
     tall = x.size(0) > x.size(1)
     if tall:
