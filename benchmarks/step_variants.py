@@ -13,6 +13,8 @@ kernels.choose kept before the matrix products were a candidate (PyTorch's or na
 shape), with what it keeps now but PyTorch's batch norm and GELU (chosen-no-bngelu: before the
 fused op), with what it would keep without the whole convolution as matrix products (chosen-no-gemm),
 and with what it keeps now on this CPU (what training uses).
+`--conv32` times the recipe's whole step in fp32 (a CPU without native bf16) at each of `--sizes`,
+with PyTorch's convolutions and with those kernels.choose keeps in fp32 (matrix products).
 `--select` times selective backprop's parts: a full step, the network's own no-grad scoring pass,
 a step on the hardest share, and a proxy network's step (--hard-proxy).
 `--models` times a full 32 px step of several fast-network variants (model_args), interleaved.
@@ -24,6 +26,7 @@ with `--profile`, then the op breakdown of that step.
     python benchmarks/step_variants.py [--profile] [--only fast]
     python benchmarks/step_variants.py --sizes 16,20,24,28,32
     python benchmarks/step_variants.py --layers
+    python benchmarks/step_variants.py --conv32 --sizes 16,20,24,28,32   # fp32: CPUs without bf16
     python benchmarks/step_variants.py --native [--widths 64,256,384]   # default: the recipe's network
     python benchmarks/step_variants.py --select --widths 64,256,384 --proxy 16,64,64 --fraction 0.5
     python benchmarks/step_variants.py --models '[{"widths": [64,256,384]}, {"widths": [64,256,384], "depths": [2,2,3]}]' [--size 16]
@@ -327,11 +330,55 @@ def freeze_costs(batch: int = 2000, size: int = 32, repeats: int = 7) -> None:
           f"(ratio {med[True] / med[False]:.3f}; medians of {repeats}, interleaved)")
 
 
-def _train_once(net, opt, xb, yb) -> None:
+def conv32_costs(sizes: list[int], batch: int = 2000, repeats: int = 5) -> None:
+    """The recipe's whole step in fp32 (what a CPU without native bf16 trains in: its proxy on the
+    batch, the network on the harder half), with PyTorch's convolutions against what
+    kernels.choose(precision="fp32") keeps (the convolution as matrix products where faster),
+    per image side; interleaved medians."""
+    import torch
+
+    from cifarkit import create_model, kernels, resolve_config
+    from cifarkit.device import set_threads
+    from cifarkit.optim import make_optimizer
+
+    set_threads(0)
+    cfg = resolve_config("fast")
+    nets = [create_model("fast", **cfg.model_args), create_model("fast", **cfg.proxy_model_args())]
+    nets = [n.to(memory_format=torch.channels_last).train() for n in nets]
+    opts = [make_optimizer(cfg, n) for n in nets]
+    for n in nets:
+        n.whiten.bias.requires_grad_(False)
+    got = kernels.choose(nets, sizes, batch=min(batch, 256), precision="fp32")
+    chosen = kernels._state["choice"]
+    print(f"fp32 convolutions chosen on {got['wgrad'][1]} shapes: {json.dumps(got['wgrad_by'])}; "
+          + ", ".join(f"{k}: {v}" for k, v in sorted(chosen.items()) if v != "pytorch"))
+    total = {"pytorch": 0.0, "chosen": 0.0}
+    for size in sizes:
+        x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (batch,))
+        half = (x[:batch // 2].contiguous(memory_format=torch.channels_last), y[:batch // 2])
+
+        def step(mode: str):
+            kernels._state["choice"] = {} if mode == "pytorch" else chosen
+            try:
+                for net, opt, (xb, yb) in zip(nets, opts, (half, (x, y)), strict=True):
+                    _train_once(net, opt, xb, yb, bf16=False)
+            finally:
+                kernels._state["choice"] = chosen
+        med = _interleaved_medians({k: lambda k=k: step(k) for k in total}, repeats)
+        for k in total:
+            total[k] += med[k]
+        print(f"recipe step in fp32, {size} px, batch {batch}: PyTorch's convolutions "
+              f"{med['pytorch'] * 1e3:.0f} ms, chosen {med['chosen'] * 1e3:.0f} ms "
+              f"(ratio {med['chosen'] / med['pytorch']:.3f}; medians of {repeats}, interleaved)", flush=True)
+    print(f"sum over {sizes}: ratio {total['chosen'] / total['pytorch']:.3f}")
+
+
+def _train_once(net, opt, xb, yb, bf16: bool = True) -> None:
     import torch
     import torch.nn.functional as F
 
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         loss = F.cross_entropy(net(xb), yb)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -393,6 +440,8 @@ def main() -> int:
     ap.add_argument("--native", action="store_true", help="full step: native kernels vs PyTorch's")
     ap.add_argument("--widths", help="with --native, --layers or --select: the fast network's widths "
                                      "(default: the recipe's network; --select: 64,256,256)")
+    ap.add_argument("--conv32", action="store_true", help="the recipe's step in fp32 at --sizes: "
+                    "PyTorch's convolutions against those kernels.choose keeps in fp32")
     ap.add_argument("--select", action="store_true", help="selective backprop's costs per step")
     ap.add_argument("--proxy", default="16,64,64", help="with --select: the proxy's widths")
     ap.add_argument("--fraction", type=float, default=0.5, help="with --select: share trained on")
@@ -426,6 +475,9 @@ def main() -> int:
             native_costs(model_args, size=a.size, keep=a.modes.split(",") if a.modes else None, repeats=a.repeats)
         else:
             layer_costs(model_args, size=a.size)
+        return 0
+    if a.conv32:
+        conv32_costs([int(v) for v in (a.sizes or "16,20,24,28,32").split(",")], repeats=min(a.repeats, 5))
         return 0
     if a.sizes:
         med = size_costs([int(v) for v in a.sizes.split(",")])

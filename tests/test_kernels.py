@@ -651,3 +651,120 @@ def test_ready_line_names_the_fused_batch_norm_and_gelu():
     assert "fused batch norm + GELU on 4 of 6 shapes" in some
     none = native_line({"pool": [3, 3], "bngelu": [0, 6], "wgrad": [0, 5], "wgrad_by": {"pytorch": 5}})
     assert "PyTorch's batch norm and GELU, faster on this CPU (6 shapes)" in none
+
+
+# ----------------------------------------------------------------------------- fp32 (CPUs without bf16)
+@pytest.fixture
+def fp32_chooser(fresh_state, monkeypatch):
+    """No build (fp32 needs none), one thread (see `chooser`), the choice undone afterwards."""
+    monkeypatch.delenv("CIFARKIT_NATIVE", raising=False)
+    monkeypatch.delenv("CIFARKIT_GEMM_CONV", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield kernels
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("shape", [(6, 320, 320, 1, 1), (3, 12, 48, 2, 5), (4, 3, 5, 3, 2), (5, 24, 16, 1, 1)])
+def test_gemm_convolution_in_fp32_is_the_convolution(shape):
+    # fp32 in, fp32 out; 1x1 images take the centre tap alone (the other eight meet only padding)
+    n, ci, co, h, w = shape
+    gen = torch.Generator().manual_seed(n * co + 3)
+    x = torch.randn(n, ci, h, w, generator=gen).contiguous(memory_format=CL)
+    wt = torch.randn(co, ci, 3, 3, generator=gen)
+    g = torch.randn(n, co, h, w, generator=gen).contiguous(memory_format=CL)
+    xr, wr = x.double().requires_grad_(), wt.double().requires_grad_()
+    F.conv2d(xr, wr, padding=1).backward(g.double())
+    y = kernels.gemm_conv3x3(x, wt)
+    gx, gw = kernels.gemm_conv3x3_backward(x, wt, g, True, True)
+    for got, ref in ((y, F.conv2d(x.double(), wt.double(), padding=1)), (gx, xr.grad), (gw, wr.grad)):
+        assert got.dtype == torch.float32 and got.shape == ref.shape and got.is_contiguous(memory_format=CL)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert gw.shape[2:] == (3, 3)
+    if h == w == 1:   # a gradient on an outer tap of a 1x1 image would be a bug, not rounding
+        assert torch.count_nonzero(gw[:, :, [0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 2, 0, 2, 0, 1, 2]]) == 0
+
+
+def test_fp32_chooser_needs_no_build_and_times_only_the_convolutions(fp32_chooser, tmp_path, monkeypatch):
+    assert kernels._state["module"] is None                  # nothing built, nothing to build
+    timed = []
+    monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: timed.append(spec[0]) or
+                        {"pytorch": 2.0, "matmul": 3.0, "gemm": 1.0})
+    cache = tmp_path / "c.json"
+    got = kernels.choose([_net()], [16], batch=8, cache=cache, precision="fp32")
+    # five 3x3 convolution shapes, no pools or batch norms (their C++ kernels are bf16 only)
+    assert timed == ["conv32"] * 5 and got["wgrad_by"] == {"gemm": 5} and got["fp32"] is True
+    assert got["pool"] == [0, 0] and got["bngelu"] == [0, 0]
+    assert all(k.split(", ", 1)[1].startswith("fp32 conv ") for k in json.loads(cache.read_text()))
+    # training in fp32 then runs them as matrix products, with the gradients of nn.Conv2d
+    calls = []
+    real = kernels._Conv3x3.apply
+    monkeypatch.setattr(kernels._Conv3x3, "apply", lambda *a: calls.append(a[2]) or real(*a))
+    torch.manual_seed(0)
+    net, plain = _net(), _net()
+    plain.load_state_dict(net.state_dict())
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=CL)
+    net(x).square().sum().backward()
+    assert calls == ["gemm"] * 6                               # six convolutions, five shapes
+    with kernels.disabled():
+        plain(x).square().sum().backward()
+    for (name, a), b in zip(net.named_parameters(), plain.parameters(), strict=True):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4 * b.grad.abs().max().item(),
+                                       msg=name)
+    # bf16 training is not steered by fp32 decisions: its shapes were never chosen
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x).sum().backward()
+    assert calls == []
+
+
+def test_fp32_chooser_keeps_pytorch_where_the_matrix_products_are_slower(fp32_chooser, tmp_path, monkeypatch):
+    fast = {name: getattr(kernels, name) for name in ("matmul_wgrad", "gemm_conv3x3")}
+    for name, fn in fast.items():
+        monkeypatch.setattr(kernels, name, _much_slower(fn))
+    got = kernels.choose([_net()], [16], batch=8, repeats=3, cache=tmp_path / "c.json", precision="fp32")
+    assert got["wgrad"] == [0, 5] and got["wgrad_by"] == {"pytorch": 5} and got["timed"] == 5
+    calls = []
+    real = kernels._Conv3x3.apply
+    monkeypatch.setattr(kernels._Conv3x3, "apply", lambda *a: calls.append("conv"))
+    _net()(torch.randn(4, 3, 16, 16).contiguous(memory_format=CL)).sum().backward()
+    assert calls == []
+    monkeypatch.setattr(kernels._Conv3x3, "apply", real)
+    # and where PyTorch's is the slow one, the matrix products are kept (really timed)
+    for name, fn in fast.items():
+        monkeypatch.setattr(kernels, name, fn)
+    monkeypatch.setattr(kernels, "_pytorch_conv3x3", _much_slower(kernels._pytorch_conv3x3))
+    got = kernels.choose([_net()], [16], batch=8, repeats=3, cache=tmp_path / "d.json", precision="fp32")
+    assert got["wgrad"] == [5, 5] and set(got["wgrad_by"]) <= {"matmul", "gemm"}
+
+
+def test_fp32_chooser_is_off_with_native_kernels_off(fp32_chooser, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFARKIT_NATIVE", "0")
+    monkeypatch.setattr(kernels, "_time_op", lambda *a: pytest.fail("timed although switched off"))
+    assert kernels.choose([_net()], [16], batch=8, cache=tmp_path / "c.json", precision="fp32") == {}
+    logs = []
+    cfg = resolve_config("fast", overrides={"model_args": {"widths": [16, 32, 32]}, "batch_size": 8})
+    _native_kernels(cfg, _net(), torch.device("cpu"), "fp32", logs.append, 10)
+    assert logs == [] and kernels._state["choice"] is None
+
+
+def test_fp32_training_with_the_matrix_product_convolution_learns(fp32_chooser, tmp_path, monkeypatch):
+    from helpers import make_folder
+    tiny_folder = make_folder(tmp_path / "images", n_per_class=40, shape_only=True)
+    monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: {"pytorch": 2.0, "matmul": 3.0, "gemm": 1.0})
+    monkeypatch.setattr(kernels, "_cache_path", lambda: tmp_path / "choices.json")
+    monkeypatch.setattr(kernels, "load", lambda *a: pytest.fail("fp32 built the C++ kernels"))
+    calls = []
+    real = kernels._Conv3x3.apply
+    monkeypatch.setattr(kernels._Conv3x3, "apply", lambda *a: calls.append(a[2]) or real(*a))
+    logs = []
+    cfg = resolve_config("fast", overrides=dict(
+        data=str(tiny_folder), val_size=24, epochs=8, batch_size=32, tensorboard=False,
+        model_args={"widths": [16, 16, 32]}, deterministic=True, out=str(tmp_path / "run"),
+        precision="fp32"))
+    acc = train(cfg, progress=False, log=logs.append)["best_val_acc"]
+    assert calls and set(calls) == {"gemm"}
+    assert any("3x3 convolution in fp32: the whole convolution as matrix products on" in line
+               for line in logs), logs
+    assert acc >= 0.9                                         # 3 classes: chance is 0.33

@@ -158,8 +158,10 @@ def _pool_key(x: torch.Tensor) -> str:
     return f"pool {x.shape[1]}x{x.shape[2]}x{x.shape[3]}"
 
 
-def _conv_key(conv: torch.nn.Conv2d, x: torch.Tensor) -> str:
-    return f"wgrad {conv.in_channels}->{conv.out_channels} {x.shape[2]}x{x.shape[3]}"
+def _conv_key(conv: torch.nn.Conv2d, x: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> str:
+    # bf16 keys keep their first name, so choices cached before fp32 was timed still count
+    prefix = "wgrad" if dtype == torch.bfloat16 else "fp32 conv"
+    return f"{prefix} {conv.in_channels}->{conv.out_channels} {x.shape[2]}x{x.shape[3]}"
 
 
 def _bn_key(x: torch.Tensor) -> str:
@@ -172,34 +174,38 @@ def _wanted(key: str) -> bool:
     return choice is None or choice.get(key, "pytorch") == "native"
 
 
-def _wgrad_impl(key: str) -> str:
+def _wgrad_impl(key: str, dtype: torch.dtype = torch.bfloat16) -> str:
     """How to compute the weight gradient of a 3x3 convolution of this shape: "native",
     "matmul", "gemm" (the whole convolution as matrix products) or "pytorch" (shapes never timed
-    get PyTorch's: never slower than PyTorch)."""
+    get PyTorch's: never slower than PyTorch). Not measured (choice None): the native weight
+    gradient in bf16 where it is built, PyTorch's otherwise."""
     choice = _state["choice"]
     if choice is None:
-        return "native" if conv_wgrad_available() else "pytorch"
+        return "native" if dtype == torch.bfloat16 and conv_wgrad_available() else "pytorch"
     return choice.get(key, "pytorch")
 
 
-def _shapes(models, sizes) -> dict:
-    """{key: (op, shape of one input image)} for every native-capable layer at every image side."""
+def _shapes(models, sizes, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """{key: (op, shape of one input image)} for every layer at every image side that has an
+    implementation besides PyTorch's in ``dtype``: in fp32 only the 3x3 convolutions ("conv32";
+    the C++ max-pool and batch norm + GELU are bf16 kernels)."""
     found = {}
+    fp32 = dtype == torch.float32
 
     def hook(module, inputs, _out):
         x = inputs[0]
         if isinstance(module, Conv3x3):
             if _conv_static_ok(module):
-                found[_conv_key(module, x)] = ("wgrad", module.in_channels, module.out_channels,
-                                               *x.shape[2:])
-        elif x.shape[2] >= 2 and x.shape[3] >= 2:
+                found[_conv_key(module, x, dtype)] = ("conv32" if fp32 else "wgrad", module.in_channels,
+                                                      module.out_channels, *x.shape[2:])
+        elif x.shape[2] >= 2 and x.shape[3] >= 2 and not fp32:
             found[_pool_key(x)] = ("pool", *x.shape[1:])
     for model in models:
         handles = [m.register_forward_hook(hook) for m in model.modules()
                    if isinstance(m, (MaxPool2x2, Conv3x3))]
         was_training = model.training
         model.eval()
-        _state["record"] = found   # bn_gelu adds its shapes
+        _state["record"] = None if fp32 else found   # bn_gelu adds its shapes
         try:
             with torch.no_grad(), disabled():
                 for size in sizes:
@@ -240,13 +246,16 @@ def _pytorch_bn_gelu(x, weight, bias):
     return F.gelu(F.batch_norm(x, None, None, weight, bias, True, 0.4, 1e-12))
 
 
-def _wgrad_candidates() -> tuple:
+def _wgrad_candidates(dtype: torch.dtype = torch.bfloat16) -> tuple:
     """The convolution implementations `choose` times besides PyTorch's: the weight gradient in
-    C++ (where built) or as nine matrix products, and the whole convolution as matrix products
-    (CIFARKIT_GEMM_CONV=0 leaves that one out). On the AMX Xeon it made the fast recipe's step on
-    16-24 px images 0.74-0.92 of the time, and 13-epoch runs with and without it reached the same
-    accuracy over six seeds (90.55 against 90.58 %, docs/benchmarks.md)."""
-    found = ("native", "matmul") if _state["module"].has_conv3x3_wgrad() else ("matmul",)
+    C++ (bf16, where built) or as nine matrix products, and the whole convolution as matrix
+    products (CIFARKIT_GEMM_CONV=0 leaves that one out). On the AMX Xeon it made the fast recipe's
+    step on 16-24 px images 0.74-0.92 of the time, and 13-epoch runs with and without it reached
+    the same accuracy over six seeds (90.55 against 90.58 %, docs/benchmarks.md). In fp32 on an
+    AMD Zen 3 it took 0.33-0.89 of oneDNN's time on 1x1 to 3x3-pixel images (section 6)."""
+    module = _state["module"]
+    native = dtype == torch.bfloat16 and module is not None and module.has_conv3x3_wgrad()
+    found = ("native", "matmul") if native else ("matmul",)
     return found if os.environ.get("CIFARKIT_GEMM_CONV") == "0" else found + ("gemm",)
 
 
@@ -271,19 +280,20 @@ def _time_op(spec: tuple, batch: int, repeats: int) -> dict:
         ops = {"pytorch": lambda: _pytorch_bn_gelu(x, weight, bias),
                "native": lambda: _BNGELU.apply(x, weight, bias, 1e-12)[0]}
         fns = {impl: lambda op=op: torch.autograd.grad(op(), (x, bias), gy) for impl, op in ops.items()}
-    else:
+    else:   # "wgrad": bf16 (under autocast, as training runs); "conv32": fp32
         _, ci, co, h, w = spec
-        x = torch.randn(batch, ci, h, w, generator=g).to(torch.bfloat16).contiguous(memory_format=cl)
+        dtype = torch.float32 if spec[0] == "conv32" else torch.bfloat16
+        x = torch.randn(batch, ci, h, w, generator=g).to(dtype).contiguous(memory_format=cl)
         x.requires_grad_()
         weight = torch.randn(co, ci, 3, 3, generator=g).contiguous(memory_format=cl).requires_grad_()
-        gy = torch.randn(batch, co, h, w, generator=g).to(torch.bfloat16).contiguous(memory_format=cl)
+        gy = torch.randn(batch, co, h, w, generator=g).to(dtype).contiguous(memory_format=cl)
 
         def step(conv):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                 y = conv(x, weight)
             return torch.autograd.grad(y, (x, weight), gy)
         fns = {"pytorch": lambda: step(_pytorch_conv3x3)}
-        for impl in _wgrad_candidates():
+        for impl in _wgrad_candidates(dtype):
             fns[impl] = lambda impl=impl: step(lambda x, w: _Conv3x3.apply(x, w, impl))
     return _best_ms(fns, repeats)
 
@@ -295,22 +305,32 @@ def _pick(ms: dict) -> str:
 
 
 def _cache_path() -> Path:
-    return Path(_state["module"].__file__).with_name("choices.json")
+    """Beside the build; without one (fp32 needs none), in the user's cache under the name the
+    build would have: a new CPU, torch or Python gets its own file, as the build does."""
+    if _state["module"] is not None:
+        return Path(_state["module"].__file__).with_name("choices.json")
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifarkit"
+    return root / f"{_build_name()}-choices.json"
 
 
-def choose(models, sizes, batch: int = 256, repeats: int = 5, cache: Path | None = None) -> dict:
+def choose(models, sizes, batch: int = 256, repeats: int = 5, cache: Path | None = None,
+           precision: str = "bf16") -> dict:
     """Time each native op (and the weight gradient's matrix products) against PyTorch's on the
     shapes ``models`` feed it at the image ``sizes``, and use the fastest, PyTorch's unless
     another is faster by MARGIN. Decisions are read from and added
     to ``cache`` (default: beside the build). Returns ``{op: [native shapes, all shapes],
     "timed": shapes timed now}`` (for "wgrad" the first number counts shapes not left to PyTorch;
-    "wgrad_by" says how many each implementation got). Does nothing (returns {}) unless the
-    kernels are loaded."""
-    if _state["module"] is None:
+    "wgrad_by" says how many each implementation got). In bf16 it does nothing (returns {})
+    unless the kernels are loaded. ``precision="fp32"`` times only the 3x3 convolutions in fp32
+    against their matrix-product forms, which are PyTorch ops and need no build (and not with
+    CIFARKIT_NATIVE=0)."""
+    fp32 = precision == "fp32"
+    if (_state["module"] is None and not fp32) or (fp32 and os.environ.get("CIFARKIT_NATIVE") == "0"):
         return {}
     if os.environ.get("CIFARKIT_NATIVE") == "always":   # for measuring the kernels themselves
         _state["choice"] = None
         return {"always": True}
+    dtype = torch.float32 if fp32 else torch.bfloat16
     cache = Path(cache) if cache is not None else _cache_path()
     try:
         known = json.loads(cache.read_text())
@@ -318,9 +338,10 @@ def choose(models, sizes, batch: int = 256, repeats: int = 5, cache: Path | None
         known = {}
     threads = torch.get_num_threads()
     choice, summary, timed = {}, {"pool": [0, 0], "wgrad": [0, 0], "bngelu": [0, 0], "wgrad_by": {}}, 0
-    for key, spec in sorted(_shapes(models, sizes).items()):
+    for key, spec in sorted(_shapes(models, sizes, dtype).items()):
         entry = known.get(f"{threads} threads, {key}")
-        wanted = {"use", "pytorch", *(_wgrad_candidates() if spec[0] == "wgrad" else ("native",))}
+        wanted = {"use", "pytorch", *(_wgrad_candidates(dtype) if spec[0] in ("wgrad", "conv32")
+                                      else ("native",))}
         if entry is None or not wanted <= entry.keys():   # new, or cached before a candidate existed
             ms = _time_op(spec, batch, repeats)
             use = _pick(ms)
@@ -332,9 +353,10 @@ def choose(models, sizes, batch: int = 256, repeats: int = 5, cache: Path | None
         if use not in wanted:   # chosen before CIFARKIT_GEMM_CONV=0 was set: the best of the rest
             use = _pick({impl: entry[impl] for impl in wanted - {"use"}})
         choice[key] = use
-        summary[spec[0]][0] += choice[key] != "pytorch"
-        summary[spec[0]][1] += 1
-        if spec[0] == "wgrad":
+        op = "wgrad" if spec[0] == "conv32" else spec[0]
+        summary[op][0] += choice[key] != "pytorch"
+        summary[op][1] += 1
+        if op == "wgrad":
             summary["wgrad_by"][choice[key]] = summary["wgrad_by"].get(choice[key], 0) + 1
     if timed:
         try:   # a cache that cannot be written only costs the timing again next time
@@ -344,7 +366,7 @@ def choose(models, sizes, batch: int = 256, repeats: int = 5, cache: Path | None
         except OSError:
             pass
     _state["choice"] = choice
-    return {**summary, "timed": timed}
+    return {**summary, "timed": timed, **({"fp32": True} if fp32 else {})}
 
 
 class _MaxPool2x2(torch.autograd.Function):
@@ -494,6 +516,8 @@ def gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     (unless CIFARKIT_GEMM_CONV=0)."""
     n, _, h, w = x.shape
     co = weight.shape[0]
+    if h == 1 and w == 1:   # only the centre tap meets the image, the other 8 see padding: 9x less work
+        return (x.reshape(n, -1) @ weight[:, :, 1, 1].t()).view(n, co, 1, 1)
     wm = weight.permute(0, 2, 3, 1).reshape(co, -1)                          # co x (3, 3, ci)
     return (_im2col(x) @ wm.t()).view(n, h, w, co).permute(0, 3, 1, 2)       # channels_last
 
@@ -506,6 +530,15 @@ def gemm_conv3x3_backward(x: torch.Tensor, weight: torch.Tensor, g: torch.Tensor
     n, ci, h, w = x.shape
     co = weight.shape[0]
     gx = gw = None
+    if h == 1 and w == 1:   # the centre tap alone, as in the forward; the other taps' gradient is 0
+        g2 = g.reshape(n, co)
+        if input_grad:
+            gx = (g2 @ weight[:, :, 1, 1]).view(n, ci, 1, 1)
+        if weight_grad:
+            gw = torch.zeros(co, 3, 3, ci, dtype=g.dtype, device=g.device)
+            gw[:, 1, 1] = g2.t() @ x.reshape(n, ci)
+            gw = gw.permute(0, 3, 1, 2)                                       # channels_last
+        return gx, gw
     if input_grad:
         wf = weight.flip(2, 3).permute(2, 3, 0, 1).reshape(9 * co, ci)       # (3, 3, co) x ci
         gx = (_im2col(g) @ wf).view(n, h, w, ci).permute(0, 3, 1, 2)
@@ -521,12 +554,14 @@ class _Conv3x3(torch.autograd.Function):
     by the native ``conv3x3_wgrad`` (fp32 sums, rounded to bf16 like PyTorch's, handed to the fp32
     weight) or by :func:`matmul_wgrad` (``impl``); the forward and the gradient to the input are
     then PyTorch's (oneDNN's), which run near the CPU's bf16 peak on all but the smallest images.
-    ``impl="gemm"``: forward and both gradients as one matrix product each (:func:`gemm_conv3x3`)."""
+    ``impl="gemm"``: forward and both gradients as one matrix product each (:func:`gemm_conv3x3`).
+    In fp32 (an fp32 input outside bf16 autocast) the same, all in fp32; "native" is bf16 only."""
 
     @staticmethod
     def forward(ctx, x, weight, impl="native"):
-        xb = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        wb = weight.to(torch.bfloat16)
+        dtype = _compute_dtype(x)
+        xb = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        wb = weight.to(dtype)
         with torch.autocast("cpu", enabled=False):
             out = gemm_conv3x3(xb, wb) if impl == "gemm" else F.conv2d(xb, wb, None, 1, 1)
         ctx.save_for_backward(xb, wb)
@@ -538,7 +573,7 @@ class _Conv3x3(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         xb, wb = ctx.saved_tensors
-        g = g.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        g = g.to(xb.dtype).contiguous(memory_format=torch.channels_last)
         need_x, need_w = ctx.needs_input_grad[:2]
         if ctx.impl == "gemm":
             gx, gw = gemm_conv3x3_backward(xb, wb, g, need_x, need_w)
@@ -570,26 +605,39 @@ def _conv_static_ok(conv: torch.nn.Conv2d) -> bool:
             and conv.in_channels % 4 == 0)
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a CPU convolution of ``x`` runs in: bf16 (a bf16 input, or under bf16 autocast),
+    fp32 (an fp32 input, no autocast) or None (anything else: left to PyTorch)."""
+    if x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                     and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        return torch.bfloat16
+    if x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+        return torch.float32
+    return None
+
+
 def _conv_eligible(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
-    bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
-                                         and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-    return (bf16 and torch.is_grad_enabled() and conv.weight.requires_grad and _conv_static_ok(conv)
-            and x.device.type == "cpu" and x.dim() == 4 and x.numel() > 0
+    return (_compute_dtype(x) is not None and torch.is_grad_enabled() and conv.weight.requires_grad
+            and _conv_static_ok(conv) and x.device.type == "cpu" and x.dim() == 4 and x.numel() > 0
             and conv.weight.dtype == torch.float32 and _plain_eager())
 
 
 class Conv3x3(torch.nn.Conv2d):
     """``nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)`` (same parameters and state dict)
-    whose training step uses the weight gradient `choose` picked for its shape (native or nine
-    matrix products) when the kernels are loaded and the step runs in bf16 on a CPU; anywhere
-    else (eval, fp32, GPU, export) it is exactly ``nn.Conv2d``."""
+    whose training step on a CPU uses what `choose` picked for its shape: in bf16 (when the
+    kernels are loaded) the native weight gradient, nine matrix products or the whole convolution
+    as matrix products; in fp32 one of the last two. Anywhere else (eval, GPU, export, shapes
+    never chosen) it is exactly ``nn.Conv2d``."""
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__(c_in, c_out, 3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _state["module"] is not None and not _state["off"] and _conv_eligible(self, x):
-            impl = _wgrad_impl(_conv_key(self, x))   # "native" only where it is built
+        # fp32 needs no build (its candidates are PyTorch's matrix products), so no module test:
+        # without a `choose`, _wgrad_impl gives fp32 PyTorch's and bf16 native only where built
+        if not _state["off"] and _conv_eligible(self, x):
+            dtype = _compute_dtype(x)
+            impl = _wgrad_impl(_conv_key(self, x, dtype), dtype)
             if impl != "pytorch":
                 return _Conv3x3.apply(x, self.weight, impl)
         return super().forward(x)

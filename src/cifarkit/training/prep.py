@@ -156,17 +156,23 @@ def native_kernels(cfg: TrainConfig, model: nn.Module, device, precision: str, l
     """Build cifarkit's C++ kernels where the network would use them (bf16 channels_last on CPU):
     the max-pool, the fused batch norm + GELU, and the 3x3 convolution weight gradient where the
     CPU has AVX-512 BF16; then keep each, and the weight gradient as nine matrix products, only on
-    the shapes where it beats PyTorch's op on this CPU (kernels.choose).
+    the shapes where it beats PyTorch's op on this CPU (kernels.choose). In fp32 (CPUs without
+    native bf16) nothing is built: only the 3x3 convolutions are timed against their
+    matrix-product forms, shape by shape.
 
     Done here, before training starts, so the one-time build and timing are reported like the
     data decode and not counted in training time. Without them, one line says why and training
     uses PyTorch's ops: the same max-pool results, weight gradients equal up to summation order.
     """
-    if not (cfg.native_kernels and device.type == "cpu" and precision == "bf16" and cfg.channels_last
+    if not (cfg.native_kernels and device.type == "cpu" and precision in ("bf16", "fp32")
+            and cfg.channels_last
             and any(isinstance(m, (kernels.MaxPool2x2, kernels.Conv3x3)) for m in model.modules())):
         return
+    if precision == "fp32" and not any(isinstance(m, kernels.Conv3x3) for m in model.modules()):
+        return   # in fp32 only the convolutions have a second implementation
     t0 = time.perf_counter()
-    reason = kernels.load()
+    # fp32 needs no build: its candidates (the convolution as matrix products) are PyTorch ops
+    reason = kernels.load() if precision == "bf16" else None
     if reason is not None:
         log(f"native kernels: not used, {reason}; training uses PyTorch's max-pool and convolution "
             f"gradients (--no-native-kernels silences this)")
@@ -176,7 +182,9 @@ def native_kernels(cfg: TrainConfig, model: nn.Module, device, precision: str, l
         with torch.random.fork_rng(devices=[]):   # its random init must not shift the run's
             models.append(create_model(cfg.model, num_classes, **cfg.proxy_model_args()))
     sizes = sorted(set(cfg.progressive) | {cfg.image_size})
-    chosen = kernels.choose(models, sizes, batch=min(cfg.batch_size, 256))
+    chosen = kernels.choose(models, sizes, batch=min(cfg.batch_size, 256), precision=precision)
+    if not chosen:   # fp32 with CIFARKIT_NATIVE=0
+        return
     timed = f", {chosen['timed']} shapes timed against PyTorch's" if chosen.get("timed") else ""
     log(f"native kernels: {native_line(chosen)} ({time.perf_counter() - t0:.1f}s{timed})")
 
@@ -203,10 +211,11 @@ def native_line(chosen: dict) -> str:
     if by:
         names = {"native": "C++", "matmul": "nine matrix products",
                  "gemm": "the whole convolution as matrix products", "pytorch": "PyTorch's"}
-        parts.append("3x3 convolution weight gradient: " + ", ".join(
+        what = "3x3 convolution in fp32" if chosen.get("fp32") else "3x3 convolution weight gradient"
+        parts.append(f"{what}: " + ", ".join(
             f"{names[k]} on {by[k]}" for k in ("native", "matmul", "gemm", "pytorch") if by.get(k))
             + f" of {sum(by.values())} shapes")
-    if not kernels.conv_wgrad_available():
+    if not chosen.get("fp32") and not kernels.conv_wgrad_available():
         parts.append("no C++ convolution weight gradient (this CPU lacks AVX-512 BF16)")
     return "; ".join(parts)
 
