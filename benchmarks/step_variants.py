@@ -13,8 +13,9 @@ kernels.choose kept before the matrix products were a candidate (PyTorch's or na
 shape), with what it keeps now but PyTorch's batch norm and GELU (chosen-no-bngelu: before the
 fused op), with what it would keep without the whole convolution as matrix products (chosen-no-gemm),
 and with what it keeps now on this CPU (what training uses).
-`--conv32` times the recipe's whole step in fp32 (a CPU without native bf16) at each of `--sizes`,
-with PyTorch's convolutions and with those kernels.choose keeps in fp32 (matrix products).
+`--conv32` times the recipe's whole step in fp32 (a CPU without native bf16) at each of `--sizes`:
+Muon's Newton-Schulz products in bf16 as before (emulated there), in fp32 (now), and with the
+convolutions kernels.choose keeps in fp32 (matrix products); `--profile` adds op tables.
 `--select` times selective backprop's parts: a full step, the network's own no-grad scoring pass,
 a step on the hardest share, and a proxy network's step (--hard-proxy).
 `--models` times a full 32 px step of several fast-network variants (model_args), interleaved.
@@ -330,14 +331,16 @@ def freeze_costs(batch: int = 2000, size: int = 32, repeats: int = 7) -> None:
           f"(ratio {med[True] / med[False]:.3f}; medians of {repeats}, interleaved)")
 
 
-def conv32_costs(sizes: list[int], batch: int = 2000, repeats: int = 5) -> None:
+def conv32_costs(sizes: list[int], batch: int = 2000, repeats: int = 5, profile: bool = False) -> None:
     """The recipe's whole step in fp32 (what a CPU without native bf16 trains in: its proxy on the
-    batch, the network on the harder half), with PyTorch's convolutions against what
-    kernels.choose(precision="fp32") keeps (the convolution as matrix products where faster),
-    per image side; interleaved medians."""
+    batch, the network on the harder half), per image side, interleaved medians: "muon-bf16" as
+    before 2026-12-02 (PyTorch's convolutions, Muon's Newton-Schulz products in bf16, emulated on
+    such a CPU), "pytorch" (those products in fp32), "chosen" (and the convolutions
+    kernels.choose(precision="fp32") keeps: matrix products where faster). With ``profile``, the
+    op breakdown of one "muon-bf16" and one "chosen" step at the first size."""
     import torch
 
-    from cifarkit import create_model, kernels, resolve_config
+    from cifarkit import create_model, kernels, optim, resolve_config
     from cifarkit.device import set_threads
     from cifarkit.optim import make_optimizer
 
@@ -352,26 +355,37 @@ def conv32_costs(sizes: list[int], batch: int = 2000, repeats: int = 5) -> None:
     chosen = kernels._state["choice"]
     print(f"fp32 convolutions chosen on {got['wgrad'][1]} shapes: {json.dumps(got['wgrad_by'])}; "
           + ", ".join(f"{k}: {v}" for k, v in sorted(chosen.items()) if v != "pytorch"))
-    total = {"pytorch": 0.0, "chosen": 0.0}
+    ns_bf16 = optim._CPU_BF16.get("fast")
+    total = {"muon-bf16": 0.0, "pytorch": 0.0, "chosen": 0.0}
     for size in sizes:
         x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (batch,))
         half = (x[:batch // 2].contiguous(memory_format=torch.channels_last), y[:batch // 2])
 
         def step(mode: str):
-            kernels._state["choice"] = {} if mode == "pytorch" else chosen
+            kernels._state["choice"] = chosen if mode == "chosen" else {}
+            optim._CPU_BF16["fast"] = mode == "muon-bf16" or bool(ns_bf16)
             try:
                 for net, opt, (xb, yb) in zip(nets, opts, (half, (x, y)), strict=True):
                     _train_once(net, opt, xb, yb, bf16=False)
             finally:
                 kernels._state["choice"] = chosen
+                optim._CPU_BF16.pop("fast")
+        if profile and size == sizes[0]:
+            from torch.profiler import ProfilerActivity, profile as prof
+            for mode in ("muon-bf16", "chosen"):
+                step(mode)
+                with prof(activities=[ProfilerActivity.CPU]) as p:
+                    step(mode)
+                print(f"{mode}, {size} px:\n" + p.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
         med = _interleaved_medians({k: lambda k=k: step(k) for k in total}, repeats)
         for k in total:
             total[k] += med[k]
-        print(f"recipe step in fp32, {size} px, batch {batch}: PyTorch's convolutions "
-              f"{med['pytorch'] * 1e3:.0f} ms, chosen {med['chosen'] * 1e3:.0f} ms "
-              f"(ratio {med['chosen'] / med['pytorch']:.3f}; medians of {repeats}, interleaved)", flush=True)
-    print(f"sum over {sizes}: ratio {total['chosen'] / total['pytorch']:.3f}")
+        print(f"recipe step in fp32, {size} px, batch {batch}: " + ", ".join(
+            f"{k} {med[k] * 1e3:.0f} ms ({med[k] / med['muon-bf16']:.3f})" for k in total)
+            + f"; chosen/pytorch {med['chosen'] / med['pytorch']:.3f} (medians of {repeats}, interleaved)", flush=True)
+    print(f"sum over {sizes}: " + ", ".join(f"{k} {total[k] / total['muon-bf16']:.3f}" for k in total)
+          + f"; chosen/pytorch {total['chosen'] / total['pytorch']:.3f}")
 
 
 def _train_once(net, opt, xb, yb, bf16: bool = True) -> None:
@@ -477,7 +491,8 @@ def main() -> int:
             layer_costs(model_args, size=a.size)
         return 0
     if a.conv32:
-        conv32_costs([int(v) for v in (a.sizes or "16,20,24,28,32").split(",")], repeats=min(a.repeats, 5))
+        conv32_costs([int(v) for v in (a.sizes or "16,20,24,28,32").split(",")], repeats=min(a.repeats, 5),
+                     profile=a.profile)
         return 0
     if a.sizes:
         med = size_costs([int(v) for v in a.sizes.split(",")])

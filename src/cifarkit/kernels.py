@@ -32,6 +32,11 @@ products, one per kernel tap): where the matrix units are fast and the image is 
 and less), oneDNN's own weight gradient uses them poorly and the products win (1.2-2.1x on an
 Intel Xeon with AMX at batch 256; docs/benchmarks.md section 5).
 
+In fp32 (a CPU without native bf16, where training runs in fp32) none of the C++ ops apply, but
+the matrix-product convolutions do: ``choose(precision="fp32")`` times them against oneDNN's fp32
+convolution shape by shape, with no build. A 1x1 image (the last group at 16 px) is convolved by
+the centre tap alone, exactly: the other eight taps only ever meet the zero padding.
+
 Nothing here is required: :func:`load` builds the extension from ``csrc/native.cpp``
 (``torch.utils.cpp_extension``, about 30 s the first time, then cached in
 ``$TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions) and returns a reason instead when there is
