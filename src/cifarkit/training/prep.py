@@ -186,7 +186,9 @@ def native_kernels(cfg: TrainConfig, model: nn.Module, device, precision: str, l
     if not chosen:   # fp32 with CIFARKIT_NATIVE=0
         return
     timed = f", {chosen['timed']} shapes timed against PyTorch's" if chosen.get("timed") else ""
-    log(f"native kernels: {native_line(chosen)} ({time.perf_counter() - t0:.1f}s{timed})")
+    # in fp32 nothing native runs: PyTorch's convolution or its matrix-product forms
+    label = "kernels" if chosen.get("fp32") else "native kernels"
+    log(f"{label}: {native_line(chosen)} ({time.perf_counter() - t0:.1f}s{timed})")
 
 
 def native_line(chosen: dict) -> str:
