@@ -690,7 +690,7 @@ def test_fp32_chooser_needs_no_build_and_times_only_the_convolutions(fp32_choose
     timed = []
     monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: timed.append(spec[0]) or
                         {"pytorch": 2.0, "matmul": 3.0, "gemm": 1.0})
-    cache = tmp_path / "c.json"
+    cache = tmp_path / "new" / "c.json"                       # its folder is made
     got = kernels.choose([_net()], [16], batch=8, cache=cache, precision="fp32")
     # five 3x3 convolution shapes, no pools or batch norms (their C++ kernels are bf16 only)
     assert timed == ["conv32"] * 5 and got["wgrad_by"] == {"gemm": 5} and got["fp32"] is True

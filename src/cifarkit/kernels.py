@@ -365,6 +365,7 @@ def choose(models, sizes, batch: int = 256, repeats: int = 5, cache: Path | None
             summary["wgrad_by"][choice[key]] = summary["wgrad_by"].get(choice[key], 0) + 1
     if timed:
         try:   # a cache that cannot be written only costs the timing again next time
+            cache.parent.mkdir(parents=True, exist_ok=True)   # fp32's, in the user's cache
             tmp = cache.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
             os.replace(tmp, cache)
