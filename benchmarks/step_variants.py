@@ -287,22 +287,37 @@ def _recipe_parts(cfg, nets: list, batch: int, size: int):
     """What the recipe's step timings share: ``nets`` in channels_last and train mode, with the
     kernels training would choose, their optimisers and the whitening biases frozen (as after
     epoch 3); a random batch and its first half (the network's share): (nets, opts, batch, half)."""
+    from cifarkit import kernels
+
+    nets, opts = _recipe_nets(cfg, nets)
+    kernels.load()
+    kernels.choose(nets, [size])
+    return nets, opts, *_recipe_batch(batch, size)
+
+
+def _recipe_nets(cfg, nets: list):
+    """``nets`` in channels_last and train mode with their optimisers and the whitening biases
+    frozen (as after epoch 3): (nets, opts)."""
     import torch
 
-    from cifarkit import kernels
     from cifarkit.device import set_threads
     from cifarkit.optim import make_optimizer
 
     set_threads(0)
     nets = [n.to(memory_format=torch.channels_last).train() for n in nets]
-    kernels.load()
-    kernels.choose(nets, [size])
     opts = [make_optimizer(cfg, n) for n in nets]
     for n in nets:
         n.whiten.bias.requires_grad_(False)
+    return nets, opts
+
+
+def _recipe_batch(batch: int, size: int):
+    """A random batch and its first half (the network's share): ((x, y), (x_half, y_half))."""
+    import torch
+
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
-    return nets, opts, (x, y), (x[:batch // 2].contiguous(memory_format=torch.channels_last), y[:batch // 2])
+    return (x, y), (x[:batch // 2].contiguous(memory_format=torch.channels_last), y[:batch // 2])
 
 
 def freeze_costs(batch: int = 2000, size: int = 32, repeats: int = 7) -> None:
@@ -338,19 +353,11 @@ def conv32_costs(sizes: list[int], batch: int = 2000, repeats: int = 5, profile:
     such a CPU), "pytorch" (those products in fp32), "chosen" (and the convolutions
     kernels.choose(precision="fp32") keeps: matrix products where faster). With ``profile``, the
     op breakdown of one "muon-bf16" and one "chosen" step at the first size."""
-    import torch
-
     from cifarkit import create_model, kernels, optim, resolve_config
-    from cifarkit.device import set_threads
-    from cifarkit.optim import make_optimizer
 
-    set_threads(0)
     cfg = resolve_config("fast")
-    nets = [create_model("fast", **cfg.model_args), create_model("fast", **cfg.proxy_model_args())]
-    nets = [n.to(memory_format=torch.channels_last).train() for n in nets]
-    opts = [make_optimizer(cfg, n) for n in nets]
-    for n in nets:
-        n.whiten.bias.requires_grad_(False)
+    nets, opts = _recipe_nets(cfg, [create_model("fast", **cfg.model_args),
+                                    create_model("fast", **cfg.proxy_model_args())])
     got = kernels.choose(nets, sizes, batch=min(batch, 256), precision="fp32")
     chosen = kernels._state["choice"]
     print(f"fp32 convolutions chosen on {got['wgrad'][1]} shapes: {json.dumps(got['wgrad_by'])}; "
@@ -358,9 +365,7 @@ def conv32_costs(sizes: list[int], batch: int = 2000, repeats: int = 5, profile:
     ns_bf16 = optim._CPU_BF16.get("fast")
     total = {"muon-bf16": 0.0, "pytorch": 0.0, "chosen": 0.0}
     for size in sizes:
-        x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, 10, (batch,))
-        half = (x[:batch // 2].contiguous(memory_format=torch.channels_last), y[:batch // 2])
+        (x, y), half = _recipe_batch(batch, size)
 
         def step(mode: str):
             kernels._state["choice"] = chosen if mode == "chosen" else {}

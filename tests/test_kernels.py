@@ -227,6 +227,21 @@ def test_gemm_convolution_and_its_gradients_are_the_sums_rounded_once(shape):
     assert kernels.gemm_conv3x3_backward(x, wt, g, False, False) == (None, None)
 
 
+def _train_tiny_fast(folder, tmp_path, monkeypatch, precision: str):
+    """The fast recipe, narrow, 8 epochs on ``folder`` in ``precision``, its choices cached in
+    tmp_path: (the implementation of every _Conv3x3 call, the log lines, best val accuracy)."""
+    monkeypatch.setattr(kernels, "_cache_path", lambda: tmp_path / "choices.json")
+    calls = []
+    real = kernels._Conv3x3.apply
+    monkeypatch.setattr(kernels._Conv3x3, "apply", lambda *a: calls.append(a[2]) or real(*a))
+    logs = []
+    cfg = resolve_config("fast", overrides=dict(
+        data=str(folder), val_size=24, epochs=8, batch_size=32, tensorboard=False,
+        model_args={"widths": [16, 16, 32]}, deterministic=True, out=str(tmp_path / "run"),
+        precision=precision))
+    return calls, logs, train(cfg, progress=False, log=logs.append)["best_val_acc"]
+
+
 @pytest.mark.parametrize("impl", ["matmul", "gemm"])
 def test_training_with_the_matrix_product_gradient_learns(native, tmp_path, monkeypatch, impl):
     from helpers import make_folder
@@ -238,17 +253,9 @@ def test_training_with_the_matrix_product_gradient_learns(native, tmp_path, monk
     monkeypatch.delenv("CIFARKIT_GEMM_CONV", raising=False)  # the whole convolution: timed by default
     monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: {"pytorch": 1.0, "native": 2.0} if spec[0] != "wgrad"
                         else {"pytorch": 2.0, "native": 3.0, **others})
-    monkeypatch.setattr(kernels, "_cache_path", lambda: tmp_path / "choices.json")
     monkeypatch.setitem(kernels._state, "choice", None)     # training's choice is undone afterwards
-    calls = []
-    real = kernels._Conv3x3.apply
-    monkeypatch.setattr(kernels._Conv3x3, "apply", lambda *a: calls.append(a[2]) or real(*a))
-    logs = []
-    cfg = resolve_config("fast", overrides=dict(
-        data=str(tiny_folder), val_size=24, epochs=8, batch_size=32, tensorboard=False,
-        model_args={"widths": [16, 16, 32]}, deterministic=True, out=str(tmp_path / "run"),
-        precision="bf16"))   # the paths are bf16's; auto is fp32 on CPUs without native bf16
-    acc = train(cfg, progress=False, log=logs.append)["best_val_acc"]
+    # the paths are bf16's; auto is fp32 on CPUs without native bf16
+    calls, logs, acc = _train_tiny_fast(tiny_folder, tmp_path, monkeypatch, "bf16")
     assert calls and set(calls) == {impl}
     said = {"matmul": "weight gradient: nine matrix products on", "gemm": "the whole convolution as matrix products on"}
     assert any(said[impl] in line for line in logs), logs
@@ -753,17 +760,8 @@ def test_fp32_training_with_the_matrix_product_convolution_learns(fp32_chooser, 
     from helpers import make_folder
     tiny_folder = make_folder(tmp_path / "images", n_per_class=40, shape_only=True)
     monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: {"pytorch": 2.0, "matmul": 3.0, "gemm": 1.0})
-    monkeypatch.setattr(kernels, "_cache_path", lambda: tmp_path / "choices.json")
     monkeypatch.setattr(kernels, "load", lambda *a: pytest.fail("fp32 built the C++ kernels"))
-    calls = []
-    real = kernels._Conv3x3.apply
-    monkeypatch.setattr(kernels._Conv3x3, "apply", lambda *a: calls.append(a[2]) or real(*a))
-    logs = []
-    cfg = resolve_config("fast", overrides=dict(
-        data=str(tiny_folder), val_size=24, epochs=8, batch_size=32, tensorboard=False,
-        model_args={"widths": [16, 16, 32]}, deterministic=True, out=str(tmp_path / "run"),
-        precision="fp32"))
-    acc = train(cfg, progress=False, log=logs.append)["best_val_acc"]
+    calls, logs, acc = _train_tiny_fast(tiny_folder, tmp_path, monkeypatch, "fp32")
     assert calls and set(calls) == {"gemm"}
     assert any(line.startswith("kernels: 3x3 convolution in fp32: the whole convolution as matrix products on")
                for line in logs), logs

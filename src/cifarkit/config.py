@@ -15,6 +15,12 @@ from typing import Any
 
 from .errors import CifarkitError, closest
 
+
+def user_cache_root() -> Path:
+    """Where cifarkit keeps what it can make again (downloads, decoded images, timing choices):
+    $XDG_CACHE_HOME/cifarkit, else ~/.cache/cifarkit."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifarkit"
+
 CHOICES = {
     "optimizer": ("sgd", "adamw", "muon"),
     "schedule": ("constant", "onecycle", "cosine", "linear"),

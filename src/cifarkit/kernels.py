@@ -314,8 +314,8 @@ def _cache_path() -> Path:
     build would have: a new CPU, torch or Python gets its own file, as the build does."""
     if _state["module"] is not None:
         return Path(_state["module"].__file__).with_name("choices.json")
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifarkit"
-    return root / f"{_build_name()}-choices.json"
+    from .config import user_cache_root
+    return user_cache_root() / f"{_build_name()}-choices.json"
 
 
 def choose(models, sizes, batch: int = 256, repeats: int = 5, cache: Path | None = None,
@@ -622,10 +622,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-def _conv_eligible(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
-    return (_compute_dtype(x) is not None and torch.is_grad_enabled() and conv.weight.requires_grad
-            and _conv_static_ok(conv) and x.device.type == "cpu" and x.dim() == 4 and x.numel() > 0
-            and conv.weight.dtype == torch.float32 and _plain_eager())
+def _conv_dtype(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.dtype | None:
+    """The dtype this training-step convolution runs in if `choose` may steer it, else None."""
+    if not (torch.is_grad_enabled() and conv.weight.requires_grad and _conv_static_ok(conv)
+            and x.device.type == "cpu" and x.dim() == 4 and x.numel() > 0
+            and conv.weight.dtype == torch.float32 and _plain_eager()):
+        return None
+    return _compute_dtype(x)
 
 
 class Conv3x3(torch.nn.Conv2d):
@@ -641,8 +644,8 @@ class Conv3x3(torch.nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 needs no build (its candidates are PyTorch's matrix products), so no module test:
         # without a `choose`, _wgrad_impl gives fp32 PyTorch's and bf16 native only where built
-        if not _state["off"] and _conv_eligible(self, x):
-            dtype = _compute_dtype(x)
+        dtype = None if _state["off"] else _conv_dtype(self, x)
+        if dtype is not None:
             impl = _wgrad_impl(_conv_key(self, x, dtype), dtype)
             if impl != "pytorch":
                 return _Conv3x3.apply(x, self.weight, impl)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import user_cache_root
 from ..errors import CifarkitError
 from .tensors import TensorSplit
 
@@ -41,14 +42,14 @@ def default_data_root() -> Path:
     env = os.environ.get("CIFARKIT_DATA")
     if env:
         return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifarkit" / "data"
+    return user_cache_root() / "data"
 
 
 def cache_dir() -> Path:
     env = os.environ.get("CIFARKIT_CACHE")
     if env:
         return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifarkit" / "decoded"
+    return user_cache_root() / "decoded"
 
 
 # ----------------------------------------------------------------------------- CIFAR-10 (official)

@@ -164,12 +164,11 @@ def native_kernels(cfg: TrainConfig, model: nn.Module, device, precision: str, l
     data decode and not counted in training time. Without them, one line says why and training
     uses PyTorch's ops: the same max-pool results, weight gradients equal up to summation order.
     """
+    # in fp32 only the convolutions have a second implementation
+    layers = (kernels.MaxPool2x2, kernels.Conv3x3) if precision == "bf16" else kernels.Conv3x3
     if not (cfg.native_kernels and device.type == "cpu" and precision in ("bf16", "fp32")
-            and cfg.channels_last
-            and any(isinstance(m, (kernels.MaxPool2x2, kernels.Conv3x3)) for m in model.modules())):
+            and cfg.channels_last and any(isinstance(m, layers) for m in model.modules())):
         return
-    if precision == "fp32" and not any(isinstance(m, kernels.Conv3x3) for m in model.modules()):
-        return   # in fp32 only the convolutions have a second implementation
     t0 = time.perf_counter()
     # fp32 needs no build: its candidates (the convolution as matrix products) are PyTorch ops
     reason = kernels.load() if precision == "bf16" else None
