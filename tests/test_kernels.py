@@ -165,9 +165,11 @@ def _wgrad_ref(x, g):
 
 
 @pytest.mark.parametrize("shape", [(2000 // 40, 64, 224, 7, 7), (7, 24, 64, 31, 31), (3, 12, 48, 2, 5),
-                                   (5, 24, 16, 4, 3), (1, 4, 16, 1, 1), (9, 20, 80, 5, 5)])
+                                   (5, 24, 16, 4, 3), (1, 4, 16, 1, 1), (9, 20, 80, 5, 5),
+                                   (4, 8, 32, 3, 2)])
 def test_native_conv_weight_gradient_is_the_exact_sum(wgrad, shape):
-    # odd batches (an image paired with zeros), 16-channel remainders, 1x1 and non-square inputs
+    # odd batches (an image paired with zeros), 16-channel remainders, 1x1, 2-column and non-square
+    # inputs (the first and last columns skip the padding: a row of 1 or 2 columns is all edges)
     n, ci, co, h, w = shape
     gen = torch.Generator().manual_seed(n * co)
     x = _randn_bf16(gen, n, ci, h, w)
