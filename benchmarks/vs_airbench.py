@@ -25,6 +25,7 @@ package; its time is taken as 0.68x of the package's `train94` (3.83 s on the sa
     make bench-env
     .venv-bench/bin/python benchmarks/vs_airbench.py --data ../shared/data/cifar10-jpeg --seeds 3 [--json out.json]
     .venv-bench/bin/python benchmarks/vs_airbench.py --data DIR --seeds 1 --val-size 0
+    .venv-bench/bin/python benchmarks/vs_airbench.py --flops --cifarkit-args "--epochs 13"   # arithmetic only
 """
 from __future__ import annotations
 
@@ -187,6 +188,31 @@ def airbench_run(data: str, seed: int, val_size: int, precision: str = "bf16") -
     return {**json.loads(out.strip().splitlines()[-1]), **sizes, "wall_seconds": wall}
 
 
+def training_flops(cifarkit_args: list[str], n_train: int) -> dict:
+    """Training FLOPs of a whole run of each side on ``n_train`` images (torch.utils.flop_counter;
+    the final evaluation left out): cifarkit's as `cifarkit train --recipe fast ARGS` would run it
+    (fast_recipe.run_flops: each epoch at its own size, selective backprop and its proxy counted),
+    airbench94's as its package's train94 runs it (its network at 32 px, forward and backward,
+    hyp's train_epochs x n_train images)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+    from airbench.lib_airbench94 import hyp
+
+    from cifarkit.cli import build_parser, train_config
+    from fast_recipe import run_flops
+
+    cfg = train_config(build_parser().parse_args(["train", "--recipe", "fast", *cifarkit_args]))
+    with on_cpu("fp32"):
+        net = make_net_bf16()
+        x = torch.randn(8, 3, 32, 32)
+        with FlopCounterMode(display=False) as counter:
+            F.cross_entropy(net(x), torch.zeros(8, dtype=torch.long)).backward()
+    per_image = counter.get_total_flops() / 8
+    return {"cifarkit": run_flops(cfg, n_train),
+            "airbench94": per_image * hyp["opt"]["train_epochs"] * n_train, "n_train": n_train}
+
+
 def _stats(runs: list[dict], key: str) -> tuple[float, float]:
     vals = [r[key] for r in runs if r[key] is not None]
     if not vals:
@@ -206,6 +232,8 @@ def main() -> int:
     ap.add_argument("--airbench-precision", choices=("auto", "bf16", "fp32"), default="auto",
                     help="airbench's precision on a CPU (auto: bf16 where the CPU has native bf16, "
                          "else fp32, as cifarkit's auto)")
+    ap.add_argument("--flops", action="store_true",
+                    help="print each side's training FLOPs for a run on 50,000 - val-size images, train nothing")
     ap.add_argument("--airbench-child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--no-score", action="store_true", help=argparse.SUPPRESS)
@@ -220,6 +248,13 @@ def main() -> int:
         print("error: airbench is not installed here -- run this with .venv-bench/bin/python "
               "(make bench-env), or pip install airbench into a benchmark environment", file=sys.stderr)
         return 1
+    if a.flops:
+        sys.path.insert(0, str(Path(__file__).parent))
+        f = training_flops(a.cifarkit_args.split(), 50000 - a.val_size)
+        for who in ("cifarkit", "airbench94"):
+            print(f"{who:10} training FLOPs on {f['n_train']:,} images: {f[who] / 1e12:6.1f} TFLOP")
+        print(f"cifarkit / airbench94: {f['cifarkit'] / f['airbench94']:.3f}")
+        return 0
     if not a.data:
         ap.error("--data is required")
     import torch

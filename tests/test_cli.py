@@ -152,3 +152,17 @@ def test_train_help_comes_from_the_config_fields():
         if f.name in CHOICES:
             assert tuple(by_dest[f.name].choices) == CHOICES[f.name]
     assert "muon" in by_dest["optimizer"].choices
+
+
+def test_train_config_is_recipe_then_yaml_then_flags(tmp_path):
+    """train_config is what `cifarkit train` runs (benchmarks/vs_airbench.py --flops counts it):
+    the recipe's values, a YAML file over them, flags over both."""
+    from cifarkit.cli import build_parser, train_config
+    parse = lambda *argv: train_config(build_parser().parse_args(["train", *argv]))
+    fast = parse("--recipe", "fast")
+    assert fast.model == "fast" and fast.epochs == 16 and fast.model_args["widths"] == [64, 224, 320]
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("epochs: 11\nbatch_size: 500\n")
+    cfg = parse("--recipe", "fast", "--config", str(yaml), "--epochs", "13")
+    assert (cfg.epochs, cfg.batch_size, cfg.model) == (13, 500, "fast")   # flag > YAML > recipe
+    assert parse().model == "tudui" and parse().epochs == 10               # no recipe: the notes' chapter

@@ -63,17 +63,22 @@ def _add_train(sub):
     p.set_defaults(func=cmd_train)
 
 
-def cmd_train(a) -> int:
+def train_config(a):
+    """The TrainConfig that `cifarkit train` with these parsed flags runs: recipe < YAML < flags."""
     from .config import TrainConfig, resolve
-    from .training import train
 
     overrides = {f.name: getattr(a, f.name) for f in fields(TrainConfig)
                  if f.name not in _YAML_ONLY and getattr(a, f.name, None) is not None}
+    return resolve(a.recipe or "tutorial", a.config, overrides)
+
+
+def cmd_train(a) -> int:
+    from .training import train
+
     if a.resume:
         train(None, resume=a.resume, progress=not a.quiet, epochs=a.epochs, model=a.model)
         return 0
-    cfg = resolve(a.recipe or "tutorial", a.config, overrides)
-    train(cfg, progress=not a.quiet)
+    train(train_config(a), progress=not a.quiet)
     return 0
 
 
