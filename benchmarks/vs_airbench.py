@@ -197,14 +197,15 @@ def training_flops(cifarkit_args: list[str], n_train: int) -> dict:
     import torch
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
+    import airbench
     from airbench.lib_airbench94 import hyp
 
     from cifarkit.cli import build_parser, train_config
     from fast_recipe import run_flops
 
     cfg = train_config(build_parser().parse_args(["train", "--recipe", "fast", *cifarkit_args]))
-    with on_cpu("fp32"):
-        net = make_net_bf16()
+    with on_cpu("fp32"):   # its make_net94 moves the network to CUDA in fp16
+        net = airbench.make_net94()
         x = torch.randn(8, 3, 32, 32)
         with FlopCounterMode(display=False) as counter:
             F.cross_entropy(net(x), torch.zeros(8, dtype=torch.long)).backward()

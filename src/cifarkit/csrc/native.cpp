@@ -105,8 +105,9 @@ torch::Tensor pool_bwd(torch::Tensor g, torch::Tensor code, int64_t H, int64_t W
 
 // One gradient column w of one row: acc[a] += gs(w) . xs(w + a) for the kernel columns a in [A0, A1).
 // The first column skips a = 0 and the last a = 2, whose input is the zero padding: on the 3-pixel
-// rows of the last group that is 2 of 9 products per row (measured on a Zen 4: 23 % faster there,
-// 8 % on 7-pixel rows), and the sums are bit for bit the same (the skipped products are zeros).
+// rows of the last group that is 2 of 9 products per row (on a Zen 4, `benchmarks/step_variants.py
+// --layers`: those layers' gradient 74 -> 61 ms, the 7-pixel ones' 7-11 % faster), and the sums are
+// bit for bit the same (the skipped products are zeros).
 template <int CV, int CI, int A0, int A1>
 static inline void wgrad_column(const uint16_t* gp, const uint16_t* xp, int64_t w, int64_t Co, int64_t Ci,
                                 __m512 (&acc)[3][CI][CV]) {
