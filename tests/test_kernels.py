@@ -768,3 +768,19 @@ def test_fp32_training_with_the_matrix_product_convolution_learns(fp32_chooser, 
     assert any(line.startswith("kernels: 3x3 convolution in fp32: the whole convolution as matrix products on")
                for line in logs), logs
     assert acc >= 0.9                                         # 3 classes: chance is 0.33
+
+
+def test_best_ms_stops_timing_what_is_far_slower_after_the_first_round():
+    import time
+    calls = {"fast": 0, "slow": 0, "close": 0}
+
+    def timed(name, seconds):
+        def fn():
+            calls[name] += 1
+            time.sleep(seconds)
+        return fn
+    got = kernels._best_ms({"fast": timed("fast", 0.01), "slow": timed("slow", 0.04),
+                            "close": timed("close", 0.012)}, repeats=4)
+    # a warm-up and 4 timed runs each, except "slow" (4x the fastest): warm-up and one timed run
+    assert calls == {"fast": 5, "slow": 2, "close": 5}
+    assert got["slow"] > kernels.DROP * got["fast"] and got["fast"] < got["close"] < got["slow"]

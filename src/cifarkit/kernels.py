@@ -223,19 +223,32 @@ def _shapes(models, sizes, dtype: torch.dtype = torch.bfloat16) -> dict:
     return found
 
 
+DROP = 1.5   # after the first timed round, an implementation this much slower than the fastest is not timed again
+
+
 def _best_ms(fns: dict, repeats: int) -> dict:
     """Fastest of ``repeats`` runs of each function in milliseconds, run in turns after one
     warm-up each. The fastest, not the median: the decision is cached for good, and other work
-    on the machine only ever adds time (a run stalled by another process must not decide)."""
+    on the machine only ever adds time (a run stalled by another process must not decide).
+
+    An implementation whose first timed run took more than DROP times the fastest first run
+    keeps that one time and is not run again: its minimum could only win if that run had been
+    stalled by half, and the slow candidates (the whole convolution as one matrix product on
+    large images: 2-5x) cost most of the timing. On a Zen 4 (docs/benchmarks.md section 7) 126
+    of the 300 timings of the fast recipe's shapes were that much slower."""
     import time
     times = {k: [] for k in fns}
     for fn in fns.values():
         fn()
-    for _ in range(repeats):
-        for k, fn in fns.items():
+    live = list(fns)
+    for r in range(repeats):
+        for k in live:
             t0 = time.perf_counter()
-            fn()
+            fns[k]()
             times[k].append((time.perf_counter() - t0) * 1e3)
+        if r == 0:
+            fastest = min(times[k][0] for k in live)
+            live = [k for k in live if times[k][0] <= DROP * fastest]
     return {k: min(v) for k, v in times.items()}
 
 
