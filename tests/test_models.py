@@ -91,3 +91,30 @@ def test_fast_residual_adds_the_first_block_to_the_last():
     # a group of one convolution has nothing to skip over
     one = create_model("fast", widths=[8, 16, 16], depths=[1, 1, 1], residual=True).eval()
     assert not any(g.residual for g in list(one.layers)[1:4])
+
+
+def test_fast_pool_first_pools_before_the_first_convolution():
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    plain = create_model("fast", widths=[8, 16, 16], depths=[2, 2, 2]).eval()
+    pooled = create_model("fast", widths=[8, 16, 16], depths=[2, 2, 2], pool_first=[False, True, True]).eval()
+    assert set(pooled.state_dict()) == set(plain.state_dict())   # a pool has no parameters
+    pooled.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 8, 15, 15)
+    g_plain, g_pooled = plain.layers[2], pooled.layers[2]
+    with torch.no_grad():
+        expect = g_pooled[3](g_pooled[2](g_pooled[0](g_pooled[1](x))))   # pool -> conv -> BN -> GELU
+        expect = g_pooled[6](g_pooled[5](g_pooled[4](expect)))
+        assert torch.allclose(g_pooled(x), expect, atol=1e-6)
+        assert g_pooled(x).shape == g_plain(x).shape == (4, 16, 7, 7)
+        assert not torch.allclose(g_pooled(x), g_plain(x))
+
+    def macs(model):
+        with FlopCounterMode(display=False) as fc:
+            model(torch.zeros(1, 3, 32, 32))
+        return fc.get_total_flops() / 2
+    # the first convolution of groups 2 and 3 runs on a quarter of the pixels (7x7 of 15x15; 3x3 of 7x7)
+    saved = 8 * 16 * 9 * (15 * 15 - 7 * 7) + 16 * 16 * 9 * (7 * 7 - 3 * 3)
+    assert macs(plain) - macs(pooled) == saved
+    with pytest.raises(CifarkitError, match="pool_first"):
+        create_model("fast", pool_first=True)

@@ -34,7 +34,8 @@ class ConvGroup(nn.Sequential):
     group): the extra convolutions then learn a correction on top of a pass-through.
     """
 
-    def __init__(self, c_in: int, c_out: int, depth: int = 2, residual: bool = False):
+    def __init__(self, c_in: int, c_out: int, depth: int = 2, residual: bool = False,
+                 pool_first: bool = False):
         layers = [Conv3x3(c_in, c_out),   # nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
                   MaxPool2x2(),   # nn.MaxPool2d(2), with cifarkit's native CPU kernel when it is built
                   FrozenScaleBN(c_out), nn.GELU()]
@@ -42,11 +43,15 @@ class ConvGroup(nn.Sequential):
             layers += [Conv3x3(c_out, c_out), FrozenScaleBN(c_out), nn.GELU()]
         super().__init__(*layers)   # module indices = state_dict keys: conv 0, pool 1, BN 2, GELU 3, ...
         self.residual = residual and depth > 1
+        # pool -> conv instead of conv -> pool: the first convolution then runs on a quarter of
+        # the pixels (same weights, same state_dict; a pool has no parameters)
+        self.pool_first = pool_first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # each BN -> GELU pair is one op in training on a CPU in bf16 (kernels.bn_gelu, when the
         # native kernels are loaded): fewer passes over the activations, which bound their time
-        x = skip = bn_gelu(self[2], self[3], self[1](self[0](x)))   # conv -> pool -> BN -> GELU
+        x = self[0](self[1](x)) if self.pool_first else self[1](self[0](x))   # conv -> pool (or pool -> conv)
+        x = skip = bn_gelu(self[2], self[3], x)                     # -> BN -> GELU
         for i in range(4, len(self), 3):                           # conv -> BN -> GELU
             x = bn_gelu(self[i + 1], self[i + 2], self[i](x))
         return x + skip if self.residual else x
@@ -54,15 +59,15 @@ class ConvGroup(nn.Sequential):
 
 class FastNet(nn.Module):
     def __init__(self, num_classes: int = 10, widths=(64, 256, 256), whiten_width: int = 24,
-                 depths=(2, 2, 2), residual: bool = False):
+                 depths=(2, 2, 2), residual: bool = False, pool_first=(False, False, False)):
         super().__init__()
         self.whiten = nn.Conv2d(3, whiten_width, 2, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)   # set from the data by init_whitening
         self.layers = nn.Sequential(
             nn.GELU(),
-            ConvGroup(whiten_width, widths[0], depths[0], residual),
-            ConvGroup(widths[0], widths[1], depths[1], residual),
-            ConvGroup(widths[1], widths[2], depths[2], residual),
+            ConvGroup(whiten_width, widths[0], depths[0], residual, pool_first[0]),
+            ConvGroup(widths[0], widths[1], depths[1], residual, pool_first[1]),
+            ConvGroup(widths[1], widths[2], depths[2], residual, pool_first[2]),
             nn.AdaptiveMaxPool2d(1),
             nn.Flatten(),
         )
@@ -107,11 +112,13 @@ class FastNet(nn.Module):
 
 @register_model
 def fast(num_classes: int = 10, widths=(64, 256, 256), whiten_width: int = 24, depths=(2, 2, 2),
-         residual: bool = False) -> nn.Module:
+         residual: bool = False, pool_first=(False, False, False)) -> nn.Module:
     """Speed-run network: 2x2 whitening conv + three conv-pool-BN-GELU groups (~1.9M params).
 
     ``depths``: convolutions per group (2 as in airbench94; airbench96 uses 3); ``residual``: add
-    each group's first block output to its last (only matters where a group has depth >= 2).
+    each group's first block output to its last (only matters where a group has depth >= 2);
+    ``pool_first``: per group, max-pool before its first convolution instead of after it (that
+    convolution then costs a quarter of the FLOPs).
     """
     if not (isinstance(widths, (list, tuple)) and len(widths) == 3
             and all(isinstance(w, int) and w > 0 for w in widths)):
@@ -130,4 +137,8 @@ def fast(num_classes: int = 10, widths=(64, 256, 256), whiten_width: int = 24, d
     if not isinstance(residual, bool):
         raise CifarkitError(f"model_args: fast's residual must be true or false, got {residual!r}",
                             "e.g. residual: true", exit_code=2)
-    return FastNet(num_classes, tuple(widths), whiten_width, tuple(depths), residual)
+    if not (isinstance(pool_first, (list, tuple)) and len(pool_first) == 3
+            and all(isinstance(b, bool) for b in pool_first)):
+        raise CifarkitError(f"model_args: fast's pool_first must be three true/false values (one per "
+                            f"group), got {pool_first!r}", "e.g. pool_first: [false, false, true]", exit_code=2)
+    return FastNet(num_classes, tuple(widths), whiten_width, tuple(depths), residual, tuple(pool_first))
