@@ -14,7 +14,7 @@ timed `repeats` times, as before 2026-12-06).
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import subprocess
 import sys
 import tempfile
@@ -55,7 +55,7 @@ print(line + " | " + ", ".join(f"{k} {v:.2f} ms" for k, v in ops))
 """
 
 
-def time_choose(drop: float, epochs: int) -> tuple[float, dict]:
+def time_choose(drop: float, epochs: int) -> tuple[float, dict, tuple[int, int]]:
     from cifarkit import kernels
     from cifarkit.config import resolve
     from cifarkit.models import create_model
@@ -69,7 +69,12 @@ def time_choose(drop: float, epochs: int) -> tuple[float, dict]:
     cache = Path(tempfile.mkdtemp()) / "choices.json"
     t = time.perf_counter()
     got = kernels.choose(models, sizes, batch=min(cfg.batch_size, 256), cache=cache)
-    return time.perf_counter() - t, got
+    seconds = time.perf_counter() - t
+    # how many of the timings were of an implementation over 1.5x its shape's fastest
+    timings = [[v for k, v in e.items() if k in ("pytorch", "native", "matmul", "gemm")]
+               for e in json.loads(cache.read_text()).values()]
+    slow = sum(t > 1.5 * min(ms) for ms in timings for t in ms)
+    return seconds, got, (slow, sum(map(len, timings)))
 
 
 def main() -> None:
@@ -93,14 +98,15 @@ def main() -> None:
         for r in range(args.repeats):
             for src in sources:
                 out = subprocess.run([sys.executable, "-c", BUILD, str(src)], capture_output=True,
-                                     text=True, env={**os.environ})
+                                     text=True)
                 print(f"build {src}: {out.stdout.strip() or out.stderr.strip()[-300:]}", flush=True)
     for drop in args.drop or [kernels.DROP]:
-        seconds, got = time_choose(drop, args.epochs)
+        seconds, got, (slow, total) = time_choose(drop, args.epochs)
         by = ", ".join(f"{k} {v}" for k, v in sorted(got.get("wgrad_by", {}).items()))
         print(f"choose (DROP {drop}): {seconds:.1f} s for {got['timed']} shapes | "
               f"pool native {got['pool'][0]}/{got['pool'][1]}, bn+gelu native {got['bngelu'][0]}/"
-              f"{got['bngelu'][1]}, conv weight gradient: {by}", flush=True)
+              f"{got['bngelu'][1]}, conv weight gradient: {by} | {slow} of {total} timings over "
+              f"1.5x their shape's fastest", flush=True)
 
 
 if __name__ == "__main__":

@@ -234,8 +234,8 @@ def _best_ms(fns: dict, repeats: int) -> dict:
     An implementation whose first timed run took more than DROP times the fastest first run
     keeps that one time and is not run again: its minimum could only win if that run had been
     stalled by half, and the slow candidates (the whole convolution as one matrix product on
-    large images: 2-5x) cost most of the timing. On a Zen 4 (docs/benchmarks.md section 7) 126
-    of the 300 timings of the fast recipe's shapes were that much slower."""
+    large images: 2-5x) cost most of the timing. On a Zen 4 108 of the 300 timings of the fast
+    recipe's shapes were that much slower (benchmarks/kernel_setup.py, docs/benchmarks.md section 7)."""
     import time
     times = {k: [] for k in fns}
     for fn in fns.values():

@@ -1,8 +1,9 @@
 // cifarkit's native CPU kernels (built by src/cifarkit/kernels.py with torch.utils.cpp_extension).
 // Read kernels.py's docstring first: what each kernel is for, where it is used, and the fallback.
 // ATen and PyTorch's pybind11 tensor casters only: <torch/extension.h> also pulls in the whole C++
-// frontend (at::nn, optim, data), which took 28 of the build's 31 s on a Zen 4 (g++ -O3);
-// with these two the build takes about a third of that, and it runs on a user's first training run.
+// frontend (torch::nn, optim, data), whose headers took 28 of the file's 31 s to compile on a Zen 4;
+// without them a build from scratch, which a user's first training run waits for, took 14-15 s
+// instead of 25-26 (`benchmarks/kernel_setup.py`, docs/benchmarks.md section 7).
 #include <ATen/ATen.h>
 #include <torch/csrc/utils/pybind.h>
 #include <ATen/Parallel.h>
