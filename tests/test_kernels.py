@@ -395,7 +395,7 @@ def test_chooser_keeps_pytorch_where_the_native_op_is_slower(chooser, tmp_path, 
 
 def test_chooser_keeps_the_native_op_where_pytorch_is_slower_and_caches_it(chooser, tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "_pytorch_pool", _much_slower(kernels._pytorch_pool))
-    monkeypatch.setattr(kernels, "_pytorch_conv3x3", _much_slower(kernels._pytorch_conv3x3))
+    monkeypatch.setattr(kernels, "_pytorch_wgrad", _much_slower(kernels._pytorch_wgrad))
     monkeypatch.setattr(kernels, "_pytorch_bn_gelu", _much_slower(kernels._pytorch_bn_gelu))
     cache = tmp_path / "c.json"
     got = kernels.choose([_net()], [16, 32], batch=8, repeats=3, cache=cache)
@@ -743,7 +743,7 @@ def test_fp32_chooser_keeps_pytorch_where_the_matrix_products_are_slower(fp32_ch
     # and where PyTorch's is the slow one, the matrix products are kept (really timed)
     for name, fn in fast.items():
         monkeypatch.setattr(kernels, name, fn)
-    monkeypatch.setattr(kernels, "_pytorch_conv3x3", _much_slower(kernels._pytorch_conv3x3))
+    monkeypatch.setattr(kernels, "_pytorch_wgrad", _much_slower(kernels._pytorch_wgrad))
     got = kernels.choose([_net()], [16], batch=8, repeats=3, cache=tmp_path / "d.json", precision="fp32")
     assert got["wgrad"] == [5, 5] and set(got["wgrad_by"]) <= {"matmul", "gemm"}
 
@@ -770,17 +770,46 @@ def test_fp32_training_with_the_matrix_product_convolution_learns(fp32_chooser, 
     assert acc >= 0.9                                         # 3 classes: chance is 0.33
 
 
-def test_best_ms_stops_timing_what_is_far_slower_after_the_first_round():
+def _sleeper(calls, name, seconds):
     import time
-    calls = {"fast": 0, "slow": 0, "close": 0}
 
-    def timed(name, seconds):
-        def fn():
-            calls[name] += 1
-            time.sleep(seconds)
-        return fn
-    got = kernels._best_ms({"fast": timed("fast", 0.01), "slow": timed("slow", 0.04),
-                            "close": timed("close", 0.012)}, repeats=4)
-    # a warm-up and 4 timed runs each, except "slow" (4x the fastest): warm-up and one timed run
-    assert calls == {"fast": 5, "slow": 2, "close": 5}
-    assert got["slow"] > kernels.DROP * got["fast"] and got["fast"] < got["close"] < got["slow"]
+    def fn():
+        calls[name] = calls.get(name, 0) + 1
+        time.sleep(seconds)
+    return fn
+
+
+def test_best_ms_stops_timing_what_is_far_slower_after_the_first_round():
+    calls = {}
+    got = kernels._best_ms({name: _sleeper(calls, name, s) for name, s in
+                            (("fast", 0.01), ("slow", 0.025), ("far", 0.05), ("close", 0.012))}, repeats=4)
+    # a warm-up and 4 timed runs each, except "slow" (2.5x the fastest after its first timed run:
+    # warm-up and one timed run) and "far" (5x from its warm-up on: the warm-up alone)
+    assert calls == {"fast": 5, "slow": 2, "far": 1, "close": 5}
+    assert got["slow"] > kernels.DROP * got["fast"] and got["far"] > kernels.SCREEN * got["fast"]
+    assert got["fast"] < got["close"] < got["slow"] < got["far"]
+
+
+def test_best_ms_always_times_pytorchs_own_op():
+    calls = {}
+    got = kernels._best_ms({"pytorch": _sleeper(calls, "pytorch", 0.05), "native": _sleeper(calls, "native", 0.01)},
+                           repeats=3)
+    # 5x slower, but what is kept must never be slower than PyTorch's: its time is a real run's
+    assert calls == {"pytorch": 2, "native": 4} and got["pytorch"] > got["native"]
+
+
+def test_best_ms_adds_the_common_work_to_those_that_share_it():
+    calls = {}
+    got = kernels._best_ms({"a": _sleeper(calls, "a", 0.01), "b": _sleeper(calls, "b", 0.025)}, repeats=3,
+                           common=_sleeper(calls, "common", 0.02), using=("a",))
+    # "a" (10 ms + 20 ms shared) against "b" (25 ms on its own): neither dropped, and the shared
+    # work is timed every round while it decides between them
+    assert calls == {"a": 4, "b": 4, "common": 4}
+    assert 29 < got["a"] < 40 and 24 < got["b"] < got["a"]
+    # once only those that share it are left, it is not timed again; and a rival is screened
+    # against the whole ("g": 2x "pytorch" with the shared work, 10x without: kept for one round)
+    calls.clear()
+    got = kernels._best_ms({"pytorch": _sleeper(calls, "pytorch", 0.005), "g": _sleeper(calls, "g", 0.05)},
+                           repeats=3, common=_sleeper(calls, "common", 0.02), using=("pytorch",))
+    assert calls == {"pytorch": 4, "g": 2, "common": 2}
+    assert 24 < got["pytorch"] < got["g"]

@@ -223,10 +223,11 @@ def _shapes(models, sizes, dtype: torch.dtype = torch.bfloat16) -> dict:
     return found
 
 
-DROP = 1.5   # after the first timed round, an implementation this much slower than the fastest is not timed again
+DROP = 1.5     # after the first timed round, an implementation this much slower than the fastest is not timed again
+SCREEN = 3.0   # nor, from its warm-up on, one whose warm-up took this much longer than the fastest (not PyTorch's)
 
 
-def _best_ms(fns: dict, repeats: int) -> dict:
+def _best_ms(fns: dict, repeats: int, common=None, using: tuple = ()) -> dict:
     """Fastest of ``repeats`` runs of each function in milliseconds, run in turns after one
     warm-up each. The fastest, not the median: the decision is cached for good, and other work
     on the machine only ever adds time (a run stalled by another process must not decide).
@@ -235,21 +236,40 @@ def _best_ms(fns: dict, repeats: int) -> dict:
     keeps that one time and is not run again: its minimum could only win if that run had been
     stalled by half, and the slow candidates (the whole convolution as one matrix product on
     large images: 2-5x) cost most of the timing. On a Zen 4 108 of the 300 timings of the fast
-    recipe's shapes were that much slower (benchmarks/kernel_setup.py, docs/benchmarks.md section 7)."""
+    recipe's shapes were that much slower (benchmarks/kernel_setup.py, docs/benchmarks.md section 7).
+    One whose warm-up already took SCREEN times the fastest warm-up keeps that time and is not
+    run at all: the whole convolution as matrix products on 9x9 pixels and more, 2.5-15x the
+    fastest on the Zen 4 (docs/benchmarks.md section 7). PyTorch's own op is always timed, so that what is kept is never slower.
+
+    ``common``: work that the implementations named in ``using`` all do alike (``fns`` time only
+    where they differ); it is timed once per round, and its fastest run is added to theirs. It
+    only matters against the others, so once none of those is timed any more, neither is it."""
     import time
+    fns = dict(fns, **({"common": common} if common is not None else {}))
     times = {k: [] for k in fns}
-    for fn in fns.values():
+    warm = {}
+    for k, fn in fns.items():
+        t0 = time.perf_counter()
         fn()
-    live = list(fns)
+        warm[k] = time.perf_counter() - t0
+    whole = {k: v + (warm["common"] if k in using else 0.0) for k, v in warm.items() if k != "common"}
+    live = [k for k in fns if k in ("pytorch", "common") or whole[k] <= SCREEN * min(whole.values())]
+    for k in set(whole) - set(live):
+        times[k].append(warm[k] * 1e3)
     for r in range(repeats):
         for k in live:
             t0 = time.perf_counter()
             fns[k]()
             times[k].append((time.perf_counter() - t0) * 1e3)
         if r == 0:
-            fastest = min(times[k][0] for k in live)
-            live = [k for k in live if times[k][0] <= DROP * fastest]
-    return {k: min(v) for k, v in times.items()}
+            first = {k: times[k][0] + (times["common"][0] if k in using else 0.0)
+                     for k in times if k != "common"}
+            live = [k for k in live if k != "common" and first[k] <= DROP * min(first.values())]
+            if common is not None and any(k not in using for k in live):
+                live.append("common")
+    best = {k: min(v) for k, v in times.items()}
+    extra = best.pop("common", 0.0)
+    return {k: v + (extra if k in using else 0.0) for k, v in best.items()}
 
 
 def _pytorch_pool(x):
@@ -258,6 +278,16 @@ def _pytorch_pool(x):
 
 def _pytorch_conv3x3(x, weight):
     return F.conv2d(x, weight, None, 1, 1)
+
+
+def _pytorch_input_grad(x, weight, g):
+    return torch.ops.aten.convolution_backward(g, x, weight, None, [1, 1], [1, 1], [1, 1], False,
+                                               [0, 0], 1, [True, False, False])[0]
+
+
+def _pytorch_wgrad(x, weight, g):
+    return torch.ops.aten.convolution_backward(g, x, weight, None, [1, 1], [1, 1], [1, 1], False,
+                                               [0, 0], 1, [False, True, False])[1]
 
 
 def _pytorch_bn_gelu(x, weight, bias):
@@ -298,21 +328,31 @@ def _time_op(spec: tuple, batch: int, repeats: int) -> dict:
         ops = {"pytorch": lambda: _pytorch_bn_gelu(x, weight, bias),
                "native": lambda: _BNGELU.apply(x, weight, bias, 1e-12)[0]}
         fns = {impl: lambda op=op: torch.autograd.grad(op(), (x, bias), gy) for impl, op in ops.items()}
-    else:   # "wgrad": bf16 (under autocast, as training runs); "conv32": fp32
+    else:   # "wgrad": bf16 (as training runs under autocast); "conv32": fp32
         _, ci, co, h, w = spec
         dtype = torch.float32 if spec[0] == "conv32" else torch.bfloat16
         x = torch.randn(batch, ci, h, w, generator=g).to(dtype).contiguous(memory_format=cl)
-        x.requires_grad_()
-        weight = torch.randn(co, ci, 3, 3, generator=g).contiguous(memory_format=cl).requires_grad_()
+        weight = torch.randn(co, ci, 3, 3, generator=g).to(dtype).contiguous(memory_format=cl)
         gy = torch.randn(batch, co, h, w, generator=g).to(dtype).contiguous(memory_format=cl)
-
-        def step(conv):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                y = conv(x, weight)
-            return torch.autograd.grad(y, (x, weight), gy)
-        fns = {"pytorch": lambda: step(_pytorch_conv3x3)}
-        for impl in _wgrad_candidates(dtype):
-            fns[impl] = lambda impl=impl: step(lambda x, w: _Conv3x3.apply(x, w, impl))
+        # PyTorch's, the C++ and the nine-product ways differ only in the weight gradient: the
+        # forward and the input gradient are PyTorch's in all three, so they are timed once
+        # (`common`) instead of once per way. PyTorch's own backward computes the two gradients
+        # in one call, which took 0.99-1.06 of the two computed apart on seven of the fast
+        # recipe's shapes on a Zen 4 (within MARGIN but for one, where the error favours
+        # PyTorch's); timing the 13-epoch recipe's shapes took 24.8 s instead of 38.3-38.7 (and
+        # 20.3-25.7 s with SCREEN too). `benchmarks/kernel_setup.py`, docs/benchmarks.md section 7.
+        grads = {"pytorch": lambda: _pytorch_wgrad(x, weight, gy)}
+        cands = _wgrad_candidates(dtype)
+        if "native" in cands:
+            grads["native"] = lambda: _state["module"].conv3x3_wgrad(x, gy).to(torch.bfloat16)
+        if "matmul" in cands:
+            grads["matmul"] = lambda: matmul_wgrad(x, gy)
+        using = tuple(grads)
+        if "gemm" in cands:   # all three of its products differ: timed whole
+            grads["gemm"] = lambda: (gemm_conv3x3(x, weight), gemm_conv3x3_backward(x, weight, gy, True, True))
+        return _best_ms(grads, repeats, common=lambda: (_pytorch_conv3x3(x, weight),
+                                                        _pytorch_input_grad(x, weight, gy)),
+                        using=using)
     return _best_ms(fns, repeats)
 
 
