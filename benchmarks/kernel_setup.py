@@ -5,11 +5,16 @@ Both are once per machine (cached beside the build), so they count in the first 
     python benchmarks/kernel_setup.py                       # build from scratch, then time the shapes
     python benchmarks/kernel_setup.py --source old.cpp --source src/cifarkit/csrc/native.cpp --repeats 2
     python benchmarks/kernel_setup.py --no-build --drop inf --drop 1.5   # the chooser with and without dropping
+    python benchmarks/kernel_setup.py --no-build --grads --screen inf --screen 3
+    git worktree add /tmp/old 8a0fdcb   # then this chooser against that older one:
+    python benchmarks/kernel_setup.py --no-build --repeats 2 --tree /tmp/old --tree .
 
 Each build runs in a fresh process with an empty TORCH_EXTENSIONS_DIR (sources alternate), and then
 times a few of the built kernels (a faster build must not give slower code); each
-chooser timing writes to an empty cache file. `--drop` sets kernels.DROP (inf: every implementation
-timed `repeats` times, as before 2026-12-06).
+chooser timing runs in a fresh process (the variants alternating, `--repeats` rounds with
+`--no-build`) and writes to an empty cache file. `--drop` sets kernels.DROP (inf: every
+implementation timed `repeats` times, as before 2026-12-06), `--screen` kernels.SCREEN (inf: none
+left out after its warm-up, as at commit 8a0fdcb).
 """
 from __future__ import annotations
 
@@ -17,8 +22,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 BUILD = """
@@ -55,26 +58,72 @@ print(line + " | " + ", ".join(f"{k} {v:.2f} ms" for k, v in ops))
 """
 
 
-def time_choose(drop: float, epochs: int) -> tuple[float, dict, tuple[int, int]]:
-    from cifarkit import kernels
-    from cifarkit.config import resolve
-    from cifarkit.models import create_model
-    if kernels.load() is not None:
-        raise SystemExit(f"native kernels unavailable: {kernels.load()}")
-    cfg = resolve("fast", overrides={"epochs": epochs})
-    models = [create_model(cfg.model, 10, **cfg.model_args),
-              create_model(cfg.model, 10, **cfg.proxy_model_args())]
-    sizes = sorted(set(cfg.progressive) | {cfg.image_size})
-    kernels.DROP = drop
-    cache = Path(tempfile.mkdtemp()) / "choices.json"
-    t = time.perf_counter()
-    got = kernels.choose(models, sizes, batch=min(cfg.batch_size, 256), cache=cache)
-    seconds = time.perf_counter() - t
-    # how many of the timings were of an implementation over 1.5x its shape's fastest
-    timings = [[v for k, v in e.items() if k in ("pytorch", "native", "matmul", "gemm")]
-               for e in json.loads(cache.read_text()).values()]
-    slow = sum(t > 1.5 * min(ms) for ms in timings for t in ms)
-    return seconds, got, (slow, sum(map(len, timings)))
+GRADS = """
+import sys, time
+import torch
+sys.path.insert(0, sys.argv[1])
+from cifarkit import kernels
+from cifarkit.config import resolve
+from cifarkit.models import create_model
+cfg = resolve("fast", overrides={"epochs": int(sys.argv[2])})
+models = [create_model(cfg.model, 10, **cfg.model_args)]
+shapes = sorted({v[1:] for v in kernels._shapes(models, sorted(set(cfg.progressive) | {cfg.image_size})).values()
+                 if v[0] == "wgrad"}, key=lambda s: (-s[2], s[0], s[1]))
+g, cl, batch = torch.Generator().manual_seed(0), torch.channels_last, min(cfg.batch_size, 256)
+def fastest_ms(fns, rounds=15):
+    # in turns, the fastest of each (as kernels.choose times): this 2-core machine's stalls only add
+    ts = [[] for _ in fns]
+    for r in range(rounds + 1):
+        for t, fn in zip(ts, fns):
+            t0 = time.perf_counter(); fn(); t.append(time.perf_counter() - t0)
+    return [min(t[1:]) * 1e3 for t in ts]
+for ci, co, h, w in shapes[::max(1, len(shapes) // 7)]:
+    x = torch.randn(batch, ci, h, w, generator=g).bfloat16().contiguous(memory_format=cl)
+    wt = torch.randn(co, ci, 3, 3, generator=g).bfloat16().contiguous(memory_format=cl)
+    gy = torch.randn(batch, co, h, w, generator=g).bfloat16().contiguous(memory_format=cl)
+    def bwd(mask):
+        return lambda: torch.ops.aten.convolution_backward(gy, x, wt, None, [1, 1], [1, 1], [1, 1], False,
+                                                           [0, 0], 1, mask)
+    both, gx, gw = fastest_ms([bwd([True, True, False]), bwd([True, False, False]), bwd([False, True, False])])
+    print(f"grads {ci}->{co} {h}x{w}px: both in one call {both:.2f} ms, input {gx:.2f} + weight {gw:.2f} ms, "
+          f"ratio {both / (gx + gw):.3f}", flush=True)
+"""
+
+
+CHOOSE = """
+import json, sys, tempfile, time
+from pathlib import Path
+src, drop, screen, epochs = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+sys.path.insert(0, src)
+from cifarkit import kernels
+from cifarkit.config import resolve
+from cifarkit.models import create_model
+if kernels.load() is not None:
+    sys.exit(f"native kernels unavailable: {kernels.load()}")
+cfg = resolve("fast", overrides={"epochs": epochs})
+models = [create_model(cfg.model, 10, **cfg.model_args),
+          create_model(cfg.model, 10, **cfg.proxy_model_args())]
+sizes = sorted(set(cfg.progressive) | {cfg.image_size})
+screened = hasattr(kernels, "SCREEN")           # (a tree from before SCREEN has none)
+kernels.DROP, kernels.SCREEN = drop, screen
+cache = Path(tempfile.mkdtemp()) / "choices.json"
+t = time.perf_counter()
+got = kernels.choose(models, sizes, batch=min(cfg.batch_size, 256), cache=cache)
+seconds = time.perf_counter() - t
+# how many of the timings were of an implementation over 1.5x its shape's fastest
+timings = [[v for k, v in e.items() if k in ("pytorch", "native", "matmul", "gemm")]
+           for e in json.loads(cache.read_text()).values()]
+slow = sum(t > 1.5 * min(ms) for ms in timings for t in ms)
+# the whole convolution as matrix products against its shape's fastest, by image side
+gemm = {}
+for key, e in json.loads(cache.read_text()).items():
+    if "gemm" in e:
+        side = int(key.rsplit(" ", 1)[1].split("x")[0])
+        gemm.setdefault(side, []).append(e["gemm"] / min(v for k, v in e.items()
+                                                         if k in ("pytorch", "native", "matmul", "gemm")))
+print(json.dumps({"gemm": {s: (min(r), max(r)) for s, r in sorted(gemm.items())},"seconds": seconds, "got": got, "slow": slow, "total": sum(map(len, timings)),
+                  "screen": screen if screened else None}))
+"""
 
 
 def main() -> None:
@@ -85,6 +134,14 @@ def main() -> None:
     ap.add_argument("--no-build", action="store_true", help="only time the chooser")
     ap.add_argument("--drop", action="append", type=float,
                     help="kernels.DROP for a chooser timing (repeat to compare; default: the package's)")
+    ap.add_argument("--screen", action="append", type=float,
+                    help="kernels.SCREEN for a chooser timing (repeat to compare; inf: no screening)")
+    ap.add_argument("--tree", action="append", type=Path,
+                    help="a cifarkit checkout whose chooser to time (repeat to compare, e.g. a "
+                         "`git worktree` of an older commit; default: this one)")
+    ap.add_argument("--grads", action="store_true",
+                    help="also time PyTorch's convolution backward with both gradients in one call "
+                         "against each alone (what the chooser's shared timing assumes)")
     ap.add_argument("--epochs", type=int, default=13, help="the recipe's --epochs (sets its image sizes)")
     args = ap.parse_args()
 
@@ -100,14 +157,30 @@ def main() -> None:
                 out = subprocess.run([sys.executable, "-c", BUILD, str(src)], capture_output=True,
                                      text=True)
                 print(f"build {src}: {out.stdout.strip() or out.stderr.strip()[-300:]}", flush=True)
-    for drop in args.drop or [kernels.DROP]:
-        seconds, got, (slow, total) = time_choose(drop, args.epochs)
-        by = ", ".join(f"{k} {v}" for k, v in sorted(got.get("wgrad_by", {}).items()))
-        print(f"choose (DROP {drop}): {seconds:.1f} s for {got['timed']} shapes | "
-              f"pool native {got['pool'][0]}/{got['pool'][1]}, bn+gelu native {got['bngelu'][0]}/"
-              f"{got['bngelu'][1]}, conv weight gradient: {by} | {slow} of {total} timings over "
-              f"1.5x their shape's fastest", flush=True)
-
+    if args.grads:
+        out = subprocess.run([sys.executable, "-c", GRADS, str(Path(__file__).resolve().parents[1] / "src"),
+                              str(args.epochs)], capture_output=True, text=True)
+        print(out.stdout.strip() or out.stderr.strip()[-300:], flush=True)
+    # each chooser timing in a fresh process, as a first run times it; the variants alternate
+    trees = [t.resolve() for t in args.tree or [Path(__file__).resolve().parents[1]]]
+    variants = [(tree, drop, screen) for tree in trees for drop in args.drop or [kernels.DROP]
+                for screen in args.screen or [kernels.SCREEN]]
+    for r in range(args.repeats if args.no_build else 1):
+        for tree, drop, screen in variants:
+            out = subprocess.run([sys.executable, "-c", CHOOSE, str(tree / "src"), str(drop), str(screen),
+                                  str(args.epochs)], capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"choose {tree}: failed: {out.stderr.strip()[-300:]}", flush=True)
+                continue
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            got = res["got"]
+            by = ", ".join(f"{k} {v}" for k, v in sorted(got.get("wgrad_by", {}).items()))
+            print(f"choose ({tree.name}, DROP {drop}, SCREEN {res['screen'] or 'none'}): {res['seconds']:.1f} s for "
+                  f"{got['timed']} shapes | pool native {got['pool'][0]}/{got['pool'][1]}, bn+gelu native "
+                  f"{got['bngelu'][0]}/{got['bngelu'][1]}, conv weight gradient: {by} | {res['slow']} of "
+                  f"{res['total']} timings over 1.5x their shape's fastest", flush=True)
+            print("  whole convolution as matrix products / the fastest, by image side: " + ", ".join(
+                f"{s} px {lo:.2f}-{hi:.2f}" for s, (lo, hi) in res["gemm"].items()), flush=True)
 
 if __name__ == "__main__":
     main()
