@@ -82,8 +82,7 @@ for ci, co, h, w in shapes[::max(1, len(shapes) // 7)]:
     wt = torch.randn(co, ci, 3, 3, generator=g).bfloat16().contiguous(memory_format=cl)
     gy = torch.randn(batch, co, h, w, generator=g).bfloat16().contiguous(memory_format=cl)
     def bwd(mask):
-        return lambda: torch.ops.aten.convolution_backward(gy, x, wt, None, [1, 1], [1, 1], [1, 1], False,
-                                                           [0, 0], 1, mask)
+        return lambda: kernels._pytorch_conv3x3_backward(x, wt, gy, mask)
     both, gx, gw = fastest_ms([bwd([True, True, False]), bwd([True, False, False]), bwd([False, True, False])])
     print(f"grads {ci}->{co} {h}x{w}px: both in one call {both:.2f} ms, input {gx:.2f} + weight {gw:.2f} ms, "
           f"ratio {both / (gx + gw):.3f}", flush=True)
@@ -110,18 +109,19 @@ cache = Path(tempfile.mkdtemp()) / "choices.json"
 t = time.perf_counter()
 got = kernels.choose(models, sizes, batch=min(cfg.batch_size, 256), cache=cache)
 seconds = time.perf_counter() - t
+# per shape, each implementation's time (ms) as the cache keeps it
+impls = ("pytorch", "native", "matmul", "gemm")
+entries = {key: {k: v for k, v in e.items() if k in impls} for key, e in json.loads(cache.read_text()).items()}
 # how many of the timings were of an implementation over 1.5x its shape's fastest
-timings = [[v for k, v in e.items() if k in ("pytorch", "native", "matmul", "gemm")]
-           for e in json.loads(cache.read_text()).values()]
-slow = sum(t > 1.5 * min(ms) for ms in timings for t in ms)
+slow = sum(t > 1.5 * min(ms.values()) for ms in entries.values() for t in ms.values())
 # the whole convolution as matrix products against its shape's fastest, by image side
 gemm = {}
-for key, e in json.loads(cache.read_text()).items():
-    if "gemm" in e:
+for key, ms in entries.items():
+    if "gemm" in ms:
         side = int(key.rsplit(" ", 1)[1].split("x")[0])
-        gemm.setdefault(side, []).append(e["gemm"] / min(v for k, v in e.items()
-                                                         if k in ("pytorch", "native", "matmul", "gemm")))
-print(json.dumps({"gemm": {s: (min(r), max(r)) for s, r in sorted(gemm.items())},"seconds": seconds, "got": got, "slow": slow, "total": sum(map(len, timings)),
+        gemm.setdefault(side, []).append(ms["gemm"] / min(ms.values()))
+print(json.dumps({"seconds": seconds, "got": got, "slow": slow, "total": sum(map(len, entries.values())),
+                  "gemm": {s: (min(r), max(r)) for s, r in sorted(gemm.items())},
                   "screen": screen if screened else None}))
 """
 

@@ -239,7 +239,8 @@ def _best_ms(fns: dict, repeats: int, common=None, using: tuple = ()) -> dict:
     recipe's shapes were that much slower (benchmarks/kernel_setup.py, docs/benchmarks.md section 7).
     One whose warm-up already took SCREEN times the fastest warm-up keeps that time and is not
     run at all: the whole convolution as matrix products on 9x9 pixels and more, 2.5-15x the
-    fastest on the Zen 4 (docs/benchmarks.md section 7). PyTorch's own op is always timed, so that what is kept is never slower.
+    fastest on the Zen 4 (docs/benchmarks.md section 7). PyTorch's own op is always timed, so
+    that what is kept is never slower.
 
     ``common``: work that the implementations named in ``using`` all do alike (``fns`` time only
     where they differ); it is timed once per round, and its fastest run is added to theirs. It
@@ -247,24 +248,26 @@ def _best_ms(fns: dict, repeats: int, common=None, using: tuple = ()) -> dict:
     import time
     fns = dict(fns, **({"common": common} if common is not None else {}))
     times = {k: [] for k in fns}
+
+    def whole(run: dict, keys) -> dict:   # each one's time of that run, the common work added
+        return {k: run[k] + (run["common"] if k in using else 0.0) for k in keys if k != "common"}
     warm = {}
     for k, fn in fns.items():
         t0 = time.perf_counter()
         fn()
-        warm[k] = time.perf_counter() - t0
-    whole = {k: v + (warm["common"] if k in using else 0.0) for k, v in warm.items() if k != "common"}
-    live = [k for k in fns if k in ("pytorch", "common") or whole[k] <= SCREEN * min(whole.values())]
-    for k in set(whole) - set(live):
-        times[k].append(warm[k] * 1e3)
+        warm[k] = (time.perf_counter() - t0) * 1e3
+    warm_whole = whole(warm, fns)
+    live = [k for k in fns if k in ("pytorch", "common") or warm_whole[k] <= SCREEN * min(warm_whole.values())]
+    for k in set(warm_whole) - set(live):
+        times[k].append(warm[k])
     for r in range(repeats):
         for k in live:
             t0 = time.perf_counter()
             fns[k]()
             times[k].append((time.perf_counter() - t0) * 1e3)
         if r == 0:
-            first = {k: times[k][0] + (times["common"][0] if k in using else 0.0)
-                     for k in times if k != "common"}
-            live = [k for k in live if k != "common" and first[k] <= DROP * min(first.values())]
+            first = whole({k: times[k][0] for k in live}, live)
+            live = [k for k in first if first[k] <= DROP * min(first.values())]
             if common is not None and any(k not in using for k in live):
                 live.append("common")
     best = {k: min(v) for k, v in times.items()}
@@ -280,14 +283,19 @@ def _pytorch_conv3x3(x, weight):
     return F.conv2d(x, weight, None, 1, 1)
 
 
-def _pytorch_input_grad(x, weight, g):
+def _pytorch_conv3x3_backward(x, weight, g, mask: list):
+    """PyTorch's own backward of :func:`_pytorch_conv3x3`: (input grad, weight grad, bias grad),
+    each computed where ``mask`` asks."""
     return torch.ops.aten.convolution_backward(g, x, weight, None, [1, 1], [1, 1], [1, 1], False,
-                                               [0, 0], 1, [True, False, False])[0]
+                                               [0, 0], 1, mask)
+
+
+def _pytorch_input_grad(x, weight, g):
+    return _pytorch_conv3x3_backward(x, weight, g, [True, False, False])[0]
 
 
 def _pytorch_wgrad(x, weight, g):
-    return torch.ops.aten.convolution_backward(g, x, weight, None, [1, 1], [1, 1], [1, 1], False,
-                                               [0, 0], 1, [False, True, False])[1]
+    return _pytorch_conv3x3_backward(x, weight, g, [False, True, False])[1]
 
 
 def _pytorch_bn_gelu(x, weight, bias):
@@ -337,9 +345,9 @@ def _time_op(spec: tuple, batch: int, repeats: int) -> dict:
         # PyTorch's, the C++ and the nine-product ways differ only in the weight gradient: the
         # forward and the input gradient are PyTorch's in all three, so they are timed once
         # (`common`) instead of once per way. PyTorch's own backward computes the two gradients
-        # in one call, which took 0.99-1.06 of the two computed apart on seven of the fast
-        # recipe's shapes on a Zen 4 (within MARGIN but for one, where the error favours
-        # PyTorch's); timing the 13-epoch recipe's shapes took 24.8 s instead of 38.3-38.7 (and
+        # in one call, which took 0.98-1.06 of the two computed apart on seven of the fast
+        # recipe's shapes on a Zen 4, three runs (within MARGIN but on 3x3 px, where the error
+        # favours PyTorch's); timing the 13-epoch recipe's shapes took 24.8 s instead of 38.3-38.7 (and
         # 20.3-25.7 s with SCREEN too). `benchmarks/kernel_setup.py`, docs/benchmarks.md section 7.
         grads = {"pytorch": lambda: _pytorch_wgrad(x, weight, gy)}
         cands = _wgrad_candidates(dtype)
