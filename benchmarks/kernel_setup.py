@@ -4,12 +4,15 @@ Both are once per machine (cached beside the build), so they count in the first 
 
     python benchmarks/kernel_setup.py                       # build from scratch, then time the shapes
     python benchmarks/kernel_setup.py --source old.cpp --source src/cifarkit/csrc/native.cpp --repeats 2
+    git worktree add /tmp/old d8d132c   # a build through torch.utils.cpp_extension against this one:
+    python benchmarks/kernel_setup.py --tree /tmp/old --tree . --repeats 2
     python benchmarks/kernel_setup.py --no-build --drop inf --drop 1.5   # the chooser with and without dropping
     python benchmarks/kernel_setup.py --no-build --grads --screen inf --screen 3
     git worktree add /tmp/old 8a0fdcb   # then this chooser against that older one:
     python benchmarks/kernel_setup.py --no-build --repeats 2 --tree /tmp/old --tree .
 
-Each build runs in a fresh process with an empty TORCH_EXTENSIONS_DIR (sources alternate), and then
+Each build runs in a fresh process with an empty TORCH_EXTENSIONS_DIR (trees and sources alternate;
+a `--source` must suit the tree's way of building it), and then
 times a few of the built kernels (a faster build must not give slower code); each
 chooser timing runs in a fresh process (the variants alternating, `--repeats` rounds with
 `--no-build`) and writes to an empty cache file. `--drop` sets kernels.DROP (inf: every
@@ -28,32 +31,40 @@ BUILD = """
 import os, sys, tempfile, time
 from pathlib import Path
 os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp()
+sys.path.insert(0, sys.argv[1])
 import torch
 from cifarkit import kernels
-kernels.SOURCE = Path(sys.argv[1])
+if sys.argv[2]:
+    kernels.SOURCE = Path(sys.argv[2]).resolve()
 t = time.perf_counter()
 reason = kernels.load()
 if reason is not None:
     sys.exit("failed: " + reason)
 line = f"{time.perf_counter() - t:.1f} s"
 # the built kernels' speed, so that a faster build is seen not to give slower code: the weight
-# gradient on three of the recipe's layers (batch 256) and the fused batch norm + GELU, medians of 7
+# gradient on three of the recipe's layers (batch 256), the fused batch norm + GELU and the
+# max-pool, forward and backward (batch 1000); the fastest of 15 (this machine's stalls only add)
 m, g, cl = kernels._state["module"], torch.Generator().manual_seed(0), torch.channels_last
-def median_ms(fn):
+def fastest_ms(fn):
     fn()
     ts = []
-    for _ in range(7):
+    for _ in range(15):
         t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
-    return sorted(ts)[3] * 1e3
+    return min(ts) * 1e3
 ops = []
 if m.has_conv3x3_wgrad():
     for ci, co, h in ((64, 224, 15), (224, 224, 7), (320, 320, 3)):
         x = torch.randn(256, ci, h, h, generator=g).bfloat16().contiguous(memory_format=cl)
         gy = torch.randn(256, co, h, h, generator=g).bfloat16().contiguous(memory_format=cl)
-        ops.append((f"wgrad {ci}->{co} {h}px", median_ms(lambda: m.conv3x3_wgrad(x, gy))))
+        ops.append((f"wgrad {ci}->{co} {h}px", fastest_ms(lambda: m.conv3x3_wgrad(x, gy))))
 x = torch.randn(1000, 64, 16, 16, generator=g).bfloat16().contiguous(memory_format=cl)
 w, b = torch.ones(64), torch.zeros(64)
-ops.append(("bn+gelu 64ch 16px", median_ms(lambda: m.bn_gelu_fwd(x, w, b, 1e-12))))
+y, mean, var, rstd = m.bn_gelu_fwd(x, w, b, 1e-12)
+ops.append(("bn+gelu fwd 64ch 16px", fastest_ms(lambda: m.bn_gelu_fwd(x, w, b, 1e-12))))
+ops.append(("bwd", fastest_ms(lambda: m.bn_gelu_bwd(y, x, mean, rstd, w, b))))
+out, code = m.pool_fwd(x, True)
+ops.append(("pool fwd", fastest_ms(lambda: m.pool_fwd(x, True))))
+ops.append(("bwd", fastest_ms(lambda: m.pool_bwd(out, code, 16, 16))))
 print(line + " | " + ", ".join(f"{k} {v:.2f} ms" for k, v in ops))
 """
 
@@ -150,19 +161,20 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from fast_recipe import _machine   # the same CPU line as the recipe runs report
     print(f"# {_machine(torch.device('cpu'))} | torch {torch.__version__} | {torch.get_num_threads()} threads")
+    trees = [t.resolve() for t in args.tree or [Path(__file__).resolve().parents[1]]]
     if not args.no_build:
-        sources = args.source or [kernels.SOURCE]
         for r in range(args.repeats):
-            for src in sources:
-                out = subprocess.run([sys.executable, "-c", BUILD, str(src)], capture_output=True,
-                                     text=True)
-                print(f"build {src}: {out.stdout.strip() or out.stderr.strip()[-300:]}", flush=True)
+            for tree in trees:
+                for src in args.source or [None]:
+                    out = subprocess.run([sys.executable, "-c", BUILD, str(tree / "src"), str(src or "")],
+                                         capture_output=True, text=True)
+                    print(f"build ({tree.name}) {src or 'its native.cpp'}: "
+                          f"{out.stdout.strip() or out.stderr.strip()[-300:]}", flush=True)
     if args.grads:
         out = subprocess.run([sys.executable, "-c", GRADS, str(Path(__file__).resolve().parents[1] / "src"),
                               str(args.epochs)], capture_output=True, text=True)
         print(out.stdout.strip() or out.stderr.strip()[-300:], flush=True)
     # each chooser timing in a fresh process, as a first run times it; the variants alternate
-    trees = [t.resolve() for t in args.tree or [Path(__file__).resolve().parents[1]]]
     variants = [(tree, drop, screen) for tree in trees for drop in args.drop or [kernels.DROP]
                 for screen in args.screen or [kernels.SCREEN]]
     for r in range(args.repeats if args.no_build else 1):

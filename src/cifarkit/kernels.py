@@ -37,21 +37,22 @@ the matrix-product convolutions do: ``choose(precision="fp32")`` times them agai
 convolution shape by shape, with no build. A 1x1 image (the last group at 16 px) is convolved by
 the centre tap alone, exactly: the other eight taps only ever meet the zero padding.
 
-Nothing here is required: :func:`load` builds the extension from ``csrc/native.cpp``
-(``torch.utils.cpp_extension``, about 30 s the first time, then cached in
-``$TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions) and returns a reason instead when there is
-no compiler or ninja; until it has succeeded, :func:`max_pool2x2` is ``F.max_pool2d``,
-:class:`Conv3x3` is ``nn.Conv2d`` and :func:`bn_gelu` is the two modules.
+Nothing here is required: :func:`load` compiles ``csrc/native.cpp`` into a shared library (about
+2 s the first time, then cached in ``$TORCH_EXTENSIONS_DIR/cifarkit`` or
+~/.cache/torch_extensions/cifarkit) and returns a reason instead when there is no C++ compiler;
+until it has succeeded, :func:`max_pool2x2` is ``F.max_pool2d``, :class:`Conv3x3` is
+``nn.Conv2d`` and :func:`bn_gelu` is the two modules.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
-import logging
 import os
 import platform
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -65,9 +66,13 @@ import torch.nn.functional as F
 # oneDNN's on the Zen 5 (the copies, and matmuls whose long side is the summed one); with AMX the
 # nine matmuls win on small images, so they are one of the candidates `choose` times.
 # The C++ is a real file shipped with the package, so compiler messages point at its own lines.
+# It is compiled by the compiler directly and called through ctypes, not built as a PyTorch
+# extension (torch.utils.cpp_extension): its loops need raw pointers only, and without PyTorch's
+# headers a build from scratch took 1.6-1.9 s instead of 15.8-18.6 on a Zen 4, a wait every new
+# machine's first training run had (docs/benchmarks.md section 7).
 SOURCE = Path(__file__).with_name("csrc") / "native.cpp"
 
-# module: the built extension; reason: why it is not used; off: depth of `disabled()` blocks;
+# module: the built kernels (a _Native); reason: why it is not used; off: depth of `disabled()` blocks;
 # choice: {shape key: the implementation to use ("pytorch", "native", or for the weight gradient
 # "matmul")} measured by `choose`, or None (not measured: native wherever it applies, as in the
 # tests of the kernels themselves).
@@ -76,16 +81,151 @@ _state: dict = {"module": None, "reason": None, "off": 0, "choice": None, "recor
 
 
 def _build_name() -> str:
-    """The extension's cache name: new source or another CPU (it is built for this one) rebuilds."""
+    """The library's cache name: new source or another CPU (it is built for this one) rebuilds;
+    another torch or Python gets its own name too, since the timing choices cached beside the
+    library depend on PyTorch's own ops."""
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         cpu = platform.processor()
-    # torch's own path too: two environments with the same torch must not rebuild each other's
-    # (torch.utils.cpp_extension rebuilds a name whose include paths changed)
     key = "\n".join([cpu, platform.machine(), torch.__version__, torch.__file__, sys.version]).encode()
     return "cifarkit_native_" + hashlib.sha256(SOURCE.read_bytes() + key).hexdigest()[:12]
+
+
+def _build_dir() -> Path:
+    """Where PyTorch builds its extensions ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions),
+    in a folder of cifarkit's own."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    return Path(root) / "cifarkit"
+
+
+def _compile(target: Path, verbose: bool = False) -> None:
+    """Compile SOURCE into the shared library ``target``: to a temporary name first, then moved
+    in place, so that a process loading it never sees half a file (two building at once is safe)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    cmd = [os.environ.get("CXX", "c++"), "-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared",
+           "-fPIC", str(SOURCE), "-o", str(tmp)]
+    if verbose:
+        print(" ".join(cmd), file=sys.stderr)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = [line for line in (done.stderr or done.stdout).splitlines() if "error" in line]
+            raise RuntimeError(f"{cmd[0]} exited with {done.returncode}: "
+                               + (lines[0] if lines else (done.stderr or "no message").strip()))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class _Native:
+    """The compiled kernels with tensors in and out: the checks and output allocation are here,
+    the loops in C++ (csrc/native.cpp). Inputs must be as the C++ expects: `max_pool2x2`,
+    `bn_gelu` and `Conv3x3` only call it with such tensors; the checks stop anything else from
+    reaching raw-pointer code."""
+
+    def __init__(self, path: Path):
+        self.__file__ = str(path)
+        lib = ctypes.CDLL(str(path))   # after torch's import: its libgomp.so.1 is the one used
+        p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+        for name, args in (("pool_fwd", [p, p, p] + [i64] * 4 + [i32]),
+                           ("pool_bwd", [p, p, p] + [i64] * 4 + [i32]),
+                           ("conv3x3_wgrad", [p, p, p] + [i64] * 5 + [i32]),
+                           ("bn_gelu_fwd", [p, p, p, f64, p, p, p, p, i64, i64, i32]),
+                           ("bn_gelu_bwd", [p] * 9 + [i64, i64, i32]),
+                           ("has_conv3x3_wgrad", [])):
+            fn = getattr(lib, "ck_" + name)
+            fn.argtypes, fn.restype = args, (i32 if name == "has_conv3x3_wgrad" else None)
+            setattr(self, "_" + name, fn)
+        self._lib = lib
+
+    @staticmethod
+    def _check(t: torch.Tensor, name: str) -> None:
+        if not (t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.dim() == 4
+                and t.is_contiguous(memory_format=torch.channels_last)):
+            raise RuntimeError(f"{name} must be a 4-D bf16 channels_last CPU tensor")
+
+    @staticmethod
+    def _check_vec(x: torch.Tensor, v: torch.Tensor, name: str) -> None:
+        if not (v.device.type == "cpu" and v.dtype == torch.float32 and v.dim() == 1
+                and v.shape[0] == x.shape[1] and v.is_contiguous()):
+            raise RuntimeError(f"{name} must be a contiguous fp32 vector of C values")
+
+    def has_conv3x3_wgrad(self) -> bool:
+        return bool(self._has_conv3x3_wgrad())
+
+    def pool_fwd(self, x: torch.Tensor, want_code: bool) -> tuple:
+        """2x2 max-pool: (output, 1-byte code of the winning pixel, empty unless want_code)."""
+        self._check(x, "x")
+        n, c, h, w = x.shape
+        if h < 2 or w < 2:
+            raise RuntimeError("x must be at least 2x2")
+        out = torch.empty(n, c, h // 2, w // 2, dtype=x.dtype, memory_format=torch.channels_last)
+        code = torch.empty(n if want_code else 0, h // 2, w // 2, c, dtype=torch.uint8)
+        self._pool_fwd(x.data_ptr(), out.data_ptr(), code.data_ptr() if want_code else None,
+                       n, c, h, w, torch.get_num_threads())
+        return out, code
+
+    def pool_bwd(self, g: torch.Tensor, code: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Its backward: every input-gradient element written once."""
+        self._check(g, "grad")
+        n, c, hh, ww = g.shape
+        if not (code.dtype == torch.uint8 and code.is_contiguous() and tuple(code.shape) == (n, hh, ww, c)
+                and h // 2 == hh and w // 2 == ww):
+            raise RuntimeError("pool_bwd: code and shapes do not match the forward")
+        gi = torch.empty(n, c, h, w, dtype=g.dtype, memory_format=torch.channels_last)
+        self._pool_bwd(g.data_ptr(), code.data_ptr(), gi.data_ptr(), n, c, h, w, torch.get_num_threads())
+        return gi
+
+    def conv3x3_wgrad(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """3x3 stride-1 padding-1 convolution weight gradient: fp32 sums, channels_last."""
+        if not self.has_conv3x3_wgrad():
+            raise RuntimeError("conv3x3_wgrad: built without AVX-512 BF16")
+        self._check(x, "x")
+        self._check(g, "grad")
+        n, ci, h, w = x.shape
+        co = g.shape[1]
+        if (g.shape[0], g.shape[2], g.shape[3]) != (n, h, w):
+            raise RuntimeError("conv3x3_wgrad: shapes differ")
+        if co % 16 or ci % 4:
+            raise RuntimeError("conv3x3_wgrad: needs Co % 16 == 0 and Ci % 4 == 0")
+        out = torch.empty(co, ci, 3, 3, dtype=torch.float32, memory_format=torch.channels_last)
+        self._conv3x3_wgrad(x.data_ptr(), g.data_ptr(), out.data_ptr(), n, ci, co, h, w,
+                            torch.get_num_threads())
+        return out
+
+    def bn_gelu_fwd(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> tuple:
+        """Training batch norm + exact GELU, fused: (y, batch mean, biased variance, 1/std)."""
+        self._check(x, "x")
+        self._check_vec(x, weight, "weight")
+        self._check_vec(x, bias, "bias")
+        c = x.shape[1]
+        if x.numel() == 0:
+            raise RuntimeError("bn_gelu_fwd: empty input")
+        y = torch.empty_like(x, memory_format=torch.channels_last)
+        mean, var, rstd = (torch.empty(c, dtype=torch.float32) for _ in range(3))
+        self._bn_gelu_fwd(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), eps, y.data_ptr(),
+                          mean.data_ptr(), var.data_ptr(), rstd.data_ptr(), x.numel() // c, c,
+                          torch.get_num_threads())
+        return y, mean, var, rstd
+
+    def bn_gelu_bwd(self, dy, x, mean, rstd, weight, bias) -> tuple:
+        """Its backward: (dx, dweight, dbias)."""
+        self._check(dy, "grad")
+        self._check(x, "x")
+        if dy.shape != x.shape:
+            raise RuntimeError("bn_gelu_bwd: grad and x differ in shape")
+        for v, name in ((mean, "mean"), (rstd, "rstd"), (weight, "weight"), (bias, "bias")):
+            self._check_vec(x, v, name)
+        c = x.shape[1]
+        dx = torch.empty_like(x, memory_format=torch.channels_last)
+        gw, gb = torch.empty(c, dtype=torch.float32), torch.empty(c, dtype=torch.float32)
+        self._bn_gelu_bwd(dy.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), weight.data_ptr(),
+                          bias.data_ptr(), dx.data_ptr(), gw.data_ptr(), gb.data_ptr(), x.numel() // c, c,
+                          torch.get_num_threads())
+        return dx, gw, gb
 
 
 def load(verbose: bool = False) -> str | None:
@@ -98,19 +238,12 @@ def load(verbose: bool = False) -> str | None:
         return _state["reason"]
     reason = _unavailable()
     if reason is None:
+        name = _build_name()
+        target = _build_dir() / name / f"{name}.so"
         try:
-            # its import logs a warning about CUDA_HOME that concerns CUDA builds only
-            quiet = logging.getLogger("torch.utils.cpp_extension")
-            level = quiet.level
-            quiet.setLevel(logging.ERROR)
-            try:
-                from torch.utils.cpp_extension import load as build
-            finally:
-                quiet.setLevel(level)
-
-            _state["module"] = build(_build_name(), sources=[str(SOURCE)],
-                                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                                     extra_ldflags=["-fopenmp"], verbose=verbose)
+            if not target.exists():
+                _compile(target, verbose)
+            _state["module"] = _Native(target)
         except Exception as exc:  # noqa: BLE001 - any build failure means: use PyTorch's kernels
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             reason = f"building them failed ({first[:200]})"
@@ -123,12 +256,6 @@ def _unavailable() -> str | None:
         return "CIFARKIT_NATIVE=0"
     if platform.system() != "Linux":
         return f"only built on Linux (this is {platform.system()})"
-    # ninja from `pip install ninja` sits beside this interpreter, which may not be on PATH
-    bindir = os.path.dirname(sys.executable)
-    if shutil.which("ninja") is None and os.path.exists(os.path.join(bindir, "ninja")):
-        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-    if shutil.which("ninja") is None:
-        return "ninja is not installed (pip install ninja)"
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return "no C++ compiler (install g++, or set CXX)"
     return None

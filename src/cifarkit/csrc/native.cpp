@@ -1,17 +1,34 @@
-// cifarkit's native CPU kernels (built by src/cifarkit/kernels.py with torch.utils.cpp_extension).
+// cifarkit's native CPU kernels (built by src/cifarkit/kernels.py with the machine's C++ compiler).
 // Read kernels.py's docstring first: what each kernel is for, where it is used, and the fallback.
-// ATen and PyTorch's pybind11 tensor casters only: <torch/extension.h> also pulls in the whole C++
-// frontend (torch::nn, optim, data), whose headers took 28 of the file's 31 s to compile on a Zen 4;
-// without them a build from scratch, which a user's first training run waits for, took 14-15 s
-// instead of 25-26 (`benchmarks/kernel_setup.py`, docs/benchmarks.md section 7).
-#include <ATen/ATen.h>
-#include <torch/csrc/utils/pybind.h>
-#include <ATen/Parallel.h>
+// Plain C functions on raw pointers, called through ctypes; kernels.py checks the tensors and
+// allocates the outputs. No PyTorch header: built with ATen and PyTorch's pybind11 casters
+// (torch.utils.cpp_extension) a build from scratch, which a user's first training run waits for,
+// took 15.8-18.6 s on a Zen 4, on its own 1.6-1.9 s (`benchmarks/kernel_setup.py`), and the
+// kernels run as fast (`benchmarks/native_ab.py`; docs/benchmarks.md section 7). Threads are
+// OpenMP's, in the runtime PyTorch itself loaded (libgomp.so.1: one pool of threads).
+#include <omp.h>
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
 #include <cmath>
 #include <vector>
+
+// As at::parallel_for with OpenMP: [begin, end) split into one contiguous range per thread, at
+// most T threads and none with fewer than `grain` items; f(range begin, range end, thread index).
+// Each thread gets the same range for the same T, so per-thread sums are deterministic.
+template <class F>
+static void parallel_for(int64_t begin, int64_t end, int64_t grain, int T, const F& f) {
+  if (begin >= end) return;
+  const int64_t range = end - begin;
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(T, (range + grain - 1) / grain));
+  if (nt == 1) { f(begin, end, 0); return; }
+  #pragma omp parallel num_threads((int)nt)
+  {
+    const int64_t tid = omp_get_thread_num(), chunk = (range + omp_get_num_threads() - 1) / omp_get_num_threads();
+    const int64_t b = begin + tid * chunk;
+    if (b < end) f(b, std::min(end, b + chunk), (int)tid);
+  }
+}
 
 // Reinterpret the bits of a float and a uint32 (gcc/clang builtin; what C++20 std::bit_cast does).
 static inline float bits_to_float(uint32_t u) { return __builtin_bit_cast(float, u); }
@@ -20,23 +37,12 @@ static inline uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint32
 // bf16 is the top half of a float32: widen by shifting the bits.
 static inline float bf(uint16_t v) { return bits_to_float((uint32_t)v << 16); }
 
-static void check(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 4 &&
-              t.is_contiguous(at::MemoryFormat::ChannelsLast),
-              name, " must be a 4-D bf16 channels_last CPU tensor");
-}
-
-// 2x2, stride 2, floor mode: out[n, i, j, c] = max of its window; code = which pixel (0..3).
-std::vector<at::Tensor> pool_fwd(at::Tensor x, bool want_code) {
-  check(x, "x");
-  int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), h = H / 2, w = W / 2;
-  TORCH_CHECK(h > 0 && w > 0, "x must be at least 2x2");
-  auto out = at::empty({N, C, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  auto code = at::empty({want_code ? N : 0, h, w, C}, x.options().dtype(at::kByte));
-  const uint16_t* X = (const uint16_t*)x.data_ptr();
-  uint16_t* O = (uint16_t*)out.data_ptr();
-  uint8_t* K = want_code ? code.data_ptr<uint8_t>() : nullptr;
-  at::parallel_for(0, N * h, 1, [&](int64_t begin, int64_t end) {
+// All tensors below are bf16 (as uint16_t) or fp32, channels_last: [N][H][W][C] in memory.
+// 2x2, stride 2, floor mode: O[n, i, j, c] = max of its window; K (or null) = which pixel (0..3).
+extern "C" void ck_pool_fwd(const uint16_t* X, uint16_t* O, uint8_t* K, int64_t N, int64_t C, int64_t H,
+                            int64_t W, int T) {
+  const int64_t h = H / 2, w = W / 2;
+  parallel_for(0, N * h, 1, T, [&](int64_t begin, int64_t end, int) {
     for (int64_t r = begin; r < end; ++r) {
       int64_t n = r / h, i = r % h;
       const uint16_t* top = X + (n * H + 2 * i) * W * C;
@@ -58,21 +64,14 @@ std::vector<at::Tensor> pool_fwd(at::Tensor x, bool want_code) {
       }
     }
   });
-  return {out, code};
 }
 
 // Every input-gradient element is written once: the output gradient where the code points, else 0.
-at::Tensor pool_bwd(at::Tensor g, at::Tensor code, int64_t H, int64_t W) {
-  check(g, "grad");
-  int64_t N = g.size(0), C = g.size(1), h = g.size(2), w = g.size(3);
-  TORCH_CHECK(code.scalar_type() == at::kByte && code.is_contiguous() &&
-              code.sizes() == at::IntArrayRef({N, h, w, C}) && H / 2 == h && W / 2 == w,
-              "pool_bwd: code and shapes do not match the forward");
-  auto gi = at::empty({N, C, H, W}, g.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const uint16_t* G = (const uint16_t*)g.data_ptr();
-  const uint8_t* K = code.data_ptr<uint8_t>();
-  uint16_t* I = (uint16_t*)gi.data_ptr();
-  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+// G: [N][H/2][W/2][C], K: the forward's codes, I: [N][H][W][C].
+extern "C" void ck_pool_bwd(const uint16_t* G, const uint8_t* K, uint16_t* I, int64_t N, int64_t C,
+                            int64_t H, int64_t W, int T) {
+  const int64_t h = H / 2, w = W / 2;
+  parallel_for(0, N * H, 1, T, [&](int64_t begin, int64_t end, int) {
     for (int64_t r = begin; r < end; ++r) {
       int64_t n = r / H, y = r % H;
       uint16_t* row = I + r * W * C;
@@ -94,7 +93,6 @@ at::Tensor pool_bwd(at::Tensor g, at::Tensor code, int64_t H, int64_t W) {
       if (W > 2 * w) std::memset(row + 2 * w * C, 0, (W - 2 * w) * C * 2);  // odd last column
     }
   });
-  return gi;
 }
 
 // ---- Weight gradient of a 3x3, stride-1, padding-1 convolution (bf16 in, fp32 out) ----
@@ -162,7 +160,7 @@ static void wgrad_tile(const uint16_t* gs, const uint16_t* xs, int64_t P, int64_
       }
 }
 
-bool has_conv3x3_wgrad() { return true; }
+extern "C" int ck_has_conv3x3_wgrad() { return 1; }
 
 // o[2c] = a0[c], o[2c+1] = a1[c] (or 0 without a second image): two images, channel by channel.
 static inline void interleave(uint16_t* o, const uint16_t* a0, const uint16_t* a1, int64_t C) {
@@ -170,26 +168,20 @@ static inline void interleave(uint16_t* o, const uint16_t* a0, const uint16_t* a
   else for (int64_t c = 0; c < C; ++c) { o[2 * c] = a0[c]; o[2 * c + 1] = 0; }
 }
 
-// x: [N, Ci, H, W], g: [N, Co, H, W], both bf16 channels_last; returns dW [Co, Ci, 3, 3] fp32
-// (channels_last). Deterministic for a given thread count: each thread sums a fixed range of
-// images into its own buffer, and the buffers are added in thread order.
-at::Tensor conv3x3_wgrad(at::Tensor x, at::Tensor g) {
-  check(x, "x");
-  check(g, "grad");
-  int64_t N = x.size(0), Ci = x.size(1), H = x.size(2), W = x.size(3), Co = g.size(1);
-  TORCH_CHECK(g.size(0) == N && g.size(2) == H && g.size(3) == W, "conv3x3_wgrad: shapes differ");
-  TORCH_CHECK(Co % 16 == 0 && Ci % 4 == 0, "conv3x3_wgrad: needs Co % 16 == 0 and Ci % 4 == 0");
-  const uint16_t* X = (const uint16_t*)x.data_ptr();
-  const uint16_t* G = (const uint16_t*)g.data_ptr();
+// X: [N, Ci, H, W], G: [N, Co, H, W] (bf16, channels_last; Co % 16 == 0, Ci % 4 == 0); writes
+// O = dW [Co, Ci, 3, 3] fp32 channels_last ([Co][3][3][Ci] in memory). Deterministic for a given
+// thread count: each thread sums a fixed range of images into its own buffer, and the buffers
+// are added in thread order.
+extern "C" void ck_conv3x3_wgrad(const uint16_t* X, const uint16_t* G, float* O, int64_t N, int64_t Ci,
+                                 int64_t Co, int64_t H, int64_t W, int T) {
   const int64_t NP = (N + 1) / 2;   // image pairs; an odd last image is paired with zeros
   // Pairs per chunk: its repacked gradient and input (about 256 KB) stay in the core's L2 cache
   // while every tile of the weight gradient reads them.
   const int64_t PC = std::max<int64_t>(1, (int64_t)(256 * 1024) / ((H * W * Co + H * (W + 2) * Ci) * 4));
   const int64_t chunks = (NP + PC - 1) / PC, DW = 9 * Ci * Co;
-  const int T = at::get_num_threads();
   std::vector<float> bufs((size_t)T * DW, 0.f);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    float* dwt = bufs.data() + (size_t)at::get_thread_num() * DW;
+  parallel_for(0, chunks, 1, T, [&](int64_t begin, int64_t end, int tid) {
+    float* dwt = bufs.data() + (size_t)tid * DW;
     std::vector<uint16_t> gs((size_t)PC * H * W * Co * 2), xs((size_t)PC * H * (W + 2) * Ci * 2);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t p0 = chunk * PC, P = std::min(PC, NP - p0);
@@ -218,8 +210,6 @@ at::Tensor conv3x3_wgrad(at::Tensor x, at::Tensor g) {
         }
     }
   });
-  auto out = at::empty({Co, Ci, 3, 3}, at::dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
-  float* O = out.data_ptr<float>();   // [Co][kh][kw][Ci] in memory
   for (int64_t co = 0; co < Co; ++co)
     for (int64_t k = 0; k < 9; ++k)
       for (int64_t ci = 0; ci < Ci; ++ci) {
@@ -227,14 +217,11 @@ at::Tensor conv3x3_wgrad(at::Tensor x, at::Tensor g) {
         for (int t = 0; t < T; ++t) s += bufs[(size_t)t * DW + (k * Ci + ci) * Co + co];
         O[(co * 9 + k) * Ci + ci] = s;
       }
-  return out;
 }
 #else
-bool has_conv3x3_wgrad() { return false; }
-at::Tensor conv3x3_wgrad(at::Tensor x, at::Tensor g) {
-  TORCH_CHECK(false, "conv3x3_wgrad: built without AVX-512 BF16");
-  return x;
-}
+extern "C" int ck_has_conv3x3_wgrad() { return 0; }   // kernels.py never calls ck_conv3x3_wgrad then
+extern "C" void ck_conv3x3_wgrad(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int64_t,
+                                 int64_t, int64_t, int) {}
 #endif
 
 // ---- Batch norm (batch statistics) followed by GELU, fused (bf16 channels_last) ----
@@ -276,15 +263,19 @@ static inline float normal_cdf(float z, float e) {
   return z >= 0.f ? 1.f - q : q;
 }
 
-// The per-row loops, with restrict-qualified pointers so that the compiler vectorises them.
-static void stats_row(const uint16_t* __restrict x, const float* __restrict shift, float* __restrict s1,
-                      float* __restrict s2, int64_t C) {
+// The per-row loops, with restrict-qualified pointers so that the compiler vectorises them, and
+// always inlined: left to gcc, the forward's were called per row and it took 1.09-1.14x as long
+// (this file built on its own, where <ATen/ATen.h> around it had tipped the inlining the other way;
+// a Zen 4, batch 1000 at 64 channels x 32 px and 224 x 16).
+#define ROW static inline __attribute__((always_inline)) void
+ROW stats_row(const uint16_t* __restrict x, const float* __restrict shift, float* __restrict s1,
+              float* __restrict s2, int64_t C) {
   #pragma omp simd
   for (int64_t c = 0; c < C; ++c) { float d = bf(x[c]) - shift[c]; s1[c] += d; s2[c] += d * d; }
 }
 
-static void gelu_row(const uint16_t* __restrict x, uint16_t* __restrict y, const float* __restrict a,
-                     const float* __restrict b, int64_t C) {
+ROW gelu_row(const uint16_t* __restrict x, uint16_t* __restrict y, const float* __restrict a,
+             const float* __restrict b, int64_t C) {
   #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     float z = bf(x[c]) * a[c] + b[c];
@@ -292,9 +283,9 @@ static void gelu_row(const uint16_t* __restrict x, uint16_t* __restrict y, const
   }
 }
 
-static void dz_row(const uint16_t* __restrict x, const uint16_t* __restrict g, uint16_t* __restrict dz_out,
-                   const float* __restrict a, const float* __restrict b, const float* __restrict mu,
-                   const float* __restrict rs, float* __restrict s1, float* __restrict s2, int64_t C) {
+ROW dz_row(const uint16_t* __restrict x, const uint16_t* __restrict g, uint16_t* __restrict dz_out,
+           const float* __restrict a, const float* __restrict b, const float* __restrict mu,
+           const float* __restrict rs, float* __restrict s1, float* __restrict s2, int64_t C) {
   #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     float xv = bf(x[c]), z = xv * a[c] + b[c], e = exp_neg(-0.5f * z * z);
@@ -306,9 +297,9 @@ static void dz_row(const uint16_t* __restrict x, const uint16_t* __restrict g, u
   }
 }
 
-static void dx_row(const uint16_t* __restrict x, uint16_t* __restrict d, const float* __restrict a,
-                   const float* __restrict mu, const float* __restrict rs, const float* __restrict k1,
-                   const float* __restrict k2, int64_t C) {
+ROW dx_row(const uint16_t* __restrict x, uint16_t* __restrict d, const float* __restrict a,
+           const float* __restrict mu, const float* __restrict rs, const float* __restrict k1,
+           const float* __restrict k2, int64_t C) {
   #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     float xhat = (bf(x[c]) - mu[c]) * rs[c];
@@ -316,21 +307,15 @@ static void dx_row(const uint16_t* __restrict x, uint16_t* __restrict d, const f
   }
 }
 
-static void check_bn(const at::Tensor& x, const at::Tensor& v, const char* name) {
-  TORCH_CHECK(v.device().is_cpu() && v.scalar_type() == at::kFloat && v.dim() == 1 &&
-              v.size(0) == x.size(1) && v.is_contiguous(), name, " must be a contiguous fp32 vector of C values");
-}
-
 // Per-channel sums over the rows of an (M x C) bf16 matrix, each thread into its own slice of
 // `bufs` (T x K x C doubles): f(row pointer, float sums[K][C]) adds one row into fp32 sums, which
 // are moved into the doubles every 64 rows (so long sums keep their precision). Deterministic for
 // a given thread count: OpenMP gives each thread a fixed range of rows.
 template <int K, class F>
-static std::vector<double> channel_sums(int64_t M, int64_t C, F f) {
-  const int T = at::get_num_threads();
+static std::vector<double> channel_sums(int64_t M, int64_t C, int T, F f) {
   std::vector<double> bufs((size_t)T * K * C, 0.0);
-  at::parallel_for(0, M, 256, [&](int64_t begin, int64_t end) {
-    double* acc = bufs.data() + (size_t)at::get_thread_num() * K * C;
+  parallel_for(0, M, 256, T, [&](int64_t begin, int64_t end, int tid) {
+    double* acc = bufs.data() + (size_t)tid * K * C;
     std::vector<float> part((size_t)K * C);
     for (int64_t r0 = begin; r0 < end; r0 += 64) {
       std::fill(part.begin(), part.end(), 0.f);
@@ -344,93 +329,59 @@ static std::vector<double> channel_sums(int64_t M, int64_t C, F f) {
   return total;
 }
 
-// Training forward: returns y = gelu(weight * (x - mean) / sqrt(var + eps) + bias) (bf16), and
-// the batch mean, biased variance and 1/sqrt(var + eps) per channel (fp32).
-std::vector<at::Tensor> bn_gelu_fwd(at::Tensor x, at::Tensor weight, at::Tensor bias, double eps) {
-  check(x, "x");
-  check_bn(x, weight, "weight");
-  check_bn(x, bias, "bias");
-  const int64_t C = x.size(1), M = x.numel() / C;
-  TORCH_CHECK(M > 0, "bn_gelu_fwd: empty input");
-  const uint16_t* X = (const uint16_t*)x.data_ptr();
+// Training forward over M = N*H*W rows of C channels (M > 0): writes Y = gelu(Wt * (X - mean) /
+// sqrt(var + eps) + B) (bf16), and the batch mean, biased variance and 1/sqrt(var + eps) per
+// channel (fp32 vectors of C).
+extern "C" void ck_bn_gelu_fwd(const uint16_t* X, const float* Wt, const float* B, double eps, uint16_t* Y,
+                               float* mean, float* var, float* rstd, int64_t M, int64_t C, int T) {
   // Sums of (x - shift) and its square, shift = the first row: no cancellation when |mean| >> std.
   std::vector<float> shift(C);
   for (int64_t c = 0; c < C; ++c) shift[c] = bf(X[c]);
   const float* S = shift.data();
-  auto sums = channel_sums<2>(M, C, [=](int64_t r, float* part) {
+  auto sums = channel_sums<2>(M, C, T, [=](int64_t r, float* part) {
     stats_row(X + r * C, S, part, part + C, C);
   });
-  auto opts = at::dtype(at::kFloat);
-  auto mean = at::empty({C}, opts), var = at::empty({C}, opts), rstd = at::empty({C}, opts);
   std::vector<float> scale(C), shift2(C);
-  const float* Wt = weight.data_ptr<float>();
-  const float* B = bias.data_ptr<float>();
   for (int64_t c = 0; c < C; ++c) {
     double m1 = sums[c] / M, v = std::max(sums[C + c] / M - m1 * m1, 0.0);
     double mu = S[c] + m1, rs = 1.0 / std::sqrt(v + eps);
-    mean.data_ptr<float>()[c] = (float)mu;
-    var.data_ptr<float>()[c] = (float)v;
-    rstd.data_ptr<float>()[c] = (float)rs;
+    mean[c] = (float)mu;
+    var[c] = (float)v;
+    rstd[c] = (float)rs;
     scale[c] = (float)(Wt[c] * rs);                   // z = x * scale + shift2
     shift2[c] = (float)(B[c] - mu * Wt[c] * rs);
   }
-  auto y = at::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  uint16_t* Y = (uint16_t*)y.data_ptr();
   const float *A = scale.data(), *Bs = shift2.data();
-  at::parallel_for(0, M, 256, [=](int64_t begin, int64_t end) {
+  parallel_for(0, M, 256, T, [=](int64_t begin, int64_t end, int) {
     for (int64_t r = begin; r < end; ++r) gelu_row(X + r * C, Y + r * C, A, Bs, C);
   });
-  return {y, mean, var, rstd};
 }
 
-// Backward: from dy (bf16 channels_last) and what the forward saved, returns dx (bf16) and the
-// gradients of the batch norm's weight and bias (fp32 sums over the batch).
-std::vector<at::Tensor> bn_gelu_bwd(at::Tensor dy, at::Tensor x, at::Tensor mean, at::Tensor rstd,
-                                       at::Tensor weight, at::Tensor bias) {
-  check(dy, "grad");
-  check(x, "x");
-  TORCH_CHECK(dy.sizes() == x.sizes(), "bn_gelu_bwd: grad and x differ in shape");
-  check_bn(x, mean, "mean");
-  check_bn(x, rstd, "rstd");
-  check_bn(x, weight, "weight");
-  check_bn(x, bias, "bias");
-  const int64_t C = x.size(1), M = x.numel() / C;
-  const uint16_t* X = (const uint16_t*)x.data_ptr();
-  const uint16_t* DY = (const uint16_t*)dy.data_ptr();
-  const float *MU = mean.data_ptr<float>(), *RS = rstd.data_ptr<float>();
+// Backward: from DY (bf16, X's shape) and what the forward saved, writes D = dx (bf16) and the
+// gradients of the batch norm's weight and bias, GW and GB (fp32 sums over the batch).
+extern "C" void ck_bn_gelu_bwd(const uint16_t* DY, const uint16_t* X, const float* MU, const float* RS,
+                               const float* Wt, const float* B, uint16_t* D, float* GW, float* GB,
+                               int64_t M, int64_t C, int T) {
   std::vector<float> scale(C), shift2(C);
   for (int64_t c = 0; c < C; ++c) {
-    scale[c] = weight.data_ptr<float>()[c] * RS[c];
-    shift2[c] = bias.data_ptr<float>()[c] - MU[c] * scale[c];
+    scale[c] = Wt[c] * RS[c];
+    shift2[c] = B[c] - MU[c] * scale[c];
   }
   const float *A = scale.data(), *Bs = shift2.data();
-  auto dx = at::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  uint16_t* D = (uint16_t*)dx.data_ptr();
   // Pass 1: dz = dy * gelu'(z), rounded to bf16 and kept in dx; sums of dz and dz * xhat.
-  auto sums = channel_sums<2>(M, C, [=](int64_t r, float* part) {
+  auto sums = channel_sums<2>(M, C, T, [=](int64_t r, float* part) {
     dz_row(X + r * C, DY + r * C, D + r * C, A, Bs, MU, RS, part, part + C, C);
   });
-  auto gw = at::empty({C}, at::dtype(at::kFloat)), gb = at::empty({C}, at::dtype(at::kFloat));
   std::vector<float> k1(C), k2(C);
   for (int64_t c = 0; c < C; ++c) {
-    gb.data_ptr<float>()[c] = (float)sums[c];
-    gw.data_ptr<float>()[c] = (float)sums[C + c];
+    GB[c] = (float)sums[c];
+    GW[c] = (float)sums[C + c];
     k1[c] = (float)(sums[c] / M);
     k2[c] = (float)(sums[C + c] / M);
   }
   const float *K1 = k1.data(), *K2 = k2.data();
   // Pass 2: dx = weight * rstd * (dz - mean(dz) - xhat * mean(dz * xhat)), over dz.
-  at::parallel_for(0, M, 256, [=](int64_t begin, int64_t end) {
+  parallel_for(0, M, 256, T, [=](int64_t begin, int64_t end, int) {
     for (int64_t r = begin; r < end; ++r) dx_row(X + r * C, D + r * C, A, MU, RS, K1, K2, C);
   });
-  return {dx, gw, gb};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pool_fwd", &pool_fwd, "2x2 bf16 channels_last max-pool: output and 1-byte argmax code");
-  m.def("pool_bwd", &pool_bwd, "its backward: every input-gradient element written once");
-  m.def("conv3x3_wgrad", &conv3x3_wgrad, "3x3 stride-1 padding-1 convolution weight gradient (fp32 sums)");
-  m.def("bn_gelu_fwd", &bn_gelu_fwd, "training batch norm + exact GELU, fused: y, mean, var, rstd");
-  m.def("bn_gelu_bwd", &bn_gelu_bwd, "its backward: dx, dweight, dbias");
-  m.def("has_conv3x3_wgrad", &has_conv3x3_wgrad, "whether conv3x3_wgrad was built (AVX-512 BF16)");
 }
