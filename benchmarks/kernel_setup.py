@@ -10,6 +10,7 @@ Both are once per machine (cached beside the build), so they count in the first 
     python benchmarks/kernel_setup.py --no-build --grads --screen inf --screen 3
     git worktree add /tmp/old 8a0fdcb   # then this chooser against that older one:
     python benchmarks/kernel_setup.py --no-build --repeats 2 --tree /tmp/old --tree .
+    python benchmarks/kernel_setup.py --no-build --reference 12 --timings 5 --timings 3   # picks judged
 
 Each build runs in a fresh process with an empty TORCH_EXTENSIONS_DIR (trees and sources alternate;
 a `--source` must suit the tree's way of building it), and then
@@ -103,7 +104,7 @@ for ci, co, h, w in shapes[::max(1, len(shapes) // 7)]:
 CHOOSE = """
 import json, sys, tempfile, time
 from pathlib import Path
-src, drop, screen, epochs = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+src, drop, screen, epochs, repeats = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 sys.path.insert(0, src)
 from cifarkit import kernels
 from cifarkit.config import resolve
@@ -118,7 +119,8 @@ screened = hasattr(kernels, "SCREEN")           # (a tree from before SCREEN has
 kernels.DROP, kernels.SCREEN = drop, screen
 cache = Path(tempfile.mkdtemp()) / "choices.json"
 t = time.perf_counter()
-got = kernels.choose(models, sizes, batch=min(cfg.batch_size, 256), cache=cache)
+extra = {"repeats": int(repeats)} if repeats else {}   # else the chooser's own default
+got = kernels.choose(models, sizes, batch=min(cfg.batch_size, 256), cache=cache, **extra)
 seconds = time.perf_counter() - t
 # per shape, each implementation's time (ms) as the cache keeps it
 impls = ("pytorch", "native", "matmul", "gemm")
@@ -133,7 +135,8 @@ for key, ms in entries.items():
         gemm.setdefault(side, []).append(ms["gemm"] / min(ms.values()))
 print(json.dumps({"seconds": seconds, "got": got, "slow": slow, "total": sum(map(len, entries.values())),
                   "gemm": {s: (min(r), max(r)) for s, r in sorted(gemm.items())},
-                  "screen": screen if screened else None}))
+                  "screen": screen if screened else None,
+                  "entries": entries, "use": {k: e["use"] for k, e in json.loads(cache.read_text()).items()}}))
 """
 
 
@@ -154,6 +157,12 @@ def main() -> None:
                     help="also time PyTorch's convolution backward with both gradients in one call "
                          "against each alone (what the chooser's shared timing assumes)")
     ap.add_argument("--epochs", type=int, default=13, help="the recipe's --epochs (sets its image sizes)")
+    ap.add_argument("--timings", action="append", type=int,
+                    help="the chooser's timed runs per implementation (`repeats`; repeat to compare)")
+    ap.add_argument("--reference", type=int, default=0,
+                    help="first time every implementation this many times (no dropping or screening), "
+                         "then judge each chooser's picks by those times: how much slower than the "
+                         "fastest picks (summed over the shapes)")
     args = ap.parse_args()
 
     import torch
@@ -175,24 +184,40 @@ def main() -> None:
                               str(args.epochs)], capture_output=True, text=True)
         print(out.stdout.strip() or out.stderr.strip()[-300:], flush=True)
     # each chooser timing in a fresh process, as a first run times it; the variants alternate
-    variants = [(tree, drop, screen) for tree in trees for drop in args.drop or [kernels.DROP]
-                for screen in args.screen or [kernels.SCREEN]]
+    variants = [(tree, drop, screen, timings) for tree in trees for drop in args.drop or [kernels.DROP]
+                for screen in args.screen or [kernels.SCREEN] for timings in args.timings or [None]]
+    reference = None
+    if args.reference:
+        out = subprocess.run([sys.executable, "-c", CHOOSE, str(trees[-1] / "src"), "inf", "inf", str(args.epochs),
+                              str(args.reference)], capture_output=True, text=True)
+        reference = json.loads(out.stdout.strip().splitlines()[-1])["entries"]
+        best = sum(min(ms.values()) for ms in reference.values())
+        print(f"reference: every implementation timed {args.reference} times; the fastest of each shape "
+              f"add up to {best:.0f} ms", flush=True)
     for r in range(args.repeats if args.no_build else 1):
-        for tree, drop, screen in variants:
+        for tree, drop, screen, timings in variants:
             out = subprocess.run([sys.executable, "-c", CHOOSE, str(tree / "src"), str(drop), str(screen),
-                                  str(args.epochs)], capture_output=True, text=True)
+                                  str(args.epochs), str(timings or "")], capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"choose {tree}: failed: {out.stderr.strip()[-300:]}", flush=True)
                 continue
             res = json.loads(out.stdout.strip().splitlines()[-1])
             got = res["got"]
             by = ", ".join(f"{k} {v}" for k, v in sorted(got.get("wgrad_by", {}).items()))
-            print(f"choose ({tree.name}, DROP {drop}, SCREEN {res['screen'] or 'none'}): {res['seconds']:.1f} s for "
+            print(f"choose ({tree.name}, DROP {drop}, SCREEN {res['screen'] or 'none'}, "
+                  f"{timings or 'default'} timed runs): {res['seconds']:.1f} s for "
                   f"{got['timed']} shapes | pool native {got['pool'][0]}/{got['pool'][1]}, bn+gelu native "
                   f"{got['bngelu'][0]}/{got['bngelu'][1]}, conv weight gradient: {by} | {res['slow']} of "
                   f"{res['total']} timings over 1.5x their shape's fastest", flush=True)
             print("  whole convolution as matrix products / the fastest, by image side: " + ", ".join(
                 f"{s} px {lo:.2f}-{hi:.2f}" for s, (lo, hi) in res["gemm"].items()), flush=True)
+            if reference is not None:   # the picks, timed by the reference: the cost of a wrong one
+                judged = {k: use for k, use in res["use"].items() if use in reference.get(k, {})}
+                picked = sum(reference[k][use] for k, use in judged.items())
+                best = sum(min(reference[k].values()) for k in judged)
+                worst = max((reference[k][use] / min(reference[k].values()), k) for k, use in judged.items())
+                print(f"  by the reference's times the picks ({len(judged)} shapes) take {picked / best:.4f}x the fastest picks; "
+                      f"the worst pick: {worst[0]:.3f}x on {worst[1]}", flush=True)
 
 if __name__ == "__main__":
     main()

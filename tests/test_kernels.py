@@ -557,14 +557,45 @@ def test_the_whole_convolution_as_matrix_products_is_timed_unless_turned_off(cho
     assert "gemm" not in kernels._time_op(("wgrad", 32, 32, 2, 2), batch=4, repeats=1)
 
 
+def test_the_whole_convolution_as_matrix_products_is_timed_on_small_images_only(chooser, tmp_path, monkeypatch):
+    monkeypatch.delenv("CIFARKIT_GEMM_CONV", raising=False)
+    side = kernels.GEMM_SIDE
+    assert "gemm" in kernels._time_op(("wgrad", 32, 32, side, side), batch=2, repeats=1)
+    assert "gemm" not in kernels._time_op(("wgrad", 32, 32, side + 1, side), batch=2, repeats=1)
+    # a cache timed that way is complete: the larger shapes are not timed again for lack of it
+    shapes = []
+    monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: shapes.append(spec) or (
+        {"pytorch": 1.0, "native": 2.0} if spec[0] != "wgrad"
+        else {"pytorch": 1.0, "native": 2.0, "matmul": 2.0, **({"gemm": 2.0} if spec[-1] <= side else {})}))
+    cache = tmp_path / "c.json"
+    kernels.choose([_net()], [32], batch=8, cache=cache)
+    sides = {s[-1] for s in shapes if s[0] == "wgrad"}
+    assert min(sides) <= side < max(sides)                      # shapes of both kinds were timed
+    monkeypatch.setattr(kernels, "_time_op", lambda *a: pytest.fail("timed again despite the cache"))
+    assert kernels.choose([_net()], [32], batch=8, cache=cache)["timed"] == 0
+
+
+def test_timing_inputs_are_slices_of_one_block_freed_after_choosing(chooser, tmp_path):
+    x, w, g = kernels._normal((2, 8, 3, 5), (16, 8, 3, 3), (2, 16, 3, 5), dtype=torch.bfloat16)
+    assert [tuple(t.shape) for t in (x, w, g)] == [(2, 8, 3, 5), (16, 8, 3, 3), (2, 16, 3, 5)]
+    assert all(t.dtype == torch.bfloat16 and t.is_contiguous(memory_format=CL) for t in (x, w, g))
+    mem = [t.permute(0, 2, 3, 1).flatten()[:16] for t in (x, g)]          # in memory order
+    assert not torch.equal(*mem)                                          # not the same values twice
+    assert 0.5 < float(torch.cat([x.flatten(), w.flatten(), g.flatten()]).float().std()) < 1.5
+    kernels.choose([_net()], [16], batch=4, repeats=1, cache=tmp_path / "c.json")
+    assert kernels._state["noise"] is None
+
+
 def test_a_cached_gemm_choice_is_not_used_once_the_option_is_off(chooser, tmp_path, monkeypatch):
     # timed by default: the whole convolution as matrix products won every shape
     monkeypatch.delenv("CIFARKIT_GEMM_CONV", raising=False)
     fake = {"pytorch": 10.0, "native": 8.0, "matmul": 6.0, "gemm": 1.0}
-    monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: dict(fake) if spec[0] == "wgrad"
-                        else {"pytorch": 1.0, "native": 2.0})
+    monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: (
+        {k: v for k, v in fake.items() if k != "gemm" or spec[-1] <= kernels.GEMM_SIDE} if spec[0] == "wgrad"
+        else {"pytorch": 1.0, "native": 2.0}))
     cache = tmp_path / "c.json"
-    assert kernels.choose([_net()], [16], batch=8, cache=cache)["wgrad_by"] == {"gemm": 5}
+    # (not a candidate on the larger images: GEMM_SIDE)
+    assert kernels.choose([_net()], [16], batch=8, cache=cache)["wgrad_by"] == {"gemm": 2, "matmul": 3}
     # turned off, the same cache gives the fastest of the others, and nothing is re-timed
     monkeypatch.setenv("CIFARKIT_GEMM_CONV", "0")
     monkeypatch.setattr(kernels, "_time_op", lambda *a: pytest.fail("timed again despite the cache"))
@@ -729,6 +760,7 @@ def test_gemm_convolution_in_fp32_is_the_convolution(shape):
 
 def test_fp32_chooser_needs_no_build_and_times_only_the_convolutions(fp32_chooser, tmp_path, monkeypatch):
     assert kernels._state["module"] is None                  # nothing built, nothing to build
+    monkeypatch.setattr(kernels, "GEMM_SIDE", 99)            # a candidate on every image here
     timed = []
     monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: timed.append(spec[0]) or
                         {"pytorch": 2.0, "matmul": 3.0, "gemm": 1.0})

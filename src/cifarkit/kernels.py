@@ -49,6 +49,7 @@ import contextlib
 import ctypes
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -77,7 +78,8 @@ SOURCE = Path(__file__).with_name("csrc") / "native.cpp"
 # "matmul")} measured by `choose`, or None (not measured: native wherever it applies, as in the
 # tests of the kernels themselves).
 # record: while `_shapes` runs the networks, the fused batch norm + GELU shapes seen ({key: spec}).
-_state: dict = {"module": None, "reason": None, "off": 0, "choice": None, "record": None}
+# noise: while `choose` times, the block of random values its inputs are cut from (_normal).
+_state: dict = {"module": None, "reason": None, "off": 0, "choice": None, "record": None, "noise": None}
 
 
 def _build_name() -> str:
@@ -429,46 +431,64 @@ def _pytorch_bn_gelu(x, weight, bias):
     return F.gelu(F.batch_norm(x, None, None, weight, bias, True, 0.4, 1e-12))
 
 
-def _wgrad_candidates(dtype: torch.dtype = torch.bfloat16) -> tuple:
-    """The convolution implementations `choose` times besides PyTorch's: the weight gradient in
-    C++ (bf16, where built) or as nine matrix products, and the whole convolution as matrix
-    products (CIFARKIT_GEMM_CONV=0 leaves that one out). On the AMX Xeon it made the fast recipe's
-    step on 16-24 px images 0.74-0.92 of the time, and 13-epoch runs with and without it reached
-    the same accuracy over six seeds (90.55 against 90.58 %, docs/benchmarks.md). In fp32 on an
-    AMD Zen 3 it took 0.33-0.89 of oneDNN's time on 1x1 to 3x3-pixel images (section 6)."""
+GEMM_SIDE = 6   # the whole convolution as matrix products is timed on images of at most this side
+
+
+def _wgrad_candidates(dtype: torch.dtype = torch.bfloat16, side: int = 1) -> tuple:
+    """The convolution implementations `choose` times besides PyTorch's on images of ``side``
+    pixels: the weight gradient in C++ (bf16, where built) or as nine matrix products, and the
+    whole convolution as matrix products (CIFARKIT_GEMM_CONV=0 leaves that one out). On the AMX
+    Xeon it made the fast recipe's step on 16-24 px images 0.74-0.92 of the time, and 13-epoch
+    runs with and without it reached the same accuracy over six seeds (90.55 against 90.58 %,
+    docs/benchmarks.md). In fp32 on an AMD Zen 3 it took 0.33-0.89 of oneDNN's time on 1x1 to
+    3x3-pixel images (section 6). Only up to GEMM_SIDE pixels: on 7x7 and more oneDNN's
+    convolution was 2-4x faster on the Xeon, and the fastest way 2-13x on a Zen 4, where that
+    one timed run of it took about 3 s of the chooser's 22 (docs/benchmarks.md section 7)."""
     module = _state["module"]
     native = dtype == torch.bfloat16 and module is not None and module.has_conv3x3_wgrad()
     found = ("native", "matmul") if native else ("matmul",)
-    return found if os.environ.get("CIFARKIT_GEMM_CONV") == "0" else found + ("gemm",)
+    return found if os.environ.get("CIFARKIT_GEMM_CONV") == "0" or side > GEMM_SIDE else found + ("gemm",)
+
+
+def _normal(*shapes, dtype: torch.dtype) -> list:
+    """Standard normal tensors of these (N, C, H, W) shapes, channels_last in ``dtype``, for timing:
+    consecutive slices of one block of values, generated once (and grown when too small) until
+    `choose` is done. Generating each shape's own inputs took 3.6 of the chooser's 21.7 s on a
+    Zen 4; the times do not depend on the values."""
+    need = sum(math.prod(s) for s in shapes)
+    block = _state.get("noise")
+    if block is None or block.numel() < need:
+        block = _state["noise"] = torch.randn(need, generator=torch.Generator().manual_seed(0))
+    out, at = [], 0
+    for n, c, h, w in shapes:
+        size = n * c * h * w
+        out.append(block[at:at + size].view(n, h, w, c).permute(0, 3, 1, 2).to(dtype))
+        at += size
+    return out
 
 
 def _time_op(spec: tuple, batch: int, repeats: int) -> dict:
     """Forward + backward on random bf16 inputs of one shape: PyTorch's op and each other
     implementation ({"pytorch": ms, "native": ms[, "matmul": ms]})."""
-    g = torch.Generator().manual_seed(0)
-    cl = torch.channels_last
+    bf = torch.bfloat16
     if spec[0] == "pool":
         _, c, h, w = spec
-        x = torch.randn(batch, c, h, w, generator=g).to(torch.bfloat16).contiguous(memory_format=cl)
+        x, gy = _normal((batch, c, h, w), (batch, c, h // 2, w // 2), dtype=bf)
         x.requires_grad_()
-        gy = torch.randn(batch, c, h // 2, w // 2, generator=g).to(torch.bfloat16).contiguous(memory_format=cl)
         fns = {impl: lambda op=op: torch.autograd.grad(op(x), x, gy)
                for impl, op in (("pytorch", _pytorch_pool), ("native", _MaxPool2x2.apply))}
     elif spec[0] == "bngelu":
         _, c, h, w = spec
-        x = torch.randn(batch, c, h, w, generator=g).to(torch.bfloat16).contiguous(memory_format=cl)
+        x, gy = _normal((batch, c, h, w), (batch, c, h, w), dtype=bf)
         x.requires_grad_()
         weight, bias = torch.ones(c), torch.zeros(c, requires_grad=True)
-        gy = torch.randn(batch, c, h, w, generator=g).to(torch.bfloat16).contiguous(memory_format=cl)
         ops = {"pytorch": lambda: _pytorch_bn_gelu(x, weight, bias),
                "native": lambda: _BNGELU.apply(x, weight, bias, 1e-12)[0]}
         fns = {impl: lambda op=op: torch.autograd.grad(op(), (x, bias), gy) for impl, op in ops.items()}
     else:   # "wgrad": bf16 (as training runs under autocast); "conv32": fp32
         _, ci, co, h, w = spec
         dtype = torch.float32 if spec[0] == "conv32" else torch.bfloat16
-        x = torch.randn(batch, ci, h, w, generator=g).to(dtype).contiguous(memory_format=cl)
-        weight = torch.randn(co, ci, 3, 3, generator=g).to(dtype).contiguous(memory_format=cl)
-        gy = torch.randn(batch, co, h, w, generator=g).to(dtype).contiguous(memory_format=cl)
+        x, weight, gy = _normal((batch, ci, h, w), (co, ci, 3, 3), (batch, co, h, w), dtype=dtype)
         # PyTorch's, the C++ and the nine-product ways differ only in the weight gradient: the
         # forward and the input gradient are PyTorch's in all three, so they are timed once
         # (`common`) instead of once per way. PyTorch's own backward computes the two gradients
@@ -477,7 +497,7 @@ def _time_op(spec: tuple, batch: int, repeats: int) -> dict:
         # favours PyTorch's); timing the 13-epoch recipe's shapes took 24.8 s instead of 38.3-38.7 (and
         # 20.3-25.7 s with SCREEN too). `benchmarks/kernel_setup.py`, docs/benchmarks.md section 7.
         grads = {"pytorch": lambda: _pytorch_wgrad(x, weight, gy)}
-        cands = _wgrad_candidates(dtype)
+        cands = _wgrad_candidates(dtype, max(h, w))
         if "native" in cands:
             grads["native"] = lambda: _state["module"].conv3x3_wgrad(x, gy).to(torch.bfloat16)
         if "matmul" in cands:
@@ -506,7 +526,7 @@ def _cache_path() -> Path:
     return user_cache_root() / f"{_build_name()}-choices.json"
 
 
-def choose(models, sizes, batch: int = 256, repeats: int = 5, cache: Path | None = None,
+def choose(models, sizes, batch: int = 256, repeats: int = 3, cache: Path | None = None,
            precision: str = "bf16") -> dict:
     """Time each native op (and the weight gradient's matrix products) against PyTorch's on the
     shapes ``models`` feed it at the image ``sizes``, and use the fastest, PyTorch's unless
@@ -533,7 +553,7 @@ def choose(models, sizes, batch: int = 256, repeats: int = 5, cache: Path | None
     choice, summary, timed = {}, {"pool": [0, 0], "wgrad": [0, 0], "bngelu": [0, 0], "wgrad_by": {}}, 0
     for key, spec in sorted(_shapes(models, sizes, dtype).items()):
         entry = known.get(f"{threads} threads, {key}")
-        wanted = {"use", "pytorch", *(_wgrad_candidates(dtype) if spec[0] in ("wgrad", "conv32")
+        wanted = {"use", "pytorch", *(_wgrad_candidates(dtype, max(spec[-2:])) if spec[0] in ("wgrad", "conv32")
                                       else ("native",))}
         if entry is None or not wanted <= entry.keys():   # new, or cached before a candidate existed
             ms = _time_op(spec, batch, repeats)
@@ -560,6 +580,7 @@ def choose(models, sizes, batch: int = 256, repeats: int = 5, cache: Path | None
         except OSError:
             pass
     _state["choice"] = choice
+    _state["noise"] = None   # the timing inputs' values (_normal)
     return {**summary, "timed": timed, **({"fp32": True} if fp32 else {})}
 
 
