@@ -562,6 +562,22 @@ def test_validation_is_cheap_during_training_and_full_at_the_end(tiny_folder, tm
     assert "s training, " in logs[-1] and "s validation, " in logs[-1] and "s other" in logs[-1]
 
 
+def test_val_checks_on_part_of_the_split_never_make_the_best_checkpoint(tiny_folder, tmp_path):
+    logs = []
+    # lr 1e-12: the weights never change, so only which passes may count decides best.ckpt
+    s = train(_cfg(tiny_folder, tmp_path / "r", epochs=3, lr=1e-12, eval_subset=7), progress=False,
+              log=logs.append)
+    lines = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [l.get("val_check_images") for l in lines] == [7, 7, None]
+    assert [l["val_acc"] is None for l in lines] == [True, True, False]
+    assert all(0 <= l["val_check_acc"] <= 1 for l in lines[:2])
+    assert s["best_val_acc"] == lines[-1]["val_acc"] and s["n_val"] > 7
+    assert load_checkpoint(tmp_path / "r" / "best.ckpt").metrics["epoch"] == 3
+    assert "val check acc" in logs[-4] and "(7 images)" in logs[-4]     # epoch 2's line
+    assert s["eval_seconds"] == pytest.approx(sum(l["val_seconds"] for l in lines))
+    assert (tmp_path / "r" / "curves.png").stat().st_size > 0
+
+
 def test_patience_stops_when_val_accuracy_stops_improving(tiny_folder, tmp_path):
     logs = []
     s = train(_cfg(tiny_folder, tmp_path / "r", epochs=10, lr=1e-12, patience=2), progress=False, log=logs.append)

@@ -134,6 +134,10 @@ class TrainConfig:
     threads: int = setting(0, "CPU threads (0 = one per available core)")
     deterministic: bool = setting(False, "deterministic algorithms (bit-exact resume)")
     eval_every: int = setting(1, "validate every N epochs (the last epoch always, with --tta)")
+    eval_subset: int = setting(0, "val passes before the last score only this many val images, "
+                                  "evenly spread over the split (0 = all): a cheaper look at "
+                                  "progress, reported as 'val check'; the last pass scores them all, "
+                                  "and only full passes count for best.ckpt, --patience and the summary")
     out: str | None = setting(None, "run folder (default runs/<recipe>-<time>)")
     tensorboard: bool = setting(True, "write TensorBoard events into RUN/tb")
 
@@ -149,7 +153,7 @@ class TrainConfig:
                 raise CifarkitError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}",
                                     exit_code=2)
         for key in ("val_size", "crop_pad", "cutout", "warmup_epochs", "weight_decay",
-                    "momentum", "eval_every", "threads", "clip_grad", "patience", "mixup", "cutmix", "head_lr"):
+                    "momentum", "eval_every", "eval_subset", "threads", "clip_grad", "patience", "mixup", "cutmix", "head_lr"):
             if getattr(self, key) < 0:
                 raise CifarkitError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(self, key)}",
                                     exit_code=2)
@@ -296,8 +300,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         label_smoothing=0.2, flip=True, alt_flip=True,  # mirrored every other epoch
         crop_pad=2,                           # translate by up to 2 px (reflect)
         # A validation pass of 5,000 images costs about 0.4 % of the run; one every epoch
-        # made the wall time 1.07x the training time, so every 4th (the last always, with TTA).
-        eval_every=4,
+        # made the wall time 1.07x the training time, so every 4th (the last always, with TTA),
+        # and those before the last on 1,000 of them (3.3-3.5 s each on 5,000 on a Zen 4).
+        eval_every=4, eval_subset=1000,
         tta="flip_translate"),
 }
 

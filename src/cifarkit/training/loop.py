@@ -303,9 +303,17 @@ def validate(run: Run, epoch: int, sums: dict):
         # Test-time augmentation multiplies the cost of a validation pass (4 views for
         # flip_translate): during training one view shows the progress, the last epoch gets all.
         tta = cfg.tta if last else "none"
+        # A check on part of the split (eval_subset) is kept apart from val_acc, so that a lucky
+        # sample can never be the best checkpoint or the run's reported accuracy.
+        check = not last and 0 < cfg.eval_subset < len(p.val)
+        split = p.val.subset(torch.linspace(0, len(p.val) - 1, cfg.eval_subset).round().long()) if check else p.val
         t0 = time.perf_counter()
-        r = evaluate(net, p.val, p.classes, p.mean, p.std, p.device, p.precision, tta=tta)
-        metrics["val_loss"], metrics["val_acc"] = r.loss, r.accuracy
+        r = evaluate(net, split, p.classes, p.mean, p.std, p.device, p.precision, tta=tta)
+        if check:
+            metrics["val_check_loss"], metrics["val_check_acc"], metrics["val_check_images"] = r.loss, r.accuracy, r.n
+            r = None
+        else:
+            metrics["val_loss"], metrics["val_acc"] = r.loss, r.accuracy
         metrics["val_tta"], metrics["val_seconds"] = tta, time.perf_counter() - t0
     state.history.append(metrics)
     return metrics, r

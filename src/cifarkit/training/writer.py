@@ -118,7 +118,8 @@ def summary(cfg, p, history: list, wall: float, run_dir: Path, processes: int) -
 
 def epoch_line(m: dict, epochs: int, image_size: int = 0) -> str:
     val = (f"val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}" if m["val_acc"] is not None
-           else "val -")
+           else f"val check acc {m['val_check_acc']:.4f} ({m['val_check_images']:,} images)"
+           if m.get("val_check_acc") is not None else "val -")
     size = f" | {m['image_size']} px" if m.get("image_size") and m["image_size"] != image_size else ""
     return (f"epoch {m['epoch']:>3}/{epochs}{size} | train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}"
             f" | {val} | lr {m['lr']:.4g} | {m['seconds']:.1f}s {m['images_per_s']:,.0f} img/s")
