@@ -39,7 +39,9 @@ class Progress:
                 self.last = now
                 rate = self.n / max(now - self.t0, 1e-9)
                 eta = (self.total - self.n) / max(rate, 1e-9)
-                print(f"  {self.desc}: {self.n}/{self.total} {self.unit} {rate:,.0f} {self.unit}/s "
+                # under one a second (a CPU step of 2,000 images), seconds each: not "0 step/s"
+                speed = f"{rate:,.0f} {self.unit}/s" if rate >= 1 else f"{1 / rate:.1f} s/{self.unit}"
+                print(f"  {self.desc}: {self.n}/{self.total} {self.unit} {speed} "
                       f"eta {eta:.0f}s {self.postfix}".rstrip(), file=self.file, flush=True)
 
     def close(self) -> None:
