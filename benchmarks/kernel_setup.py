@@ -42,30 +42,19 @@ reason = kernels.load()
 if reason is not None:
     sys.exit("failed: " + reason)
 line = f"{time.perf_counter() - t:.1f} s"
-# the built kernels' speed, so that a faster build is seen not to give slower code: the weight
-# gradient on three of the recipe's layers (batch 256), the fused batch norm + GELU and the
-# max-pool, forward and backward (batch 1000); the fastest of 15 (this machine's stalls only add)
-m, g, cl = kernels._state["module"], torch.Generator().manual_seed(0), torch.channels_last
+# the built kernels' speed, so that a faster build is seen not to give slower code: the cases of
+# benchmarks/native_ab.py (which times two builds in one process), the fastest of 15 each (this
+# machine's stalls only add)
+sys.path.insert(0, sys.argv[3])
+from native_ab import cases
+m = kernels._state["module"]
 def fastest_ms(fn):
-    fn()
+    fn(m)
     ts = []
     for _ in range(15):
-        t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
+        t = time.perf_counter(); fn(m); ts.append(time.perf_counter() - t)
     return min(ts) * 1e3
-ops = []
-if m.has_conv3x3_wgrad():
-    for ci, co, h in ((64, 224, 15), (224, 224, 7), (320, 320, 3)):
-        x = torch.randn(256, ci, h, h, generator=g).bfloat16().contiguous(memory_format=cl)
-        gy = torch.randn(256, co, h, h, generator=g).bfloat16().contiguous(memory_format=cl)
-        ops.append((f"wgrad {ci}->{co} {h}px", fastest_ms(lambda: m.conv3x3_wgrad(x, gy))))
-x = torch.randn(1000, 64, 16, 16, generator=g).bfloat16().contiguous(memory_format=cl)
-w, b = torch.ones(64), torch.zeros(64)
-y, mean, var, rstd = m.bn_gelu_fwd(x, w, b, 1e-12)
-ops.append(("bn+gelu fwd 64ch 16px", fastest_ms(lambda: m.bn_gelu_fwd(x, w, b, 1e-12))))
-ops.append(("bwd", fastest_ms(lambda: m.bn_gelu_bwd(y, x, mean, rstd, w, b))))
-out, code = m.pool_fwd(x, True)
-ops.append(("pool fwd", fastest_ms(lambda: m.pool_fwd(x, True))))
-ops.append(("bwd", fastest_ms(lambda: m.pool_bwd(out, code, 16, 16))))
+ops = [(name, fastest_ms(fn)) for name, fn in cases(m)]
 print(line + " | " + ", ".join(f"{k} {v:.2f} ms" for k, v in ops))
 """
 
@@ -124,7 +113,8 @@ got = kernels.choose(models, sizes, batch=min(cfg.batch_size, 256), cache=cache,
 seconds = time.perf_counter() - t
 # per shape, each implementation's time (ms) as the cache keeps it
 impls = ("pytorch", "native", "matmul", "gemm")
-entries = {key: {k: v for k, v in e.items() if k in impls} for key, e in json.loads(cache.read_text()).items()}
+cached = json.loads(cache.read_text())
+entries = {key: {k: v for k, v in e.items() if k in impls} for key, e in cached.items()}
 # how many of the timings were of an implementation over 1.5x its shape's fastest
 slow = sum(t > 1.5 * min(ms.values()) for ms in entries.values() for t in ms.values())
 # the whole convolution as matrix products against its shape's fastest, by image side
@@ -136,7 +126,7 @@ for key, ms in entries.items():
 print(json.dumps({"seconds": seconds, "got": got, "slow": slow, "total": sum(map(len, entries.values())),
                   "gemm": {s: (min(r), max(r)) for s, r in sorted(gemm.items())},
                   "screen": screen if screened else None,
-                  "entries": entries, "use": {k: e["use"] for k, e in json.loads(cache.read_text()).items()}}))
+                  "entries": entries, "use": {k: e["use"] for k, e in cached.items()}}))
 """
 
 
@@ -175,8 +165,8 @@ def main() -> None:
         for r in range(args.repeats):
             for tree in trees:
                 for src in args.source or [None]:
-                    out = subprocess.run([sys.executable, "-c", BUILD, str(tree / "src"), str(src or "")],
-                                         capture_output=True, text=True)
+                    out = subprocess.run([sys.executable, "-c", BUILD, str(tree / "src"), str(src or ""),
+                                          str(Path(__file__).resolve().parent)], capture_output=True, text=True)
                     print(f"build ({tree.name}) {src or 'its native.cpp'}: "
                           f"{out.stdout.strip() or out.stderr.strip()[-300:]}", flush=True)
     if args.grads:
@@ -190,6 +180,8 @@ def main() -> None:
     if args.reference:
         out = subprocess.run([sys.executable, "-c", CHOOSE, str(trees[-1] / "src"), "inf", "inf", str(args.epochs),
                               str(args.reference)], capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"reference timing failed: {out.stderr.strip()[-300:]}")
         reference = json.loads(out.stdout.strip().splitlines()[-1])["entries"]
         best = sum(min(ms.values()) for ms in reference.values())
         print(f"reference: every implementation timed {args.reference} times; the fastest of each shape "

@@ -18,6 +18,32 @@ import time
 from pathlib import Path
 
 
+def cases(module) -> list:
+    """[(name, fn(kernels))]: the weight gradient on three of the fast recipe's layers (batch 256,
+    as the chooser times), the fused batch norm + GELU and the max-pool forward and backward at
+    three sizes (batch 1000), inputs built with ``module`` (either build will do)."""
+    import torch
+    g, cl = torch.Generator().manual_seed(0), torch.channels_last
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).bfloat16().contiguous(memory_format=cl)
+    found = []
+    if module.has_conv3x3_wgrad():
+        for ci, co, h in ((64, 224, 15), (224, 224, 7), (320, 320, 3)):
+            x, gy = rand(256, ci, h, h), rand(256, co, h, h)
+            found.append((f"wgrad {ci}->{co} {h}px", lambda m, x=x, gy=gy: m.conv3x3_wgrad(x, gy)))
+    for c, h in ((64, 32), (224, 16), (320, 8)):
+        x, w, b = rand(1000, c, h, h), torch.ones(c), torch.zeros(c)
+        y, mean, _, rstd = module.bn_gelu_fwd(x, w, b, 1e-12)
+        out, code = module.pool_fwd(x, True)
+        found += [(f"bn+gelu fwd {c}ch {h}px", lambda m, x=x, w=w, b=b: m.bn_gelu_fwd(x, w, b, 1e-12)),
+                  (f"bn+gelu bwd {c}ch {h}px",
+                   lambda m, x=x, w=w, b=b, y=y, mean=mean, rstd=rstd: m.bn_gelu_bwd(y, x, mean, rstd, w, b)),
+                  (f"pool fwd {c}ch {h}px", lambda m, x=x: m.pool_fwd(x, True)),
+                  (f"pool bwd {c}ch {h}px", lambda m, out=out, code=code, h=h: m.pool_bwd(out, code, h, h))]
+    return found
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old-source", type=Path, required=True, help="a native.cpp written for torch.utils.cpp_extension")
@@ -35,25 +61,7 @@ def main() -> None:
     if kernels.load() is not None:
         sys.exit(f"native kernels unavailable: {kernels.load()}")
     new = kernels._state["module"]
-    g, cl = torch.Generator().manual_seed(0), torch.channels_last
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g).bfloat16().contiguous(memory_format=cl)
-    cases = []
-    if new.has_conv3x3_wgrad():   # three of the fast recipe's layers, batch 256 (as the chooser times)
-        for ci, co, h in ((64, 224, 15), (224, 224, 7), (320, 320, 3)):
-            x, gy = rand(256, ci, h, h), rand(256, co, h, h)
-            cases.append((f"wgrad {ci}->{co} {h}px", lambda m, x=x, gy=gy: m.conv3x3_wgrad(x, gy)))
-    for c, h in ((64, 32), (224, 16), (320, 8)):   # batch 1000
-        x, w, b = rand(1000, c, h, h), torch.ones(c), torch.zeros(c)
-        y, mean, _, rstd = new.bn_gelu_fwd(x, w, b, 1e-12)
-        out, code = new.pool_fwd(x, True)
-        cases += [(f"bn+gelu fwd {c}ch {h}px", lambda m, x=x, w=w, b=b: m.bn_gelu_fwd(x, w, b, 1e-12)),
-                  (f"bn+gelu bwd {c}ch {h}px",
-                   lambda m, x=x, w=w, b=b, y=y, mean=mean, rstd=rstd: m.bn_gelu_bwd(y, x, mean, rstd, w, b)),
-                  (f"pool fwd {c}ch {h}px", lambda m, x=x: m.pool_fwd(x, True)),
-                  (f"pool bwd {c}ch {h}px", lambda m, out=out, code=code, h=h: m.pool_bwd(out, code, h, h))]
-    for name, fn in cases:
+    for name, fn in cases(new):
         ts = {"before": [], "now": []}
         for _ in range(args.rounds + 1):
             for k, m in (("before", old), ("now", new)):

@@ -145,8 +145,7 @@ class _Native:
 
     @staticmethod
     def _check(t: torch.Tensor, name: str) -> None:
-        if not (t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.dim() == 4
-                and t.is_contiguous(memory_format=torch.channels_last)):
+        if not _bf16_channels_last(t):
             raise RuntimeError(f"{name} must be a 4-D bf16 channels_last CPU tensor")
 
     @staticmethod
@@ -452,13 +451,14 @@ def _wgrad_candidates(dtype: torch.dtype = torch.bfloat16, side: int = 1) -> tup
 
 def _normal(*shapes, dtype: torch.dtype) -> list:
     """Standard normal tensors of these (N, C, H, W) shapes, channels_last in ``dtype``, for timing:
-    consecutive slices of one block of values, generated once (and grown when too small) until
-    `choose` is done. Generating each shape's own inputs took 3.6 of the chooser's 21.7 s on a
+    consecutive slices of one block of values, generated once (and at least doubled when too small:
+    grown to each larger shape's need, the recipe's shapes made it 12 times) until `choose` is done. Generating each shape's own inputs took 3.6 of the chooser's 21.7 s on a
     Zen 4; the times do not depend on the values."""
     need = sum(math.prod(s) for s in shapes)
     block = _state.get("noise")
     if block is None or block.numel() < need:
-        block = _state["noise"] = torch.randn(need, generator=torch.Generator().manual_seed(0))
+        size = max(need, 2 * block.numel()) if block is not None else need
+        block = _state["noise"] = torch.randn(size, generator=torch.Generator().manual_seed(0))
     out, at = [], 0
     for n, c, h, w in shapes:
         size = n * c * h * w
@@ -551,26 +551,30 @@ def choose(models, sizes, batch: int = 256, repeats: int = 3, cache: Path | None
         known = {}
     threads = torch.get_num_threads()
     choice, summary, timed = {}, {"pool": [0, 0], "wgrad": [0, 0], "bngelu": [0, 0], "wgrad_by": {}}, 0
-    for key, spec in sorted(_shapes(models, sizes, dtype).items()):
-        entry = known.get(f"{threads} threads, {key}")
-        wanted = {"use", "pytorch", *(_wgrad_candidates(dtype, max(spec[-2:])) if spec[0] in ("wgrad", "conv32")
-                                      else ("native",))}
-        if entry is None or not wanted <= entry.keys():   # new, or cached before a candidate existed
-            ms = _time_op(spec, batch, repeats)
-            use = _pick(ms)
-            # native_faster: what cifarkit before 2026-11-30 reads from this shared file
-            entry = {**ms, "batch": batch, "use": use, "native_faster": use == "native"}
-            known[f"{threads} threads, {key}"] = entry
-            timed += 1
-        use = entry["use"]
-        if use not in wanted:   # chosen before CIFARKIT_GEMM_CONV=0 was set: the best of the rest
-            use = _pick({impl: entry[impl] for impl in wanted - {"use"}})
-        choice[key] = use
-        op = "wgrad" if spec[0] == "conv32" else spec[0]
-        summary[op][0] += choice[key] != "pytorch"
-        summary[op][1] += 1
-        if op == "wgrad":
-            summary["wgrad_by"][choice[key]] = summary["wgrad_by"].get(choice[key], 0) + 1
+    try:
+        for key, spec in sorted(_shapes(models, sizes, dtype).items()):
+            entry = known.get(f"{threads} threads, {key}")
+            cands = _wgrad_candidates(dtype, max(spec[-2:])) if spec[0] in ("wgrad", "conv32") else ("native",)
+            wanted = {"use", "pytorch", *cands}
+            if entry is None or not wanted <= entry.keys():   # new, or cached before a candidate existed
+                ms = _time_op(spec, batch, repeats)
+                use = _pick(ms)
+                # native_faster: what cifarkit before 2026-11-30 reads from this shared file
+                entry = {**ms, "batch": batch, "use": use, "native_faster": use == "native"}
+                known[f"{threads} threads, {key}"] = entry
+                timed += 1
+            use = entry["use"]
+            # chosen before CIFARKIT_GEMM_CONV=0 was set, or above GEMM_SIDE before it existed: the best of the rest
+            if use not in wanted:
+                use = _pick({impl: entry[impl] for impl in wanted - {"use"}})
+            choice[key] = use
+            op = "wgrad" if spec[0] == "conv32" else spec[0]
+            summary[op][0] += choice[key] != "pytorch"
+            summary[op][1] += 1
+            if op == "wgrad":
+                summary["wgrad_by"][choice[key]] = summary["wgrad_by"].get(choice[key], 0) + 1
+    finally:
+        _state["noise"] = None   # the timing inputs' values (_normal)
     if timed:
         try:   # a cache that cannot be written only costs the timing again next time
             cache.parent.mkdir(parents=True, exist_ok=True)   # fp32's, in the user's cache
@@ -580,7 +584,6 @@ def choose(models, sizes, batch: int = 256, repeats: int = 3, cache: Path | None
         except OSError:
             pass
     _state["choice"] = choice
-    _state["noise"] = None   # the timing inputs' values (_normal)
     return {**summary, "timed": timed, **({"fp32": True} if fp32 else {})}
 
 
@@ -605,10 +608,15 @@ def _plain_eager() -> bool:
                 or torch.onnx.is_in_onnx_export())
 
 
+def _bf16_channels_last(x: torch.Tensor) -> bool:
+    """A bf16 channels_last 4-D CPU tensor: what the C++ kernels read."""
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
 def _eligible(x: torch.Tensor) -> bool:
     """A non-empty bf16 channels_last 4-D CPU tensor, outside tracing and compiling."""
-    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4 and x.numel() > 0
-            and x.is_contiguous(memory_format=torch.channels_last) and _plain_eager())
+    return _bf16_channels_last(x) and x.numel() > 0 and _plain_eager()
 
 
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:

@@ -31,16 +31,15 @@ def plot_curves(history: list, path) -> None:
     a1.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
     vx = [h["epoch"] for h in history if h.get("val_loss") is not None]
     a1.plot(vx, [h["val_loss"] for h in history if h.get("val_loss") is not None], "s-", label="val")
-    a1.set_xlabel("epoch"); a1.set_ylabel("loss"); a1.set_title("loss"); a1.legend(); a1.grid(alpha=.3)
     a2.plot(ep, [h["train_acc"] for h in history], "o-", label="train")
     a2.plot(vx, [h["val_acc"] for h in history if h.get("val_acc") is not None], "s-", label="val")
     check = [h for h in history if h.get("val_check_acc") is not None]   # eval_subset passes
     if check:
-        a1.plot([h["epoch"] for h in check], [h["val_check_loss"] for h in check], "x", label="val check")
-        a2.plot([h["epoch"] for h in check], [h["val_check_acc"] for h in check], "x",
+        cx = [h["epoch"] for h in check]
+        a1.plot(cx, [h["val_check_loss"] for h in check], "x", label="val check")
+        a2.plot(cx, [h["val_check_acc"] for h in check], "x",
                 label=f"val check ({check[-1]['val_check_images']:,} images)")
-        a1.legend()
-        a2.legend()
+    a1.set_xlabel("epoch"); a1.set_ylabel("loss"); a1.set_title("loss"); a1.legend(); a1.grid(alpha=.3)
     a2.set_xlabel("epoch"); a2.set_ylabel("accuracy"); a2.set_title("accuracy"); a2.legend()
     a2.grid(alpha=.3)
     _save(fig, path)
