@@ -78,29 +78,34 @@ def forward_flops(cfg, size: int | None = None) -> float:
     return counter.get_total_flops() / 8
 
 
-def run_flops(cfg, n_train: int) -> float:
-    """Training FLOPs of a whole run, each epoch at its own image size (progressive resizing);
-    with selective backprop (hard_fraction < 1), a scoring forward of every image (or a training
-    step of the proxy network, --hard-proxy) plus a training step on the selected share."""
-    from collections import Counter
-
+def epoch_flops(cfg, n_train: int) -> list[float]:
+    """Training FLOPs of each epoch of a run (its own image size, progressive resizing); with
+    selective backprop (hard_fraction < 1), a scoring forward of every image (or a training step
+    of the proxy network, --hard-proxy) plus a training step on the selected share. Each distinct
+    kind of epoch is counted once (a FlopCounterMode pass), then repeated."""
     from cifarkit.optim import first_group_epochs, whiten_bias_epochs
     from cifarkit.training import epoch_size
     stop = whiten_bias_epochs(cfg) if cfg.model == "fast" else None   # frozen from this epoch on
     group_stop = first_group_epochs(cfg) if cfg.model == "fast" else None
-    epochs_at = Counter((epoch_size(cfg, e), stop is not None and e >= stop,
-                         group_stop is not None and e >= group_stop,
-                         cfg.hard_fraction < 1 and e >= cfg.hard_start) for e in range(cfg.epochs))
+    kinds = [(epoch_size(cfg, e), stop is not None and e >= stop,
+              group_stop is not None and e >= group_stop,
+              cfg.hard_fraction < 1 and e >= cfg.hard_start) for e in range(cfg.epochs)]
     proxy = dataclasses.replace(cfg, model_args=cfg.proxy_model_args()) if cfg.hard_proxy else None
-    total = 0.0
-    for (size, frozen, group_frozen, selecting), n in epochs_at.items():
+    per_kind = {}
+    for kind in dict.fromkeys(kinds):
+        size, frozen, group_frozen, selecting = kind
         step = train_step_flops(cfg, size, frozen, group_frozen)
         if selecting:   # a proxy scores instead of the network's own forward pass
             step = cfg.hard_fraction * step + (0 if proxy else forward_flops(cfg, size))
         if proxy is not None:   # trained on every whole batch
             step += train_step_flops(proxy, size, frozen)   # its first group trains to the end
-        total += step * n
-    return total * n_train
+        per_kind[kind] = step * n_train
+    return [per_kind[k] for k in kinds]
+
+
+def run_flops(cfg, n_train: int) -> float:
+    """Training FLOPs of a whole run: the sum of epoch_flops."""
+    return sum(epoch_flops(cfg, n_train))
 
 
 def run_once(data: str, seed: int, overrides: dict, extra_tta: tuple = ()) -> dict:
