@@ -55,3 +55,29 @@ def test_a_frozen_first_group_drops_its_weight_gradients_and_the_gradient_below_
     never = resolve_config("fast", overrides={"hard_fraction": 1.0, "hard_proxy": []})
     # epochs 15 and 16 (32 px) skip that work
     assert fast_recipe.run_flops(never, 100) - fast_recipe.run_flops(late, 100) == pytest.approx(2 * 100 * skipped)
+
+
+def test_epoch_rates_divide_each_epochs_flops_by_its_seconds(fast_recipe, tmp_path, monkeypatch, capsys):
+    """benchmarks/epoch_rates.py reads a run folder: each epoch's FLOPs at its own size (a 16 px
+    epoch counts less than a 32 px one) over that epoch's seconds; a half-written run is refused."""
+    import json
+    import sys
+
+    import yaml
+    from dataclasses import asdict
+    cfg = resolve_config("fast", overrides={"epochs": 2, "progressive": [16], "hard_fraction": 1.0,
+                                            "hard_proxy": []})
+    flops = fast_recipe.epoch_flops(cfg, 100)
+    assert len(flops) == 2 and flops[0] < 0.4 * flops[1]          # 16 px: about a quarter of 32 px
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(asdict(cfg)))
+    (tmp_path / "summary.json").write_text(json.dumps({"n_train": 100}))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps({"epoch": e + 1, "seconds": s, "image_size": px})
+                                                      for e, (s, px) in enumerate([(0.5, 16), (2.0, 32)])))
+    rates = load_benchmark("epoch_rates")
+    monkeypatch.setattr(sys, "argv", ["epoch_rates.py", str(tmp_path)])
+    assert rates.main() == 0
+    rows = [l.split() for l in capsys.readouterr().out.splitlines()[1:3]]
+    assert [float(r[4]) for r in rows] == [round(flops[0] / 0.5 / 1e9), round(flops[1] / 2.0 / 1e9)]
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "seconds": 0.5, "image_size": 16}))
+    assert rates.main() == 1                                       # one epoch of two: refused
+    assert "only a run that finished" in capsys.readouterr().err
