@@ -21,22 +21,20 @@ def main() -> int:
     ap.add_argument("run", type=Path, help="a run folder with config.yaml and metrics.jsonl")
     ap.add_argument("--at", type=float, help="GFLOP/s to price the whole run at, for comparison")
     a = ap.parse_args()
-    import yaml
-
-    from cifarkit.config import TrainConfig
+    from cifarkit.config import resolve
+    from cifarkit.errors import CifarkitError
     sys.path.insert(0, str(Path(__file__).parent))
     from fast_recipe import epoch_flops
 
     try:
-        settings = yaml.safe_load((a.run / "config.yaml").read_text())
+        cfg = resolve(config_file=a.run / "config.yaml")   # the run's settings, read as --config reads them
         rows = [json.loads(l) for l in (a.run / "metrics.jsonl").read_text().splitlines() if l.strip()]
         summary = json.loads((a.run / "summary.json").read_text())
-    except (OSError, ValueError) as exc:
-        print(f"error: {a.run} is not a finished run folder ({exc}) -- give the folder `cifarkit train --out` wrote",
-              file=sys.stderr)
+    except (CifarkitError, OSError, ValueError) as exc:
+        why = getattr(exc, "message", None) or str(exc).splitlines()[0]   # without --config's hint
+        print(f"error: {a.run} is not a finished run folder ({why}) -- give the folder "
+              f"`cifarkit train --out` wrote", file=sys.stderr)
         return 1
-    known = TrainConfig.__dataclass_fields__
-    cfg = TrainConfig(**{k: v for k, v in settings.items() if k in known})
     flops = epoch_flops(cfg, summary["n_train"])
     if len(rows) != len(flops):
         print(f"error: {a.run} has {len(rows)} epochs in metrics.jsonl, its config {len(flops)} -- "

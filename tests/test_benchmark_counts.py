@@ -63,13 +63,12 @@ def test_epoch_rates_divide_each_epochs_flops_by_its_seconds(fast_recipe, tmp_pa
     import json
     import sys
 
-    import yaml
-    from dataclasses import asdict
+    from cifarkit.config import save_yaml
     cfg = resolve_config("fast", overrides={"epochs": 2, "progressive": [16], "hard_fraction": 1.0,
                                             "hard_proxy": []})
     flops = fast_recipe.epoch_flops(cfg, 100)
     assert len(flops) == 2 and flops[0] < 0.4 * flops[1]          # 16 px: about a quarter of 32 px
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(asdict(cfg)))
+    save_yaml(cfg, tmp_path / "config.yaml")                        # as `cifarkit train` leaves it
     (tmp_path / "summary.json").write_text(json.dumps({"n_train": 100}))
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps({"epoch": e + 1, "seconds": s, "image_size": px})
                                                       for e, (s, px) in enumerate([(0.5, 16), (2.0, 32)])))

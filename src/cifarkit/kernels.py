@@ -451,9 +451,10 @@ def _wgrad_candidates(dtype: torch.dtype = torch.bfloat16, side: int = 1) -> tup
 
 def _normal(*shapes, dtype: torch.dtype) -> list:
     """Standard normal tensors of these (N, C, H, W) shapes, channels_last in ``dtype``, for timing:
-    consecutive slices of one block of values, generated once (and at least doubled when too small:
-    grown to each larger shape's need, the recipe's shapes made it 12 times) until `choose` is done. Generating each shape's own inputs took 3.6 of the chooser's 21.7 s on a
-    Zen 4; the times do not depend on the values."""
+    consecutive slices of one block of values, kept until `choose` is done. A block too small is
+    replaced by one at least twice its size (grown to each larger need, the recipe's shapes had
+    regenerated it 12 times). Generating each shape's own inputs took 3.6 of the chooser's 21.7 s
+    on a Zen 4; the times do not depend on the values."""
     need = sum(math.prod(s) for s in shapes)
     block = _state.get("noise")
     if block is None or block.numel() < need:
