@@ -81,8 +81,7 @@ def forward_flops(cfg, size: int | None = None) -> float:
 def epoch_flops(cfg, n_train: int) -> list[float]:
     """Training FLOPs of each epoch of a run (its own image size, progressive resizing); with
     selective backprop (hard_fraction < 1), a scoring forward of every image (or a training step
-    of the proxy network, --hard-proxy; its scoring pass alone after --hard-proxy-epochs) plus a
-    training step on the selected share. Each distinct
+    of the proxy network, --hard-proxy) plus a training step on the selected share. Each distinct
     kind of epoch is counted once (a FlopCounterMode pass), then repeated."""
     from cifarkit.optim import first_group_epochs, whiten_bias_epochs
     from cifarkit.training import epoch_size
@@ -90,18 +89,16 @@ def epoch_flops(cfg, n_train: int) -> list[float]:
     group_stop = first_group_epochs(cfg) if cfg.model == "fast" else None
     kinds = [(epoch_size(cfg, e), stop is not None and e >= stop,
               group_stop is not None and e >= group_stop,
-              cfg.hard_fraction < 1 and e >= cfg.hard_start,
-              not cfg.hard_proxy_epochs or e < cfg.hard_proxy_epochs) for e in range(cfg.epochs)]
+              cfg.hard_fraction < 1 and e >= cfg.hard_start) for e in range(cfg.epochs)]
     proxy = dataclasses.replace(cfg, model_args=cfg.proxy_model_args()) if cfg.hard_proxy else None
     per_kind = {}
     for kind in dict.fromkeys(kinds):
-        size, frozen, group_frozen, selecting, proxy_trains = kind
+        size, frozen, group_frozen, selecting = kind
         step = train_step_flops(cfg, size, frozen, group_frozen)
         if selecting:   # a proxy scores instead of the network's own forward pass
             step = cfg.hard_fraction * step + (0 if proxy else forward_flops(cfg, size))
-        if proxy is not None:   # trained on every whole batch (its first group to the end) ...
-            step += (train_step_flops(proxy, size, frozen) if proxy_trains
-                     else forward_flops(proxy, size))   # ... or, after --hard-proxy-epochs, scoring it
+        if proxy is not None:   # trained on every whole batch
+            step += train_step_flops(proxy, size, frozen)   # its first group trains to the end
         per_kind[kind] = step * n_train
     return [per_kind[k] for k in kinds]
 

@@ -488,36 +488,6 @@ def test_hard_proxy_picks_the_images_and_the_network_never_scores(tiny_folder, t
     assert round(m["images_per_s"] * m["seconds"]) == 96   # throughput counts every image of the epoch
 
 
-def test_hard_proxy_epochs_stop_the_proxys_training_but_it_still_picks(tiny_folder, tmp_path, monkeypatch):
-    from cifarkit.training import selective
-    passes = []   # proxy: (graph recorded?, batch size) of its training-mode passes
-    _spy_on_training_passes(monkeypatch, lambda w, x: passes.append((torch.is_grad_enabled(), len(x))) if w == 4 else None)
-    picked = []
-    real_hardest = selective.hardest
-    monkeypatch.setattr(selective, "hardest", lambda *a: picked.append(a[2]) or real_hardest(*a))
-    snapshots = []
-    real_start = selective.Selector.start_epoch
-
-    def start_epoch(self, global_step):   # the proxy's weights as each epoch begins
-        snapshots.append({k: v.clone() for k, v in self.proxy.model.state_dict().items()})
-        real_start(self, global_step)
-    monkeypatch.setattr(selective.Selector, "start_epoch", start_epoch)
-    s = train(_cfg(tiny_folder, tmp_path / "r", model="fast", model_args={"widths": [8, 16, 16]},
-                   epochs=5, hard_fraction=0.5, hard_proxy=[4, 8, 8], hard_proxy_epochs=2, lr=0.01),
-              progress=False, log=lambda *a: None)
-    assert passes == [(True, 16)] * 12 + [(False, 16)] * 18    # trains 2 epochs, then scores without a graph
-    assert len(picked) == 30 and all(p.shape == (16, 3) for p in picked)   # it ranks every batch throughout
-    final = load_checkpoint(tmp_path / "r" / "last.ckpt").extra["proxy"]["model"]
-    weight = "layers.1.0.weight"
-    assert not torch.equal(snapshots[1][weight], snapshots[2][weight])   # epoch 1 changed it
-    for later in snapshots[3:] + [final]:                               # epochs 2-4 did not
-        assert torch.equal(later[weight], snapshots[2][weight])
-    assert s["best_val_acc"] >= 0.9
-    for bad in (-1, 1.5, True):
-        with pytest.raises(CifarkitError, match="--hard-proxy-epochs"):
-            TrainConfig(model="fast", hard_fraction=0.5, hard_proxy=[4, 8, 8], hard_proxy_epochs=bad).validate()
-
-
 def test_hard_proxy_size_shows_the_proxy_smaller_images_and_the_network_full_ones(tiny_folder, tmp_path, monkeypatch):
     sides = {}   # network width -> image sides of its training-mode passes
     _spy_on_training_passes(monkeypatch, lambda w, x: sides.setdefault(w, set()).add(x.shape[-1]))

@@ -102,9 +102,6 @@ class TrainConfig:
                                    "batch (e.g. 16,64,64); empty: the network scores itself")
     hard_proxy_args: dict = setting({}, "the proxy's model_args where they differ from the network's, "
                                         "e.g. {depths: [2, 2, 2]} (YAML only; unused without hard_proxy)")
-    hard_proxy_epochs: int = setting(0, "with --hard-proxy: the proxy trains during the first N epochs, "
-                                        "then only scores (a pass without gradients, about a third of its "
-                                        "training step); 0 = it trains to the end")
     hard_proxy_size: int = setting(0, "with --hard-proxy: the proxy sees each batch resized to at most this "
                                       "side in pixels (cheaper, but a worse ranking: 16 cost the fast recipe "
                                       "2 points); 0 = the images' own size; unused without a proxy")
@@ -181,10 +178,6 @@ class TrainConfig:
                                 "e.g. 0.5 trains on the harder half of each batch; 1 = all", exit_code=2)
         if self.hard_start < 0:
             raise CifarkitError(f"--hard-start must be >= 0, got {self.hard_start}", exit_code=2)
-        if not (isinstance(self.hard_proxy_epochs, int) and not isinstance(self.hard_proxy_epochs, bool)
-                and self.hard_proxy_epochs >= 0):
-            raise CifarkitError(f"--hard-proxy-epochs must be a whole number >= 0, got {self.hard_proxy_epochs!r}",
-                                "e.g. --hard-proxy-epochs 8 (0 = the proxy trains to the end)", exit_code=2)
         if self.hard_proxy and self.hard_fraction == 1:
             raise CifarkitError("--hard-proxy scores images for --hard-fraction, which is 1 (train on all)",
                                 "add e.g. --hard-fraction 0.5, or drop --hard-proxy", exit_code=2)

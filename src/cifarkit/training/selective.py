@@ -32,14 +32,6 @@ class Selector:
     def selecting(self, epoch: int) -> bool:
         return self.cfg.hard_fraction < 1 and epoch >= self.cfg.hard_start
 
-    def proxy_trains(self, epoch: int) -> bool:
-        """Does the proxy train in this epoch (--hard-proxy-epochs), or only score?
-
-        Late in a run the proxy's learning rate has decayed and its ranking changes little, while
-        its training step costs about three times its scoring pass: 506 against 177 ms per 32 px
-        batch of 2,000 on a Zen 4 (docs/benchmarks.md section 7)."""
-        return not self.cfg.hard_proxy_epochs or epoch < self.cfg.hard_proxy_epochs
-
     def start_epoch(self, global_step: int) -> None:
         if self.proxy is not None:
             freeze_stopped(self.proxy.opt, global_step)
@@ -49,11 +41,8 @@ class Selector:
         """(images to train on, their labels, None or the whole batch's (outputs, loss, labels))."""
         scores = None
         if self.proxy is not None:   # trained on every whole batch, selecting or not
-            small = shrink(xb, self.cfg.hard_proxy_size)
-            if self.proxy_trains(epoch):
-                scores = self.proxy.step(small, yb, self.loss_fn, self.device, self.precision)
-            else:   # its weights stay as they are; it still ranks every batch
-                scores = score(self.proxy.model, self.loss_fn, small, yb, self.device, self.precision)[0]
+            scores = self.proxy.step(shrink(xb, self.cfg.hard_proxy_size), yb, self.loss_fn,
+                                     self.device, self.precision)
         if not self.selecting(epoch):
             return xb, yb, None
         whole = None
