@@ -208,7 +208,7 @@ def native_costs(model_args: dict, batch: int = 2000, size: int = 32, keep: list
     chosen = kernels._state["choice"]
     # what the chooser kept before the matrix products were a candidate: PyTorch's or native
     known = json.loads(kernels._cache_path().read_text())
-    prefix = f"{torch.get_num_threads()} threads, "
+    known = {k: known[kernels.cache_key(k, min(batch, 256))] for k in chosen}   # this run's entries
 
     def only(**ops):   # {op: implementation} for the shapes of those ops, PyTorch's elsewhere
         return {k: ops.get(k.split()[0], "pytorch") for k in chosen}
@@ -216,10 +216,10 @@ def native_costs(model_args: dict, batch: int = 2000, size: int = 32, keep: list
     choices = {"pool": only(pool="native"), "pool+wgrad": only(pool="native", wgrad="native"),
                "pool+matmul": only(pool="native", wgrad="matmul"),
                "chosen-no-matmul": {k: ("pytorch" if k.startswith("bngelu") else kernels._pick(
-                   {i: known[prefix + k][i] for i in ("pytorch", "native")})) for k in chosen},
+                   {i: known[k][i] for i in ("pytorch", "native")})) for k in chosen},
                "chosen-no-bngelu": no_bngelu,
                # what it kept before the whole convolution as matrix products was a candidate
-               "chosen-no-gemm": {k: (kernels._pick({i: e for i, e in known[prefix + k].items()
+               "chosen-no-gemm": {k: (kernels._pick({i: e for i, e in known[k].items()
                                                      if i in ("pytorch", "native", "matmul")})
                                       if v == "gemm" else v) for k, v in chosen.items()},
                "chosen": chosen}

@@ -492,13 +492,17 @@ def test_chooser_decides_with_a_margin_and_records_batch_and_threads(chooser, tm
     entries = json.loads(cache.read_text())
     assert got["timed"] == len(entries) == len(asked)
     # the decisions are what the network's layers then follow
-    assert kernels._state["choice"] == {k.split(", ", 1)[1]: e["use"] for k, e in entries.items()}
-    prefix = f"{torch.get_num_threads()} threads, "
+    assert kernels._state["choice"] == {k.split(", ", 2)[2]: e["use"] for k, e in entries.items()}
+    prefix = f"{torch.get_num_threads()} threads, batch 8, "
     assert all(k.startswith(prefix) for k in entries) and all(e["batch"] == 8 for e in entries.values())
-    # decisions made at another thread count are not reused
-    other = {k.replace(prefix, "99 threads, "): {**e, "use": "native"} for k, e in entries.items()}
-    cache.write_text(json.dumps(other))
-    assert kernels.choose([_net()], [16], batch=8, cache=cache)["pool"] == [0, 3]
+    # decisions made at another thread count, or timed at another batch size (a test's small
+    # run deciding for a user's real one), are not reused: timed again, and kept beside them
+    for other_prefix in ("99 threads, batch 8, ", f"{torch.get_num_threads()} threads, batch 32, "):
+        other = {k.replace(prefix, other_prefix): {**e, "use": "native"} for k, e in entries.items()}
+        cache.write_text(json.dumps(other))
+        again = kernels.choose([_net()], [16], batch=8, cache=cache)
+        assert again["pool"] == [0, 3] and again["timed"] == len(entries)
+        assert json.loads(cache.read_text()).keys() == other.keys() | entries.keys()
     # cached decisions are used as they are, without timing again; by default the cache is beside the build
     monkeypatch.setattr(kernels, "_time_op", lambda *a: pytest.fail("timed again despite the cache"))
     flipped = {k: {**e, "use": "native" if e["use"] == "pytorch" else "pytorch"}
@@ -769,7 +773,7 @@ def test_fp32_chooser_needs_no_build_and_times_only_the_convolutions(fp32_choose
     # five 3x3 convolution shapes, no pools or batch norms (their C++ kernels are bf16 only)
     assert timed == ["conv32"] * 5 and got["wgrad_by"] == {"gemm": 5} and got["fp32"] is True
     assert got["pool"] == [0, 0] and got["bngelu"] == [0, 0]
-    assert all(k.split(", ", 1)[1].startswith("fp32 conv ") for k in json.loads(cache.read_text()))
+    assert all(k.split(", ", 2)[2].startswith("fp32 conv ") for k in json.loads(cache.read_text()))
     # training in fp32 then runs them as matrix products, with the gradients of nn.Conv2d
     calls = []
     real = kernels._Conv3x3.apply

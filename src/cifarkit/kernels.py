@@ -518,6 +518,17 @@ def _pick(ms: dict) -> str:
     return best if ms[best] < (1 - MARGIN) * ms["pytorch"] else "pytorch"
 
 
+def cache_key(key: str, batch: int, threads: int | None = None) -> str:
+    """A decision's name in the cache: the shape's key, the thread count and the batch it was
+    timed at. The batch is part of it because the fastest way changes with it: on a Zen 4 the
+    224->224 convolution's weight gradient on 7x7 images timed at 32 images was a tie (C++
+    11.3 ms, PyTorch's 11.4: PyTorch's kept), at 256 the C++ one was 5 % faster (75.4 against
+    79.6) and at 2,000 20 % (198 against 246; docs/benchmarks.md section 7). Before, the tests'
+    small runs, sharing the cache beside the build, decided for the user's later runs at 256."""
+    threads = torch.get_num_threads() if threads is None else threads
+    return f"{threads} threads, batch {batch}, {key}"
+
+
 def _cache_path() -> Path:
     """Beside the build; without one (fp32 needs none), in the user's cache under the name the
     build would have: a new CPU, torch or Python gets its own file, as the build does."""
@@ -554,7 +565,7 @@ def choose(models, sizes, batch: int = 256, repeats: int = 3, cache: Path | None
     choice, summary, timed = {}, {"pool": [0, 0], "wgrad": [0, 0], "bngelu": [0, 0], "wgrad_by": {}}, 0
     try:
         for key, spec in sorted(_shapes(models, sizes, dtype).items()):
-            entry = known.get(f"{threads} threads, {key}")
+            entry = known.get(cache_key(key, batch, threads))
             cands = _wgrad_candidates(dtype, max(spec[-2:])) if spec[0] in ("wgrad", "conv32") else ("native",)
             wanted = {"use", "pytorch", *cands}
             if entry is None or not wanted <= entry.keys():   # new, or cached before a candidate existed
@@ -562,7 +573,7 @@ def choose(models, sizes, batch: int = 256, repeats: int = 3, cache: Path | None
                 use = _pick(ms)
                 # native_faster: what cifarkit before 2026-11-30 reads from this shared file
                 entry = {**ms, "batch": batch, "use": use, "native_faster": use == "native"}
-                known[f"{threads} threads, {key}"] = entry
+                known[cache_key(key, batch, threads)] = entry
                 timed += 1
             use = entry["use"]
             # chosen before CIFARKIT_GEMM_CONV=0 was set, or above GEMM_SIDE before it existed: the best of the rest
