@@ -23,8 +23,9 @@ and the gradient to the filters reuses the forward's transformed input.
 from __future__ import annotations
 
 import argparse
-import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -150,13 +151,15 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of each (median)")
     args = ap.parse_args(argv)
     from cifarkit.device import set_threads
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fast_recipe import _machine   # the same CPU line as the other benchmarks print
     # as training does: threads, and glibc malloc told to keep large blocks (without it every
     # call's output is fresh pages, and the first layer's forward measured 1.8x slower)
     set_threads(0)
     torch.manual_seed(0)
     bf = torch.bfloat16
     back = torch.ops.aten.convolution_backward
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+    print(f"{_machine(torch.device('cpu'))}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, batch {args.batch}, medians of {args.repeats}")
     print("layer | rel. error fwd/gx/gw: oneDNN bf16, Winograd bf16 | ms fwd: oneDNN, Winograd (its "
           "products) | ms both gradients: oneDNN, Winograd | Winograd/oneDNN")

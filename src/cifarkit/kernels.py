@@ -565,7 +565,8 @@ def choose(models, sizes, batch: int = 256, repeats: int = 3, cache: Path | None
     choice, summary, timed = {}, {"pool": [0, 0], "wgrad": [0, 0], "bngelu": [0, 0], "wgrad_by": {}}, 0
     try:
         for key, spec in sorted(_shapes(models, sizes, dtype).items()):
-            entry = known.get(cache_key(key, batch, threads))
+            name = cache_key(key, batch, threads)
+            entry = known.get(name)
             cands = _wgrad_candidates(dtype, max(spec[-2:])) if spec[0] in ("wgrad", "conv32") else ("native",)
             wanted = {"use", "pytorch", *cands}
             if entry is None or not wanted <= entry.keys():   # new, or cached before a candidate existed
@@ -573,7 +574,7 @@ def choose(models, sizes, batch: int = 256, repeats: int = 3, cache: Path | None
                 use = _pick(ms)
                 # native_faster: what cifarkit before 2026-11-30 reads from this shared file
                 entry = {**ms, "batch": batch, "use": use, "native_faster": use == "native"}
-                known[cache_key(key, batch, threads)] = entry
+                known[name] = entry
                 timed += 1
             use = entry["use"]
             # chosen before CIFARKIT_GEMM_CONV=0 was set, or above GEMM_SIDE before it existed: the best of the rest
