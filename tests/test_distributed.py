@@ -63,3 +63,20 @@ def test_resume_with_a_different_world_size(tmp_path):
                              "--quiet"], env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr
     assert [m["epoch"] for m in _metrics(run)] == [1, 2]
+
+
+def test_hard_stale_shares_its_loss_table_across_processes(tmp_path):
+    """Each process trains its own slice of the batch; every process must rank the next batches
+    with the losses of all of them. Rank 0 alone would know about half the images it trained."""
+    data = make_folder(tmp_path / "d", classes=("a", "b", "c"), n_per_class=40)
+    env = {**os.environ, "CIFARKIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    a = ARGS.copy()
+    a[a.index("--epochs") + 1] = "1"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "-m", "cifarkit", "train", "--data", str(data),
+                          "--out", str(tmp_path / "r"), *a, "--hard-fraction", "0.5", "--hard-start", "1",
+                          "--hard-stale"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # one epoch before --hard-start: the two processes trained all 96 images, 48 each
+    table = load_checkpoint(tmp_path / "r" / "last.ckpt").extra["hard_memory"]
+    assert table.shape == (96,) and torch.isfinite(table).all()

@@ -151,12 +151,14 @@ def test_auto_precision_follows_the_cpu_and_says_why_fp32(tiny_folder, tmp_path,
      "optimizer_args": {"whiten_bias_epochs": 1}, "hard_fraction": 0.5, "hard_proxy": [4, 8, 8]},
     # MixUp/CutMix draw from the global RNG, which the checkpoint carries
     {"mixup": 0.4, "cutmix": 1.0},
+    # ranked by the stale loss table, which the checkpoint carries (with a fresh table: other images)
+    {"hard_fraction": 0.5, "hard_stale": True},
     # the network's first conv group frozen after epoch 1 (the proxy's trains on)
     {"model": "fast", "model_args": {"widths": [8, 16, 16]}, "optimizer": "muon", "lr": 0.24,
      "optimizer_args": {"whiten_bias_epochs": 1, "first_group_epochs": 1}, "hard_fraction": 0.5,
      "hard_proxy": [4, 8, 8]},
 ], ids=["tudui_relu", "fast-progressive-altflip", "fast-muon-frozen-whiten-bias", "hard-fraction",
-        "ema", "hard-proxy", "mixup-cutmix", "fast-muon-frozen-first-group"])
+        "ema", "hard-proxy", "mixup-cutmix", "hard-stale", "fast-muon-frozen-first-group"])
 def test_interrupt_then_resume_is_bit_exact(tiny_folder, tmp_path, extra, optimizer_steps):
     kw = dict(epochs=3, deterministic=True, flip=True, crop_pad=2, **extra)
     full = train(_cfg(tiny_folder, tmp_path / "full", **kw), progress=False, log=lambda *a: None)
@@ -430,7 +432,64 @@ def test_hard_fraction_trains_on_the_selected_share_and_still_learns(tiny_folder
     assert m[-1]["train_acc"] > 0.6                                  # metrics over every image seen
 
 
+def test_stale_ranking_trains_untrained_images_first_then_the_highest_last_loss():
+    from types import SimpleNamespace
+
+    from cifarkit.training.selective import Selector
+    cfg = TrainConfig(model="fast", hard_fraction=0.5, hard_stale=True, hard_start=1).validate()
+    p = SimpleNamespace(device=torch.device("cpu"), precision="fp32", train=range(8))
+    sel = Selector(cfg, None, None, p, 10, 1)
+    x = torch.arange(8.0)[:, None, None, None].expand(8, 3, 2, 2).contiguous()
+    y = torch.zeros(8, dtype=torch.long)
+
+    def step(index, epoch=1, logit=None):
+        xb, yb, whole = sel.pick(x[index], y[index], epoch, index)
+        out = torch.zeros(len(yb), 2)
+        out[:, 1] = logit(xb[:, 0, 0, 0].long()) if logit else 0.0   # class 0's loss grows with out[:, 1]
+        sel.record(out, yb)
+        return xb[:, 0, 0, 0].long().tolist(), whole
+
+    # before --hard-start every image trains, and every one gets its loss
+    assert step(torch.tensor([0, 1, 2, 3]), epoch=0, logit=lambda i: i.float()) == ([0, 1, 2, 3], None)
+    want = F.cross_entropy(torch.stack([torch.zeros(4), torch.arange(4.0)], 1), torch.zeros(4, dtype=torch.long),
+                           reduction="none")
+    assert torch.allclose(sel.memory[:4], want) and torch.isinf(sel.memory[4:]).all()
+    # never-trained images (4, 6) outrank any loss; then the highest last losses (3 over 1)
+    assert step(torch.tensor([1, 4, 6, 3]), logit=lambda i: -10.0 * i.float())[0] == [4, 6]
+    assert step(torch.tensor([1, 4, 6, 3]), logit=lambda i: -i.float())[0] == [1, 3]
+    # now 4 and 6 hold tiny losses, 1 and 3 small fresh ones (1's above 3's); 2, left out since
+    # epoch 0, keeps its old high loss and ranks first
+    assert step(torch.tensor([3, 1, 4, 2]))[0] == [1, 2]
+    assert sel.memory_state().shape == (8,)
+    fresh = Selector(cfg, None, None, p, 10, 1)
+    fresh.load_memory(sel.memory_state())
+    assert torch.equal(fresh.memory, sel.memory)
+
+
+def test_hard_stale_trains_only_the_picked_share_and_learns(tiny_folder, tmp_path, monkeypatch):
+    import cifarkit.models
+    import cifarkit.training.prep
+    sizes = []   # (graph recorded?, batch size) of every training-mode forward pass
+    real_create = cifarkit.models.create_model
+
+    def spying_create(*a, **k):
+        m = real_create(*a, **k)
+        m.register_forward_hook(lambda mod, i, o: sizes.append((torch.is_grad_enabled(), len(i[0])))
+                                if mod.training else None)
+        return m
+    monkeypatch.setattr(cifarkit.training.prep, "create_model", spying_create)
+    s = train(_cfg(tiny_folder, tmp_path / "r", epochs=6, hard_fraction=0.5, hard_start=1, hard_stale=True),
+              progress=False, log=lambda *a: None)
+    assert sizes == [(True, 16)] * 6 + [(True, 8)] * 30   # no scoring pass: only the trained half
+    assert s["best_val_acc"] >= 0.9                          # it learns (3 easy classes)
+    table = load_checkpoint(tmp_path / "r" / "last.ckpt").extra["hard_memory"]
+    assert table.shape == (96,) and torch.isfinite(table).all() and (table >= 0).all()   # every image trained
+
+
 @pytest.mark.parametrize("bad", [{"hard_fraction": 0.0}, {"hard_fraction": 1.5}, {"hard_start": -1},
+                                 {"hard_stale": True},                                    # fraction 1
+                                 {"model": "fast", "hard_stale": True, "hard_fraction": 0.5,
+                                  "hard_proxy": [8, 8, 8]},                               # two rankers
                                  {"hard_proxy": [8, 8, 8]},                               # fraction 1
                                  {"hard_proxy": [8, 8, 8], "hard_fraction": 0.5},         # tudui: no widths
                                  {"model": "fast", "hard_proxy": [8, 8], "hard_fraction": 0.5}])  # 2 widths

@@ -97,6 +97,10 @@ class TrainConfig:
                                           "batch, so the trained images keep the batch's class mix (a "
                                           "weak scorer that under-rates some classes otherwise picks "
                                           "mostly those)")
+    hard_stale: bool = setting(False, "with --hard-fraction: rank each batch by every image's loss from "
+                                      "the last step that trained on it (images not trained yet first): "
+                                      "no scoring pass and no proxy, so a step costs only the trained "
+                                      "share; instead of --hard-proxy")
     hard_proxy: list = setting([], "comma-separated widths of a small copy of the network that scores "
                                    "the images for --hard-fraction, trained alongside on every whole "
                                    "batch (e.g. 16,64,64); empty: the network scores itself")
@@ -178,6 +182,13 @@ class TrainConfig:
                                 "e.g. 0.5 trains on the harder half of each batch; 1 = all", exit_code=2)
         if self.hard_start < 0:
             raise CifarkitError(f"--hard-start must be >= 0, got {self.hard_start}", exit_code=2)
+        if self.hard_stale and self.hard_fraction == 1:
+            raise CifarkitError("--hard-stale ranks images for --hard-fraction, which is 1 (train on all)",
+                                "add e.g. --hard-fraction 0.5, or drop --hard-stale", exit_code=2)
+        if self.hard_stale and self.hard_proxy:
+            raise CifarkitError(f"--hard-stale and --hard-proxy {self.hard_proxy} are two ways to rank "
+                                "the images; pick one", "drop one of them (--hard-proxy \"\" turns "
+                                "off a recipe's proxy)", exit_code=2)
         if self.hard_proxy and self.hard_fraction == 1:
             raise CifarkitError("--hard-proxy scores images for --hard-fraction, which is 1 (train on all)",
                                 "add e.g. --hard-fraction 0.5, or drop --hard-proxy", exit_code=2)

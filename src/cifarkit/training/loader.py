@@ -68,20 +68,20 @@ class Loader:
         return epoch_size(self.cfg, self.epoch)
 
     def batch(self, step: int):
-        """Normalised float images and labels of this process for ``step`` of the epoch, and the
-        size of the global batch they are a slice of."""
+        """Normalised float images and labels of this process for ``step`` of the epoch, the
+        size of the global batch they are a slice of, and the images' positions in the split."""
         cfg = self.cfg
         idx = self.perm[step * self.batch_size:(step + 1) * self.batch_size]
         xb, yb = self.split.images(idx), self.split.y[idx]
         xb = augment(xb, self.aug_gen, cfg.flip, cfg.crop_pad, cfg.cutout,
                      self.flip_bits[idx] if self.flip_bits is not None else None, self.epoch)
         n_global = len(yb)
-        xb, yb = local_slice(xb, self.dist), local_slice(yb, self.dist)
+        xb, yb, idx = local_slice(xb, self.dist), local_slice(yb, self.dist), local_slice(idx, self.dist)
         xb = normalize(xb, self.mean, self.std, channels_last=self.channels_last)
         # Progressive resizing: early epochs see smaller images, which cost about (size/32)^2
         # of a full-size step; networks that end in a global pool take any size, and the last
         # full-size epochs adapt them back.
-        return resize(xb, self.image_size), yb, n_global
+        return resize(xb, self.image_size), yb, n_global, idx
 
     def samples(self, n: int = 32) -> torch.Tensor:
         """A few training images after augmentation, for TensorBoard (own generator: the training

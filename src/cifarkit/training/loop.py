@@ -206,9 +206,9 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     run.in_steps = True
     try:
         for step in range(state.step, loader.steps_per_epoch):
-            xb, yb, n_global = loader.batch(step)
+            xb, yb, n_global, index = loader.batch(step)
             state.sums.images += len(yb)
-            xb, yb, whole = state.selector.pick(xb, yb, epoch)   # selective backprop: the hardest share
+            xb, yb, whole = state.selector.pick(xb, yb, epoch, index)   # selective backprop: the hardest share
             target = yb
             if run.mix is not None:   # soft targets; accuracy is then counted on the dominant label
                 xb, target = run.mix(xb, yb)
@@ -216,6 +216,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
             with autocast(run.p.device, run.p.precision):
                 out = run.forward(xb)
                 loss = run.loss_fn(out, target)
+            state.selector.record(out, yb)   # --hard-stale: these images' losses, for later ranking
             state.opt.zero_grad(set_to_none=True)
             _backward(run, loss, len(yb), n_global, state.selector.selecting(epoch))
             if cfg.clip_grad:   # on the true gradients: unscaled first (a no-op outside fp16)
@@ -331,7 +332,7 @@ def _new_state(cfg: TrainConfig, p: Prepared, dist: Dist):
     weights = class_weights(p.train.y, len(p.classes)).to(p.device) if cfg.balance == "weights" else None
     loss_fn = make_loss(cfg, len(p.classes), weights)
     scaler = torch.amp.GradScaler(p.device.type, enabled=p.precision == "fp16")
-    selector = Selector(cfg, model, loss_fn, p, total_steps, loader.steps_per_epoch)
+    selector = Selector(cfg, model, loss_fn, p, total_steps, loader.steps_per_epoch, dist)
     ema = None
     if cfg.ema:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn

@@ -2,12 +2,19 @@
 
 ``--hard-fraction F`` (from epoch ``--hard-start``) ranks the images of every batch by their loss
 and takes the backward pass on the top F of them: the backward pass is about two thirds of a
-step, so F = 0.5 saves about a third. Who ranks: the network itself (a forward pass without a
-graph), or, with ``--hard-proxy``, a small copy of it trained alongside on every whole batch.
+step, so F = 0.5 saves about a third. Who ranks:
 
-The loop sees one object: ``Selector.pick(xb, yb, epoch)`` returns the images to train on, and
-the whole batch's outputs when the network scored them itself (the epoch's train metrics then
-cover every image seen).
+- the network itself (a forward pass without a graph: the forward on the other images is spent);
+- with ``--hard-proxy``, a small copy of it trained alongside on every whole batch;
+- with ``--hard-stale``, nobody: each image's loss from the last step that trained on it, kept in
+  a table the size of the training set (Jiang et al. 2019 call it stale selective backprop). Only
+  the trained share is ever forwarded, so a step costs F of a full one. An image's entry ages
+  while others train (the network improves, the entry does not), so images left out rise in the
+  ranking; images never trained rank first.
+
+The loop sees one object: ``Selector.pick(xb, yb, epoch, index)`` returns the images to train on,
+and the whole batch's outputs when the network scored them itself (the epoch's train metrics then
+cover every image seen); ``Selector.record(out, yb)`` gives it the trained images' outputs.
 """
 from __future__ import annotations
 
@@ -24,10 +31,15 @@ from .loader import resize
 
 
 class Selector:
-    def __init__(self, cfg, model: nn.Module, loss_fn, prepared, total_steps: int, steps_per_epoch: int):
-        self.cfg, self.model, self.loss_fn = cfg, model, loss_fn
+    def __init__(self, cfg, model: nn.Module, loss_fn, prepared, total_steps: int, steps_per_epoch: int,
+                 dist=None):
+        self.cfg, self.model, self.loss_fn, self.dist = cfg, model, loss_fn, dist
         self.device, self.precision = prepared.device, prepared.precision
         self.proxy = Proxy(cfg, prepared, total_steps, steps_per_epoch) if cfg.hard_proxy else None
+        # --hard-stale: every training image's loss when it was last trained (inf: not yet).
+        self.memory = (torch.full((len(prepared.train),), float("inf"), device=prepared.device)
+                       if cfg.hard_stale else None)
+        self._trained = None   # indices of the images pick() last returned (--hard-stale)
 
     def selecting(self, epoch: int) -> bool:
         return self.cfg.hard_fraction < 1 and epoch >= self.cfg.hard_start
@@ -37,8 +49,11 @@ class Selector:
             freeze_stopped(self.proxy.opt, global_step)
             self.proxy.model.train()
 
-    def pick(self, xb, yb, epoch: int):
-        """(images to train on, their labels, None or the whole batch's (outputs, loss, labels))."""
+    def pick(self, xb, yb, epoch: int, index: torch.Tensor | None = None):
+        """(images to train on, their labels, None or the whole batch's (outputs, loss, labels)).
+        ``index``: the images' positions in the training set (needed by --hard-stale)."""
+        if self.memory is not None:
+            return self._pick_stale(xb, yb, epoch, index)
         scores = None
         if self.proxy is not None:   # trained on every whole batch, selecting or not
             scores = self.proxy.step(shrink(xb, self.cfg.hard_proxy_size), yb, self.loss_fn,
@@ -52,8 +67,48 @@ class Selector:
         xb, yb = hardest(xb, yb, scores, self.cfg.hard_fraction, self.cfg.hard_per_class)
         return xb, yb, whole
 
+    def _pick_stale(self, xb, yb, epoch: int, index: torch.Tensor):
+        if index is None:
+            raise ValueError("--hard-stale needs the images' positions in the training set")
+        self._trained = index
+        if not self.selecting(epoch):
+            return xb, yb, None
+        k = max(1, round(len(yb) * self.cfg.hard_fraction))
+        # topk among equal entries (the untrained ones, all inf) takes them in batch order, which
+        # the epoch's random permutation already shuffled.
+        keep = self.memory[index].topk(k).indices.sort().values
+        self._trained = index[keep]
+        return _take(xb, keep), yb[keep], None
+
+    def record(self, out: torch.Tensor, yb: torch.Tensor) -> None:
+        """The trained images' outputs of this step (before its update): their new table entries
+        under --hard-stale (plain cross-entropy, as hardest() ranks); a no-op otherwise."""
+        if self.memory is None or self._trained is None:
+            return
+        with torch.no_grad():
+            loss = F.cross_entropy(out.detach().float(), yb, reduction="none")
+            if self.dist is not None and self.dist.enabled:
+                # Each process trains its own slice of the batch: share the entries, so every
+                # process ranks the next batches with the same table.
+                new = torch.zeros_like(self.memory)
+                mask = torch.zeros_like(self.memory)
+                new[self._trained], mask[self._trained] = loss, 1.0
+                self.dist.all_sum(new), self.dist.all_sum(mask)
+                self.memory = torch.where(mask > 0, new, self.memory)
+            else:
+                self.memory[self._trained] = loss
+        self._trained = None
+
     def state_dict(self):
         return self.proxy.state_dict() if self.proxy is not None else None
+
+    def memory_state(self):
+        """The --hard-stale table for a checkpoint (None without it)."""
+        return self.memory.cpu().clone() if self.memory is not None else None
+
+    def load_memory(self, table) -> None:
+        if self.memory is not None and table is not None and len(table) == len(self.memory):
+            self.memory = table.to(self.memory.device)
 
     def load_state_dict(self, state) -> None:
         if self.proxy is not None:
@@ -147,7 +202,12 @@ def hardest(xb, yb, logits, fraction: float, per_class: bool = False):
         keep = order[share.topk(k, largest=False).indices].sort().values
     else:
         keep = per_image.topk(k).indices.sort().values
+    return _take(xb, keep), yb[keep]
+
+
+def _take(xb: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The images ``keep`` of ``xb``, in its memory layout (indexing returns contiguous NCHW)."""
     x = xb[keep]
     if xb.is_contiguous(memory_format=torch.channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
-    return x, yb[keep]
+    return x

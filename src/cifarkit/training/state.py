@@ -86,6 +86,7 @@ class TrainState:
             "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "proxy": self.selector.state_dict(),
+            "hard_memory": self.selector.memory_state(),   # --hard-stale's loss table
             "history": list(self.history),
             "train_state": {"epoch": self.epoch, "step_in_epoch": self.step if mid_epoch else 0,
                             **self.loader.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -107,6 +108,7 @@ class TrainState:
             self.ema.load_state_dict(extra["ema"])
         if extra.get("proxy") is not None:
             self.selector.load_state_dict(extra["proxy"])
+        self.selector.load_memory(extra.get("hard_memory"))
         ts = extra["train_state"]
         self.loader.load_state_dict(ts)
         torch.set_rng_state(ts["torch_rng"])
