@@ -81,7 +81,8 @@ def forward_flops(cfg, size: int | None = None) -> float:
 def epoch_flops(cfg, n_train: int) -> list[float]:
     """Training FLOPs of each epoch of a run (its own image size, progressive resizing); with
     selective backprop (hard_fraction < 1), a scoring forward of every image (or a training step
-    of the proxy network, --hard-proxy) plus a training step on the selected share. Each distinct
+    of the proxy network, --hard-proxy; nothing with --hard-stale, whose ranking is a table look-up)
+    plus a training step on the selected share. Each distinct
     kind of epoch is counted once (a FlopCounterMode pass), then repeated."""
     from cifarkit.optim import first_group_epochs, whiten_bias_epochs
     from cifarkit.training import epoch_size
@@ -95,8 +96,8 @@ def epoch_flops(cfg, n_train: int) -> list[float]:
     for kind in dict.fromkeys(kinds):
         size, frozen, group_frozen, selecting = kind
         step = train_step_flops(cfg, size, frozen, group_frozen)
-        if selecting:   # a proxy scores instead of the network's own forward pass
-            step = cfg.hard_fraction * step + (0 if proxy else forward_flops(cfg, size))
+        if selecting:   # a proxy or the stale table ranks instead of the network's own forward pass
+            step = cfg.hard_fraction * step + (0 if proxy or cfg.hard_stale else forward_flops(cfg, size))
         if proxy is not None:   # trained on every whole batch
             step += train_step_flops(proxy, size, frozen)   # its first group trains to the end
         per_kind[kind] = step * n_train

@@ -40,6 +40,8 @@ def test_run_flops_count_the_scoring_and_the_trained_share(fast_recipe):
     small = fast_recipe.train_step_flops(dataclasses.replace(proxied, model_args=proxied.proxy_model_args()), 32)
     assert small < step / 8                      # the proxy is a small fraction of the network
     assert fast_recipe.run_flops(proxied, 100) == pytest.approx(2 * 100 * (0.5 * step + small))
+    stale = resolve_config("fast", overrides={**base, "hard_proxy": [], "hard_stale": True})
+    assert fast_recipe.run_flops(stale, 100) == pytest.approx(2 * 100 * 0.5 * step)   # no scoring at all
 
 
 def test_a_frozen_first_group_drops_its_weight_gradients_and_the_gradient_below_group_two(fast_recipe):

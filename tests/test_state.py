@@ -112,7 +112,7 @@ def test_loader_alternating_flip_mirrors_each_image_every_other_epoch():
     seen = []
     for epoch in range(2):
         ld.start_epoch(epoch)
-        x, _, _ = ld.batch(0)
+        x, _, _, _ = ld.batch(0)
         order = ld.perm
         seen.append(x[order.argsort()])                    # back in the split's order
     assert torch.equal(seen[0], seen[1].flip(3))           # epoch 1 = epoch 0 mirrored, image by image
@@ -128,13 +128,14 @@ def test_loader_resizes_progressive_epochs_and_slices_for_ddp():
     assert ld.batch(0)[0].shape[-2:] == (8, 8)
     whole = _loader(cfg)
     whole.start_epoch(1)
-    x_all, y_all, _ = whole.batch(0)
+    x_all, y_all, _, i_all = whole.batch(0)
     parts = []
     for rank in range(2):
         r = _loader(cfg, dist=Dist(rank=rank, world=2))
         r.start_epoch(1)
-        x, y, n = r.batch(0)
+        x, y, n, index = r.batch(0)
         assert n == 8 and len(y) == 4
+        assert torch.equal(index, i_all[rank::2])   # where its images are in the split (--hard-stale)
         parts.append((x, y))
     # interleaved shares of the same global batch: rank r holds images r, r + 2, ...
     assert torch.equal(parts[0][0], x_all[0::2]) and torch.equal(parts[1][0], x_all[1::2])
@@ -182,6 +183,12 @@ class _NoSelector:
 
     def load_state_dict(self, s):
         self.loaded = s
+
+    def memory_state(self):
+        return None
+
+    def load_memory(self, table):
+        pass
 
 
 def _state(ema: bool, seed: int = 0):
@@ -356,7 +363,7 @@ def test_loader_augments_as_configured():
     split = _split(8, 8)
     plain = _loader(_cfg(flip=False, crop_pad=0, cutout=0, batch_size=8), split)
     plain.start_epoch(0)
-    base, _, _ = plain.batch(0)
+    base, _, _, _ = plain.batch(0)
     for kw in ({"crop_pad": 2}, {"cutout": 3}):
         ld = _loader(_cfg(flip=False, batch_size=8, **{"crop_pad": 0, "cutout": 0, **kw}), split)
         ld.start_epoch(0)
