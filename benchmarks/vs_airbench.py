@@ -30,6 +30,7 @@ time and accuracy here, reported beside the 0.68x share, never in its place.
     make bench-env
     .venv-bench/bin/python benchmarks/vs_airbench.py --data ../shared/data/cifar10-jpeg --seeds 3 [--json out.json]
     .venv-bench/bin/python benchmarks/vs_airbench.py --data DIR --seeds 1 --val-size 0
+    .venv-bench/bin/python benchmarks/vs_airbench.py --data DIR --seeds 3 --cifarkit-args "--recipe sprint"
     .venv-bench/bin/python benchmarks/vs_airbench.py --data DIR --seeds 1 --cifarkit-args "--epochs 13" --muon-record
     .venv-bench/bin/python benchmarks/vs_airbench.py --flops --cifarkit-args "--epochs 13" [--muon-record]   # arithmetic only
 """
@@ -260,7 +261,8 @@ def main() -> int:
     ap.add_argument("--seed-start", type=int, default=0)
     ap.add_argument("--val-size", type=int, default=5000,
                     help="images held out and scored (0: train both on everything, compare times)")
-    ap.add_argument("--cifarkit-args", default="", help="extra flags for cifarkit train, e.g. '--epochs 2'")
+    ap.add_argument("--cifarkit-args", default="", help="extra flags for cifarkit train after --recipe fast, e.g. '--epochs 2' "
+                                                      "('--recipe sprint' runs that recipe instead)")
     ap.add_argument("--json", type=Path, help="write every run and the summary here")
     ap.add_argument("--muon-record", action="store_true",
                     help="add a third side: airbench94_muon's settings trained by cifarkit (an estimate "

@@ -305,6 +305,16 @@ def test_progressive_config_is_checked_and_scaled_with_epochs():
     assert RECIPES["fast"]["progressive"] == fast.progressive    # the recipe itself is not changed
 
 
+def test_sprint_is_the_measured_fast_variant():
+    """docs/benchmarks.md publishes `--recipe fast --epochs 14 --hard-proxy= --hard-stale` against
+    airbench94; `--recipe sprint` must be exactly that run."""
+    measured = resolve_config("fast", overrides={"epochs": 14, "hard_proxy": [], "hard_stale": True}).to_dict()
+    sprint = resolve_config("sprint").to_dict()
+    differ = {k for k in measured if measured[k] != sprint[k]}
+    assert differ == {"recipe", "hard_proxy_args"}           # the latter unused without a proxy
+    assert sprint["hard_proxy_args"] == {} and not sprint["hard_proxy"] and sprint["hard_fraction"] == 0.5
+
+
 def test_stopped_whitening_bias_is_frozen_without_changing_the_result(tiny_folder, tmp_path, monkeypatch):
     import cifarkit.training.loop as train_mod
     kw = dict(model="fast", model_args={"widths": [8, 16, 16]}, optimizer="muon", lr=0.24,
@@ -734,3 +744,21 @@ def test_balance_weights_and_sampler(unbalanced_folder, tmp_path, monkeypatch):
     assert (share - 1 / 3).abs().max() < 0.12
     with pytest.raises(CifarkitError, match="--balance weights"):
         TrainConfig(balance="weights", loss="mse").validate()
+
+
+def test_sprint_recipe_trains_from_the_command_line_and_learns(tiny_folder, tmp_path, capsys):
+    """`cifarkit train --recipe sprint`, narrowed by a YAML file to fit the tiny data: the stale
+    table ranks (no proxy network in the checkpoint), and it learns."""
+    from cifarkit.cli import main
+    yaml = tmp_path / "small.yaml"
+    yaml.write_text("model_args: {widths: [8, 16, 16], depths: [2, 3, 3], residual: true}\n"
+                    "batch_size: 16\nval_size: 24\nprogressive: [16]\nprecision: fp32\n")
+    out = tmp_path / "r"
+    rc = main(["train", "--recipe", "sprint", "--config", str(yaml), "--data", str(tiny_folder),
+               "--epochs", "6", "--out", str(out), "--no-tensorboard", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["best_val_acc"] >= 0.9
+    ck = load_checkpoint(out / "last.ckpt")
+    assert ck.extra["proxy"] is None and torch.isfinite(ck.extra["hard_memory"]).all()
+    assert "hard_stale: true" in (out / "config.yaml").read_text()
