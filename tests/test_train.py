@@ -409,19 +409,11 @@ def test_hardest_per_class_keeps_the_class_mix_against_a_biased_scorer():
     assert torch.equal(picked, picked.sort().values)             # batch order kept
 
 
-@pytest.mark.parametrize("per_class", [False, True])
-def test_hard_fraction_trains_on_the_selected_share_and_still_learns(tiny_folder, tmp_path, monkeypatch,
-                                                                     per_class):
+def _network_passes(monkeypatch) -> list:
+    """(graph recorded?, batch size) of every training-mode forward pass of the network a run builds."""
     import cifarkit.models
     import cifarkit.training.prep
-    import cifarkit.training.selective as selective
-    real_hardest, modes = selective.hardest, set()
-
-    def spying_hardest(*a):
-        modes.add(a[4])
-        return real_hardest(*a)
-    monkeypatch.setattr(selective, "hardest", spying_hardest)
-    sizes = []   # (graph recorded?, batch size) of every training-mode forward pass
+    sizes = []
     real_create = cifarkit.models.create_model
 
     def spying_create(*a, **k):
@@ -430,6 +422,20 @@ def test_hard_fraction_trains_on_the_selected_share_and_still_learns(tiny_folder
                                 if mod.training else None)
         return m
     monkeypatch.setattr(cifarkit.training.prep, "create_model", spying_create)
+    return sizes
+
+
+@pytest.mark.parametrize("per_class", [False, True])
+def test_hard_fraction_trains_on_the_selected_share_and_still_learns(tiny_folder, tmp_path, monkeypatch,
+                                                                     per_class):
+    import cifarkit.training.selective as selective
+    real_hardest, modes = selective.hardest, set()
+
+    def spying_hardest(*a):
+        modes.add(a[4])
+        return real_hardest(*a)
+    monkeypatch.setattr(selective, "hardest", spying_hardest)
+    sizes = _network_passes(monkeypatch)
     s = train(_cfg(tiny_folder, tmp_path / "r", epochs=6, hard_fraction=0.5, hard_start=1,
                    hard_per_class=per_class), progress=False, log=lambda *a: None)
     assert modes == {per_class}                   # --hard-per-class reaches the selection
@@ -477,17 +483,7 @@ def test_stale_ranking_trains_untrained_images_first_then_the_highest_last_loss(
 
 
 def test_hard_stale_trains_only_the_picked_share_and_learns(tiny_folder, tmp_path, monkeypatch):
-    import cifarkit.models
-    import cifarkit.training.prep
-    sizes = []   # (graph recorded?, batch size) of every training-mode forward pass
-    real_create = cifarkit.models.create_model
-
-    def spying_create(*a, **k):
-        m = real_create(*a, **k)
-        m.register_forward_hook(lambda mod, i, o: sizes.append((torch.is_grad_enabled(), len(i[0])))
-                                if mod.training else None)
-        return m
-    monkeypatch.setattr(cifarkit.training.prep, "create_model", spying_create)
+    sizes = _network_passes(monkeypatch)
     s = train(_cfg(tiny_folder, tmp_path / "r", epochs=6, hard_fraction=0.5, hard_start=1, hard_stale=True),
               progress=False, log=lambda *a: None)
     assert sizes == [(True, 16)] * 6 + [(True, 8)] * 30   # no scoring pass: only the trained half
