@@ -319,7 +319,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 # Speed run for the least time at airbench94's accuracy on a CPU: the fast recipe's network,
 # optimiser and augmentation for 14 epochs, each batch ranked by stale losses (--hard-stale: every
 # image's loss from the last step that trained on it) instead of the proxy network, whose step was
-# a fifth of every epoch. Per epoch it is about 0.88 of `fast` and about 0.2 points less accurate
+# 12-19 % of every epoch (Zen 4, Xeon). Per epoch it is about 0.88 of `fast` and about 0.2 points less accurate
 # (seed 0, 16 and 13 epochs); at 14 epochs 90.91 % against airbench94's 90.46 % in 0.49x its
 # time on a Zen 4 (docs/benchmarks.md section 7).
 RECIPES["sprint"] = {
