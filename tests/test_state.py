@@ -142,6 +142,25 @@ def test_loader_resizes_progressive_epochs_and_slices_for_ddp():
     assert torch.equal(parts[0][1], y_all[0::2]) and torch.equal(parts[1][1], y_all[1::2])
 
 
+def test_loader_chooses_images_before_reading_them_and_ddp_slices_the_choice():
+    cfg = _cfg(batch_size=8, flip=False, crop_pad=0, cutout=0)
+    split = _split(16)
+    ld = _loader(cfg, split)
+    ld.start_epoch(0)
+    asked = []
+    x, y, n, index = ld.batch(0, choose=lambda i: asked.append(i.clone()) or i[[1, 4, 6]])
+    assert torch.equal(asked[0], ld.perm[:8])             # the global batch's positions
+    assert n == 8 and torch.equal(index, ld.perm[:8][[1, 4, 6]])
+    assert torch.equal(y, split.y[index]) and len(x) == 3
+    full = _loader(cfg, split)
+    full.start_epoch(0)
+    assert torch.equal(x, full.batch(0)[0][[1, 4, 6]])    # the same images as picking afterwards
+    r1 = _loader(cfg, split, dist=Dist(rank=1, world=2))
+    r1.start_epoch(0)
+    x1, _, n1, index1 = r1.batch(0, choose=lambda i: i[[1, 4, 6]])
+    assert n1 == 8 and torch.equal(index1, index[1::2]) and torch.equal(x1, x[1::2])
+
+
 def test_loader_samples_do_not_touch_the_training_stream():
     a, b = _loader(_cfg()), _loader(_cfg())
     s1 = a.samples(4)

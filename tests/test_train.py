@@ -459,6 +459,8 @@ def test_stale_ranking_trains_untrained_images_first_then_the_highest_last_loss(
     y = torch.zeros(8, dtype=torch.long)
 
     def step(index, epoch=1, logit=None):
+        choose = sel.chooser(epoch)   # what the loader calls before it reads the images
+        index = choose(index) if choose is not None else index
         xb, yb, whole = sel.pick(x[index], y[index], epoch, index)
         out = torch.zeros(len(yb), 2)
         out[:, 1] = logit(xb[:, 0, 0, 0].long()) if logit else 0.0   # class 0's loss grows with out[:, 1]
@@ -483,10 +485,15 @@ def test_stale_ranking_trains_untrained_images_first_then_the_highest_last_loss(
 
 
 def test_hard_stale_trains_only_the_picked_share_and_learns(tiny_folder, tmp_path, monkeypatch):
+    import cifarkit.training.loader as loader_mod
     sizes = _network_passes(monkeypatch)
+    augmented = []
+    real_augment = loader_mod.augment
+    monkeypatch.setattr(loader_mod, "augment", lambda x, *a, **k: augmented.append(len(x)) or real_augment(x, *a, **k))
     s = train(_cfg(tiny_folder, tmp_path / "r", epochs=6, hard_fraction=0.5, hard_start=1, hard_stale=True),
               progress=False, log=lambda *a: None)
     assert sizes == [(True, 16)] * 6 + [(True, 8)] * 30   # no scoring pass: only the trained half
+    assert augmented == [16] * 6 + [8] * 30               # ... and the loader read only that half
     assert s["best_val_acc"] >= 0.9                          # it learns (3 easy classes)
     table = load_checkpoint(tmp_path / "r" / "last.ckpt").extra["hard_memory"]
     assert table.shape == (96,) and torch.isfinite(table).all() and (table >= 0).all()   # every image trained

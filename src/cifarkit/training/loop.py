@@ -206,8 +206,9 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     run.in_steps = True
     try:
         for step in range(state.step, loader.steps_per_epoch):
-            xb, yb, n_global, index = loader.batch(step)
-            state.sums.images += len(yb)
+            # --hard-stale picks the images before the loader touches their pixels
+            xb, yb, n_global, index = loader.batch(step, state.selector.chooser(epoch))
+            state.sums.images += len(range(dist.rank, n_global, dist.world))   # this process's share
             xb, yb, whole = state.selector.pick(xb, yb, epoch, index)   # selective backprop: the hardest share
             target = yb
             if run.mix is not None:   # soft targets; accuracy is then counted on the dominant label

@@ -67,18 +67,29 @@ class Selector:
         xb, yb = hardest(xb, yb, scores, self.cfg.hard_fraction, self.cfg.hard_per_class)
         return xb, yb, whole
 
-    def _pick_stale(self, xb, yb, epoch: int, index: torch.Tensor):
-        if index is None:
-            raise ValueError("--hard-stale needs the images' positions in the training set")
-        self._trained = index
-        if not self.selecting(epoch):
-            return xb, yb, None
-        k = max(1, round(len(yb) * self.cfg.hard_fraction))
+    def chooser(self, epoch: int):
+        """For ``Loader.batch(step, choose=...)``: under --hard-stale (while selecting) a function
+        from a global batch's positions to those of the images to train on; None otherwise."""
+        if self.memory is None or not self.selecting(epoch):
+            return None
+        return self.choose_stale
+
+    def choose_stale(self, index: torch.Tensor) -> torch.Tensor:
+        """The ``hard_fraction`` of ``index`` (positions in the training set) with the highest
+        table entries, in batch order. Every process holds the same table, so each picks the same
+        images from the global batch before taking its slice."""
+        k = max(1, round(len(index) * self.cfg.hard_fraction))
         # topk among equal entries (the untrained ones, all inf) takes them in batch order, which
         # the epoch's random permutation already shuffled.
         keep = self.memory[index].topk(k).indices.sort().values
-        self._trained = index[keep]
-        return _take(xb, keep), yb[keep], None
+        return index[keep]
+
+    def _pick_stale(self, xb, yb, epoch: int, index: torch.Tensor):
+        """The loader already took the images chooser() picked: these are the ones to train on."""
+        if index is None:
+            raise ValueError("--hard-stale needs the images' positions in the training set")
+        self._trained = index
+        return xb, yb, None
 
     def record(self, out: torch.Tensor, yb: torch.Tensor) -> None:
         """The trained images' outputs of this step (before its update): their new table entries
