@@ -306,9 +306,10 @@ def test_progressive_config_is_checked_and_scaled_with_epochs():
 
 
 def test_sprint_is_the_measured_fast_variant():
-    """docs/benchmarks.md publishes `--recipe fast --epochs 14 --hard-proxy= --hard-stale` against
-    airbench94; `--recipe sprint` must be exactly that run."""
-    measured = resolve_config("fast", overrides={"epochs": 14, "hard_proxy": [], "hard_stale": True}).to_dict()
+    """docs/benchmarks.md publishes `--recipe fast --epochs 14 --hard-proxy= --hard-stale
+    --hard-fraction-small 0.33` against airbench94; `--recipe sprint` must be exactly that run."""
+    measured = resolve_config("fast", overrides={"epochs": 14, "hard_proxy": [], "hard_stale": True,
+                                                 "hard_fraction_small": 0.33}).to_dict()
     sprint = resolve_config("sprint").to_dict()
     differ = {k for k in measured if measured[k] != sprint[k]}
     assert differ == {"recipe", "hard_proxy_args"}           # the latter unused without a proxy
@@ -484,6 +485,33 @@ def test_stale_ranking_trains_untrained_images_first_then_the_highest_last_loss(
     assert torch.equal(fresh.memory, sel.memory)
 
 
+def test_a_smaller_share_trains_in_the_small_image_epochs_only():
+    from types import SimpleNamespace
+
+    from cifarkit.training.selective import Selector
+    cfg = TrainConfig(model="fast", hard_fraction=0.5, hard_fraction_small=0.25, hard_stale=True,
+                      epochs=4, progressive=[16, 24]).validate()
+    p = SimpleNamespace(device=torch.device("cpu"), precision="fp32", train=range(8))
+    sel = Selector(cfg, None, None, p, 10, 1)
+    assert [sel.fraction(e) for e in range(4)] == [0.25, 0.25, 0.5, 0.5]
+    index = torch.arange(8)
+    assert [len(sel.chooser(e)(index)) for e in range(4)] == [2, 2, 4, 4]   # 16 and 24 px, then 32
+    plain = Selector(TrainConfig(model="fast", hard_fraction=0.5, hard_stale=True, epochs=4,
+                                 progressive=[16, 24]).validate(), None, None, p, 10, 1)
+    assert [len(plain.chooser(e)(index)) for e in range(4)] == [4, 4, 4, 4]   # 0: --hard-fraction throughout
+
+
+def test_hard_stale_with_a_smaller_share_while_images_are_small_learns(tiny_folder, tmp_path, monkeypatch):
+    sizes = _network_passes(monkeypatch)
+    s = train(_cfg(tiny_folder, tmp_path / "r", model="fast", epochs=6, lr=0.01, hard_fraction=0.5,
+                   hard_fraction_small=0.25, hard_start=1, hard_stale=True, progressive=[16, 16, 24],
+                   model_args={"widths": [8, 16, 16]}),
+              progress=False, log=lambda *a: None)
+    # epoch 0 trains all (--hard-start 1), epochs 1-2 (16 and 24 px) a quarter, 3-5 (32 px) a half
+    assert [n for _, n in sizes] == [16] * 6 + [4] * 12 + [8] * 18
+    assert s["best_val_acc"] >= 0.9
+
+
 def test_hard_stale_trains_only_the_picked_share_and_learns(tiny_folder, tmp_path, monkeypatch):
     import cifarkit.training.loader as loader_mod
     sizes = _network_passes(monkeypatch)
@@ -505,6 +533,8 @@ def test_hard_stale_trains_only_the_picked_share_and_learns(tiny_folder, tmp_pat
                                   "hard_proxy": [8, 8, 8]},                               # two rankers
                                  {"hard_proxy": [8, 8, 8]},                               # fraction 1
                                  {"hard_proxy": [8, 8, 8], "hard_fraction": 0.5},         # tudui: no widths
+                                 {"hard_fraction_small": 1.5}, {"hard_fraction_small": -0.1},
+                                 {"hard_fraction_small": 0.25},                        # no selection to shrink
                                  {"model": "fast", "hard_proxy": [8, 8], "hard_fraction": 0.5}])  # 2 widths
 def test_bad_hard_fraction_settings_are_refused(bad):
     with pytest.raises(CifarkitError, match="--hard-"):

@@ -92,6 +92,9 @@ class TrainConfig:
     hard_fraction: float = setting(1.0, "selective backprop: train each step on this share of the batch "
                                         "with the highest loss, scored by a no-grad forward pass of the "
                                         "network or by --hard-proxy; 1 = train on all")
+    hard_fraction_small: float = setting(0.0, "with --hard-fraction and --progressive: the share trained "
+                                              "in the epochs of images smaller than --image-size "
+                                              "(0 = --hard-fraction in every epoch)")
     hard_start: int = setting(0, "first epoch (0-based) of --hard-fraction selection; earlier ones use all")
     hard_per_class: bool = setting(False, "with --hard-fraction: take that share of each class in the "
                                           "batch, so the trained images keep the batch's class mix (a "
@@ -180,6 +183,14 @@ class TrainConfig:
         if not 0 < self.hard_fraction <= 1:
             raise CifarkitError(f"--hard-fraction must be in (0, 1], got {self.hard_fraction}",
                                 "e.g. 0.5 trains on the harder half of each batch; 1 = all", exit_code=2)
+        if not 0 <= self.hard_fraction_small <= 1:
+            raise CifarkitError(f"--hard-fraction-small must be in [0, 1], got {self.hard_fraction_small}",
+                                "e.g. 0.33 trains a third of each batch while the images are small; "
+                                "0 = the --hard-fraction", exit_code=2)
+        if self.hard_fraction_small and self.hard_fraction == 1:
+            raise CifarkitError("--hard-fraction-small sets the share of --hard-fraction's selection in "
+                                "the small-image epochs, but --hard-fraction is 1 (no selection)",
+                                "add e.g. --hard-fraction 0.5, or drop --hard-fraction-small", exit_code=2)
         if self.hard_start < 0:
             raise CifarkitError(f"--hard-start must be >= 0, got {self.hard_start}", exit_code=2)
         if self.hard_stale and self.hard_fraction == 1:
@@ -319,14 +330,17 @@ RECIPES: dict[str, dict[str, Any]] = {
 # Speed run for the least time at airbench94's accuracy on a CPU: the fast recipe's network,
 # optimiser and augmentation for 14 epochs, each batch ranked by stale losses (--hard-stale: every
 # image's loss from the last step that trained on it) instead of the proxy network, whose step was
-# 12-19 % of every epoch (Zen 4, Xeon). Per epoch it is about 0.88 of `fast` and about 0.2 points less accurate
-# (seed 0, 16 and 13 epochs); at 14 epochs 90.91 % against airbench94's 90.46 % in 0.49x its
-# time on a Zen 4 (docs/benchmarks.md section 7).
+# 12-19 % of every epoch (Zen 4, Xeon). Per epoch it is about 0.88 of `fast` and about 0.2 points
+# less accurate (seed 0, 16 and 13 epochs). A third of each batch trains while the images are
+# small, a half at 32 px: 0.88 of the time of a half throughout for 0.04 points (seeds 0-3), where
+# a third at 32 px cost 0.62 points (seed 0). On a Zen 4: 90.67 % against airbench94's 90.46 % in
+# about 0.44x its time (docs/benchmarks.md section 7).
 RECIPES["sprint"] = {
     **{k: v for k, v in RECIPES["fast"].items() if k not in ("hard_proxy", "hard_proxy_args")},
     "epochs": 14,
     "progressive": [16, 16, 16, 20, 20, 20, 24, 24, 28],   # fast's 10 of 16, scaled to 9 of 14
     "hard_stale": True,
+    "hard_fraction_small": 0.33,   # share of each batch trained in the 16-28 px epochs
 }
 
 

@@ -219,7 +219,8 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
                 loss = run.loss_fn(out, target)
             state.selector.record(out, yb)   # --hard-stale: these images' losses, for later ranking
             state.opt.zero_grad(set_to_none=True)
-            _backward(run, loss, len(yb), n_global, state.selector.selecting(epoch))
+            _backward(run, loss, len(yb), n_global,
+                      state.selector.fraction(epoch) if state.selector.selecting(epoch) else 1.0)
             if cfg.clip_grad:   # on the true gradients: unscaled first (a no-op outside fp16)
                 state.scaler.unscale_(state.opt)
                 torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.clip_grad)
@@ -256,12 +257,13 @@ def _patience_spent(history: list, patience: int) -> bool:
     return history[-1]["epoch"] - best["epoch"] >= patience
 
 
-def _backward(run: Run, loss, n_local: int, n_global: int, selecting: bool) -> None:
+def _backward(run: Run, loss, n_local: int, n_global: int, fraction: float) -> None:
+    """``fraction``: the share of the global batch this step trains (1 without selection)."""
     share = 1.0
     if run.dist.enabled:
         # DDP averages gradients over ranks; weighting by this rank's share of the global batch
         # makes that average the gradient of the global-batch mean loss.
-        share = n_local * run.dist.world / n_global / (run.cfg.hard_fraction if selecting else 1)
+        share = n_local * run.dist.world / n_global / fraction
     # fp16 needs loss scaling against gradient underflow; a no-op in bf16/fp32.
     run.state.scaler.scale(loss * share if share != 1.0 else loss).backward()
 

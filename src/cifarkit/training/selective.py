@@ -12,6 +12,12 @@ step, so F = 0.5 saves about a third. Who ranks:
   while others train (the network improves, the entry does not), so images left out rise in the
   ranking; images never trained rank first.
 
+``--hard-fraction-small F2`` trains a different share, usually smaller, in the progressive epochs
+whose images are smaller than ``--image-size``. On the sprint recipe a third there instead of a
+half cost 0.04 points on seed 0 for 18 % of the run's time, while a third in the full-size epochs
+cost 0.62 points for 19 % (docs/benchmarks.md section 7). Why the early epochs give up less is
+not measured; a guess is that what is learnt at 16-28 px is coarse and shared by many images.
+
 The loop sees one object: ``Selector.pick(xb, yb, epoch, index)`` returns the images to train on,
 and the whole batch's outputs when the network scored them itself (the epoch's train metrics then
 cover every image seen); ``Selector.record(out, yb)`` gives it the trained images' outputs.
@@ -19,6 +25,7 @@ cover every image seen); ``Selector.record(out, yb)`` gives it the trained image
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn as nn
@@ -27,7 +34,7 @@ import torch.nn.functional as F
 from ..device import autocast
 from ..models import create_model, init_from_data
 from ..optim import freeze_stopped, make_optimizer, make_scheduler
-from .loader import resize
+from .loader import epoch_size, resize
 
 
 class Selector:
@@ -43,6 +50,12 @@ class Selector:
 
     def selecting(self, epoch: int) -> bool:
         return self.cfg.hard_fraction < 1 and epoch >= self.cfg.hard_start
+
+    def fraction(self, epoch: int) -> float:
+        """The share of each batch trained in ``epoch`` while selecting: --hard-fraction-small
+        in the progressive epochs of smaller images, where set, else --hard-fraction."""
+        small = self.cfg.hard_fraction_small and epoch_size(self.cfg, epoch) < self.cfg.image_size
+        return self.cfg.hard_fraction_small if small else self.cfg.hard_fraction
 
     def start_epoch(self, global_step: int) -> None:
         if self.proxy is not None:
@@ -64,7 +77,7 @@ class Selector:
         if scores is None:
             out_all, loss_all = score(self.model, self.loss_fn, xb, yb, self.device, self.precision)
             scores, whole = out_all, (out_all, loss_all, yb)
-        xb, yb = hardest(xb, yb, scores, self.cfg.hard_fraction, self.cfg.hard_per_class)
+        xb, yb = hardest(xb, yb, scores, self.fraction(epoch), self.cfg.hard_per_class)
         return xb, yb, whole
 
     def chooser(self, epoch: int):
@@ -72,13 +85,13 @@ class Selector:
         from a global batch's positions to those of the images to train on; None otherwise."""
         if self.memory is None or not self.selecting(epoch):
             return None
-        return self.choose_stale
+        return functools.partial(self.choose_stale, fraction=self.fraction(epoch))
 
-    def choose_stale(self, index: torch.Tensor) -> torch.Tensor:
-        """The ``hard_fraction`` of ``index`` (positions in the training set) with the highest
-        table entries, in batch order. Every process holds the same table, so each picks the same
-        images from the global batch before taking its slice."""
-        k = max(1, round(len(index) * self.cfg.hard_fraction))
+    def choose_stale(self, index: torch.Tensor, fraction: float | None = None) -> torch.Tensor:
+        """The ``fraction`` (default --hard-fraction) of ``index`` (positions in the training set)
+        with the highest table entries, in batch order. Every process holds the same table, so
+        each picks the same images from the global batch before taking its slice."""
+        k = max(1, round(len(index) * (fraction or self.cfg.hard_fraction)))
         # topk among equal entries (the untrained ones, all inf) takes them in batch order, which
         # the epoch's random permutation already shuffled.
         keep = self.memory[index].topk(k).indices.sort().values
