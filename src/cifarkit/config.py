@@ -180,29 +180,7 @@ class TrainConfig:
         if not 0 <= self.label_smoothing < 1:
             raise CifarkitError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}",
                                 exit_code=2)
-        if not 0 < self.hard_fraction <= 1:
-            raise CifarkitError(f"--hard-fraction must be in (0, 1], got {self.hard_fraction}",
-                                "e.g. 0.5 trains on the harder half of each batch; 1 = all", exit_code=2)
-        if not 0 <= self.hard_fraction_small <= 1:
-            raise CifarkitError(f"--hard-fraction-small must be in [0, 1], got {self.hard_fraction_small}",
-                                "e.g. 0.33 trains a third of each batch while the images are small; "
-                                "0 = the --hard-fraction", exit_code=2)
-        if self.hard_fraction_small and self.hard_fraction == 1:
-            raise CifarkitError("--hard-fraction-small sets the share of --hard-fraction's selection in "
-                                "the small-image epochs, but --hard-fraction is 1 (no selection)",
-                                "add e.g. --hard-fraction 0.5, or drop --hard-fraction-small", exit_code=2)
-        if self.hard_start < 0:
-            raise CifarkitError(f"--hard-start must be >= 0, got {self.hard_start}", exit_code=2)
-        if self.hard_stale and self.hard_fraction == 1:
-            raise CifarkitError("--hard-stale ranks images for --hard-fraction, which is 1 (train on all)",
-                                "add e.g. --hard-fraction 0.5, or --no-hard-stale", exit_code=2)
-        if self.hard_stale and self.hard_proxy:
-            raise CifarkitError(f"--hard-stale and --hard-proxy {self.hard_proxy} are two ways to rank "
-                                "the images; pick one", "add --no-hard-stale, or --hard-proxy= to turn "
-                                "off a recipe's proxy", exit_code=2)
-        if self.hard_proxy and self.hard_fraction == 1:
-            raise CifarkitError("--hard-proxy scores images for --hard-fraction, which is 1 (train on all)",
-                                "add e.g. --hard-fraction 0.5, or drop --hard-proxy", exit_code=2)
+        self._validate_selection()
         if self.pretrained:
             from .models.pretrained import weights_for
             weights_for(self.model)   # refuses networks without ImageNet weights, before any data
@@ -230,6 +208,31 @@ class TrainConfig:
         _try_build(self.model, self.model_args)   # unknown settings and bad values, before any data
         self._validate_proxy()
         return self
+
+    def _validate_selection(self) -> None:
+        """The --hard-* settings of selective backprop (the proxy's own in _validate_proxy)."""
+        if not 0 < self.hard_fraction <= 1:
+            raise CifarkitError(f"--hard-fraction must be in (0, 1], got {self.hard_fraction}",
+                                "e.g. 0.5 trains on the harder half of each batch; 1 = all", exit_code=2)
+        if not 0 <= self.hard_fraction_small <= 1:
+            raise CifarkitError(f"--hard-fraction-small must be in [0, 1], got {self.hard_fraction_small}",
+                                "e.g. 0.33 trains a third of each batch while the images are small; "
+                                "0 = the --hard-fraction", exit_code=2)
+        if self.hard_start < 0:
+            raise CifarkitError(f"--hard-start must be >= 0, got {self.hard_start}", exit_code=2)
+        # Each of these only acts on a selection, which --hard-fraction 1 turns off.
+        for flag, on, does, off in (("--hard-stale", self.hard_stale, "ranks images", "--no-hard-stale"),
+                                    ("--hard-proxy", self.hard_proxy, "scores images",
+                                     "drop --hard-proxy"),
+                                    ("--hard-fraction-small", self.hard_fraction_small,
+                                     "sets the small-image epochs' share", "drop --hard-fraction-small")):
+            if on and self.hard_fraction == 1:
+                raise CifarkitError(f"{flag} {does} for --hard-fraction, which is 1 (train on all)",
+                                    f"add e.g. --hard-fraction 0.5, or {off}", exit_code=2)
+        if self.hard_stale and self.hard_proxy:
+            raise CifarkitError(f"--hard-stale and --hard-proxy {self.hard_proxy} are two ways to rank "
+                                "the images; pick one", "add --no-hard-stale, or --hard-proxy= to turn "
+                                "off a recipe's proxy", exit_code=2)
 
     def _validate_proxy(self) -> None:
         """The --hard-proxy settings: its model_args, its image size and a network it can copy."""

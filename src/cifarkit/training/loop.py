@@ -219,8 +219,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
                 loss = run.loss_fn(out, target)
             state.selector.record(out, yb)   # --hard-stale: these images' losses, for later ranking
             state.opt.zero_grad(set_to_none=True)
-            _backward(run, loss, len(yb), n_global,
-                      state.selector.fraction(epoch) if state.selector.selecting(epoch) else 1.0)
+            _backward(run, loss, len(yb), n_global, state.selector.fraction(epoch))
             if cfg.clip_grad:   # on the true gradients: unscaled first (a no-op outside fp16)
                 state.scaler.unscale_(state.opt)
                 torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.clip_grad)

@@ -52,8 +52,10 @@ class Selector:
         return self.cfg.hard_fraction < 1 and epoch >= self.cfg.hard_start
 
     def fraction(self, epoch: int) -> float:
-        """The share of each batch trained in ``epoch`` while selecting: --hard-fraction-small
-        in the progressive epochs of smaller images, where set, else --hard-fraction."""
+        """The share of each batch trained in ``epoch``: 1 when not selecting, --hard-fraction-small
+        in the progressive epochs of smaller images where set, else --hard-fraction."""
+        if not self.selecting(epoch):
+            return 1.0
         small = self.cfg.hard_fraction_small and epoch_size(self.cfg, epoch) < self.cfg.image_size
         return self.cfg.hard_fraction_small if small else self.cfg.hard_fraction
 
@@ -87,11 +89,11 @@ class Selector:
             return None
         return functools.partial(self.choose_stale, fraction=self.fraction(epoch))
 
-    def choose_stale(self, index: torch.Tensor, fraction: float | None = None) -> torch.Tensor:
-        """The ``fraction`` (default --hard-fraction) of ``index`` (positions in the training set)
-        with the highest table entries, in batch order. Every process holds the same table, so
-        each picks the same images from the global batch before taking its slice."""
-        k = max(1, round(len(index) * (fraction or self.cfg.hard_fraction)))
+    def choose_stale(self, index: torch.Tensor, fraction: float) -> torch.Tensor:
+        """The ``fraction`` of ``index`` (positions in the training set) with the highest table
+        entries, in batch order. Every process holds the same table, so each picks the same
+        images from the global batch before taking its slice."""
+        k = max(1, round(len(index) * fraction))
         # topk among equal entries (the untrained ones, all inf) takes them in batch order, which
         # the epoch's random permutation already shuffled.
         keep = self.memory[index].topk(k).indices.sort().values
