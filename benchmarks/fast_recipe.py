@@ -82,22 +82,24 @@ def epoch_flops(cfg, n_train: int) -> list[float]:
     """Training FLOPs of each epoch of a run (its own image size, progressive resizing); with
     selective backprop (hard_fraction < 1), a scoring forward of every image (or a training step
     of the proxy network, --hard-proxy; nothing with --hard-stale, whose ranking is a table look-up)
-    plus a training step on the selected share. Each distinct
+    plus a training step on the selected share (--hard-fraction-small's in the epochs of smaller
+    images: the training loop's own rule, selective.trained_share). Each distinct
     kind of epoch is counted once (a FlopCounterMode pass), then repeated."""
     from cifarkit.optim import first_group_epochs, whiten_bias_epochs
     from cifarkit.training import epoch_size
+    from cifarkit.training.selective import selecting, trained_share
     stop = whiten_bias_epochs(cfg) if cfg.model == "fast" else None   # frozen from this epoch on
     group_stop = first_group_epochs(cfg) if cfg.model == "fast" else None
     kinds = [(epoch_size(cfg, e), stop is not None and e >= stop,
               group_stop is not None and e >= group_stop,
-              cfg.hard_fraction < 1 and e >= cfg.hard_start) for e in range(cfg.epochs)]
+              selecting(cfg, e), trained_share(cfg, e)) for e in range(cfg.epochs)]
     proxy = dataclasses.replace(cfg, model_args=cfg.proxy_model_args()) if cfg.hard_proxy else None
     per_kind = {}
     for kind in dict.fromkeys(kinds):
-        size, frozen, group_frozen, selecting = kind
+        size, frozen, group_frozen, ranked, share = kind
         step = train_step_flops(cfg, size, frozen, group_frozen)
-        if selecting:   # a proxy or the stale table ranks instead of the network's own forward pass
-            step = cfg.hard_fraction * step + (0 if proxy or cfg.hard_stale else forward_flops(cfg, size))
+        if ranked:   # a proxy or the stale table ranks instead of the network's own forward pass
+            step = share * step + (0 if proxy or cfg.hard_stale else forward_flops(cfg, size))
         if proxy is not None:   # trained on every whole batch
             step += train_step_flops(proxy, size, frozen)   # its first group trains to the end
         per_kind[kind] = step * n_train

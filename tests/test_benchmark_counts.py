@@ -44,6 +44,17 @@ def test_run_flops_count_the_scoring_and_the_trained_share(fast_recipe):
     assert fast_recipe.run_flops(stale, 100) == pytest.approx(2 * 100 * 0.5 * step)   # no scoring at all
 
 
+def test_run_flops_count_the_smaller_share_trained_while_images_are_small(fast_recipe):
+    """--hard-fraction-small: a 16 px epoch trains its own share, the 32 px one --hard-fraction's
+    (the count once ignored it and put sprint at 158.1 TFLOP, a half everywhere)."""
+    base = {"epochs": 2, "progressive": [16], "hard_fraction": 0.5, "hard_proxy": [], "hard_stale": True}
+    cfg = resolve_config("fast", overrides={**base, "hard_fraction_small": 0.25})
+    small, full = fast_recipe.train_step_flops(cfg, 16), fast_recipe.train_step_flops(cfg, 32)
+    assert fast_recipe.epoch_flops(cfg, 100) == pytest.approx([100 * 0.25 * small, 100 * 0.5 * full])
+    unset = resolve_config("fast", overrides=base)
+    assert fast_recipe.epoch_flops(unset, 100) == pytest.approx([100 * 0.5 * small, 100 * 0.5 * full])
+
+
 def test_a_frozen_first_group_drops_its_weight_gradients_and_the_gradient_below_group_two(fast_recipe):
     cfg = resolve_config("fast")
     bias_frozen = fast_recipe.train_step_flops(cfg, 32, bias_frozen=True)

@@ -37,6 +37,21 @@ from ..optim import freeze_stopped, make_optimizer, make_scheduler
 from .loader import epoch_size, resize
 
 
+def selecting(cfg, epoch: int) -> bool:
+    """Whether ``epoch``'s batches are ranked and only a share of them trained."""
+    return cfg.hard_fraction < 1 and epoch >= cfg.hard_start
+
+
+def trained_share(cfg, epoch: int) -> float:
+    """The share of each batch trained in ``epoch``: 1 when not selecting, --hard-fraction-small
+    in the progressive epochs of smaller images where set, else --hard-fraction. (A function of
+    the config alone, so that the benchmarks' FLOP count follows the same rule as training.)"""
+    if not selecting(cfg, epoch):
+        return 1.0
+    small = cfg.hard_fraction_small and epoch_size(cfg, epoch) < cfg.image_size
+    return cfg.hard_fraction_small if small else cfg.hard_fraction
+
+
 class Selector:
     def __init__(self, cfg, model: nn.Module, loss_fn, prepared, total_steps: int, steps_per_epoch: int,
                  dist=None):
@@ -49,15 +64,10 @@ class Selector:
         self._trained = None   # indices of the images pick() last returned (--hard-stale)
 
     def selecting(self, epoch: int) -> bool:
-        return self.cfg.hard_fraction < 1 and epoch >= self.cfg.hard_start
+        return selecting(self.cfg, epoch)
 
     def fraction(self, epoch: int) -> float:
-        """The share of each batch trained in ``epoch``: 1 when not selecting, --hard-fraction-small
-        in the progressive epochs of smaller images where set, else --hard-fraction."""
-        if not self.selecting(epoch):
-            return 1.0
-        small = self.cfg.hard_fraction_small and epoch_size(self.cfg, epoch) < self.cfg.image_size
-        return self.cfg.hard_fraction_small if small else self.cfg.hard_fraction
+        return trained_share(self.cfg, epoch)
 
     def start_epoch(self, global_step: int) -> None:
         if self.proxy is not None:
