@@ -128,8 +128,9 @@ def _median_ms(fn, repeats: int = 5) -> float:
     return _interleaved_medians({0: fn}, repeats)[0] * 1e3
 
 
-def layer_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
-    """Per-convolution times of the fast network in bf16/channels_last, then the frozen-bias ratio."""
+def layer_costs(model_args: dict, batch: int = 2000, size: int = 32, dtype: str = "bf16") -> None:
+    """Per-convolution times of the fast network in bf16 (or fp32: what a CPU without native bf16
+    trains in)/channels_last, then the frozen-bias ratio."""
     import torch
     import torch.nn.functional as F
 
@@ -147,12 +148,13 @@ def layer_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
     for h in hooks:
         h.remove()
     cl = torch.channels_last
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     totals = [0.0, 0.0, 0.0, 0.0]   # forward, input gradient, PyTorch's and the fastest weight gradient
-    print(f"fast network {json.dumps(model_args)}, batch {batch}, {size} px, bf16 channels_last "
+    print(f"fast network {json.dumps(model_args)}, batch {batch}, {size} px, {dtype} channels_last "
           f"(medians of 5; native weight gradient {'built' if native else 'unavailable'})")
     for name, shape, conv in shapes:
-        x = torch.randn(batch, *shape[1:], dtype=torch.bfloat16).contiguous(memory_format=cl)
-        w = conv.weight.detach().to(torch.bfloat16).contiguous(memory_format=cl)
+        x = torch.randn(batch, *shape[1:], dtype=dt).contiguous(memory_format=cl)
+        w = conv.weight.detach().to(dt).contiguous(memory_format=cl)
         args = (conv.stride, conv.padding, conv.dilation, False, [0, 0], 1)
         y = F.conv2d(x, w, None, conv.stride, conv.padding)
         g = torch.randn_like(y).contiguous(memory_format=cl)
@@ -161,7 +163,7 @@ def layer_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
         t = [_median_ms(lambda: F.conv2d(x, w, None, conv.stride, conv.padding)),
              _median_ms(lambda: bwd([True, False, False])), _median_ms(lambda: bwd([False, True, False]))]
         conv3x3 = isinstance(conv, kernels.Conv3x3) and kernels._conv_static_ok(conv)
-        mine = native and conv3x3
+        mine = native and conv3x3 and dtype == "bf16"   # the native kernel is bf16 only
         t.append(_median_ms(lambda: kernels._state["module"].conv3x3_wgrad(x, g)) if mine else float("nan"))
         t.append(_median_ms(lambda: kernels.matmul_wgrad(x, g)) if conv3x3 else float("nan"))
         best = min(v for v in t[2:] if v == v)           # the fastest weight gradient (NaN: not built)
@@ -172,6 +174,8 @@ def layer_costs(model_args: dict, batch: int = 2000, size: int = 32) -> None:
               f"9 matmuls {t[4]:6.1f} ms ({flop / t[4] * 1e3:4.0f})", flush=True)
     print(f"{'all convolutions':34} fwd {totals[0]:6.1f} ms | grad input {totals[1]:6.1f} ms | "
           f"grad weight {totals[2]:6.1f} ms | fastest grad weight of each layer {totals[3]:6.1f} ms")
+    if dtype != "bf16":   # the full step below is a bf16 one (emulated, and slow, where fp32 is asked for)
+        return
     train_step = _training_step("fast", model_args=model_args)
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=cl)
     y = torch.randint(0, 10, (batch,))
@@ -456,6 +460,8 @@ def main() -> int:
     ap.add_argument("--only", choices=("tudui", "fast"), help="measure one network only")
     ap.add_argument("--sizes", help="comma-separated image sides: time the fast step at each")
     ap.add_argument("--layers", action="store_true", help="time each convolution of the fast network")
+    ap.add_argument("--layers-dtype", choices=("bf16", "fp32"), default="bf16",
+                    help="with --layers: the precision (fp32: what a CPU without native bf16 trains in)")
     ap.add_argument("--native", action="store_true", help="full step: native kernels vs PyTorch's")
     ap.add_argument("--widths", help="with --native, --layers or --select: the fast network's widths "
                                      "(default: the recipe's network; --select: 64,256,256)")
@@ -493,7 +499,7 @@ def main() -> int:
         if a.native:
             native_costs(model_args, size=a.size, keep=a.modes.split(",") if a.modes else None, repeats=a.repeats)
         else:
-            layer_costs(model_args, size=a.size)
+            layer_costs(model_args, size=a.size, dtype=a.layers_dtype)
         return 0
     if a.conv32:
         conv32_costs([int(v) for v in (a.sizes or "16,20,24,28,32").split(",")], repeats=min(a.repeats, 5),
