@@ -130,7 +130,7 @@ def _median_ms(fn, repeats: int = 5) -> float:
 
 def layer_costs(model_args: dict, batch: int = 2000, size: int = 32, dtype: str = "bf16") -> None:
     """Per-convolution times of the fast network in bf16 (or fp32: what a CPU without native bf16
-    trains in)/channels_last, then the frozen-bias ratio."""
+    trains in)/channels_last, then, in bf16 only, the frozen-bias ratio of a full step."""
     import torch
     import torch.nn.functional as F
 
