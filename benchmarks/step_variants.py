@@ -14,8 +14,10 @@ shape), with what it keeps now but PyTorch's batch norm and GELU (chosen-no-bnge
 fused op), with what it would keep without the whole convolution as matrix products (chosen-no-gemm),
 and with what it keeps now on this CPU (what training uses).
 `--conv32` times the recipe's whole step in fp32 (a CPU without native bf16) at each of `--sizes`:
-Muon's Newton-Schulz products in bf16 as before (emulated there), in fp32 (now), and with the
-convolutions kernels.choose keeps in fp32 (matrix products); `--profile` adds op tables.
+Muon's Newton-Schulz products in bf16 as before (emulated there), in fp32 (now), with the
+convolutions kernels.choose keeps in fp32 among the matrix products (before the fp32 C++
+kernels), and with what it keeps now (also the C++ fp32 max-pool and weight gradient);
+`--profile` adds op tables.
 `--select` times selective backprop's parts: a full step, the network's own no-grad scoring pass,
 a step on the hardest share, and a proxy network's step (--hard-proxy).
 `--models` times a full 32 px step of several fast-network variants (model_args), interleaved.
@@ -139,7 +141,8 @@ def layer_costs(model_args: dict, batch: int = 2000, size: int = 32, dtype: str 
 
     set_threads(0)
     kernels.load()
-    native = kernels.conv_wgrad_available()
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    native = kernels._native_wgrad(dt)   # bf16: AVX-512 BF16; fp32: AVX2 and FMA
     model = create_model("fast", **model_args)
     shapes = []   # (name, input shape, conv) of every convolution, recorded on a small forward
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: shapes.append((n, i[0].shape, m)))
@@ -148,7 +151,6 @@ def layer_costs(model_args: dict, batch: int = 2000, size: int = 32, dtype: str 
     for h in hooks:
         h.remove()
     cl = torch.channels_last
-    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     totals = [0.0, 0.0, 0.0, 0.0]   # forward, input gradient, PyTorch's and the fastest weight gradient
     print(f"fast network {json.dumps(model_args)}, batch {batch}, {size} px, {dtype} channels_last "
           f"(medians of 5; native weight gradient {'built' if native else 'unavailable'})")
@@ -163,8 +165,9 @@ def layer_costs(model_args: dict, batch: int = 2000, size: int = 32, dtype: str 
         t = [_median_ms(lambda: F.conv2d(x, w, None, conv.stride, conv.padding)),
              _median_ms(lambda: bwd([True, False, False])), _median_ms(lambda: bwd([False, True, False]))]
         conv3x3 = isinstance(conv, kernels.Conv3x3) and kernels._conv_static_ok(conv)
-        mine = native and conv3x3 and dtype == "bf16"   # the native kernel is bf16 only
-        t.append(_median_ms(lambda: kernels._state["module"].conv3x3_wgrad(x, g)) if mine else float("nan"))
+        m = kernels._state["module"]
+        wgrad = m.conv3x3_wgrad32 if dtype == "fp32" else m.conv3x3_wgrad
+        t.append(_median_ms(lambda: wgrad(x, g)) if native and conv3x3 else float("nan"))
         t.append(_median_ms(lambda: kernels.matmul_wgrad(x, g)) if conv3x3 else float("nan"))
         best = min(v for v in t[2:] if v == v)           # the fastest weight gradient (NaN: not built)
         totals = [a + b for a, b in zip(totals, t[:3] + [best])]
@@ -354,25 +357,34 @@ def conv32_costs(sizes: list[int], batch: int = 2000, repeats: int = 5, profile:
     """The recipe's whole step in fp32 (what a CPU without native bf16 trains in: its proxy on the
     batch, the network on the harder half), per image side, interleaved medians: "muon-bf16" as
     before 2026-12-02 (PyTorch's convolutions, Muon's Newton-Schulz products in bf16, emulated on
-    such a CPU), "pytorch" (those products in fp32), "chosen" (and the convolutions
-    kernels.choose(precision="fp32") keeps: matrix products where faster). With ``profile``, the
-    op breakdown of one "muon-bf16" and one "chosen" step at the first size."""
+    such a CPU), "pytorch" (those products in fp32), "chosen-no-cpp" (and the convolutions
+    kernels.choose(precision="fp32") keeps among the matrix-product forms: what training used
+    before the fp32 C++ kernels, 2026-12-07), "chosen" (what it keeps now: also the C++ fp32
+    max-pool and weight gradient where built and faster). With ``profile``, the op breakdown of
+    one "muon-bf16" and one "chosen" step at the first size."""
     from cifarkit import create_model, kernels, optim, resolve_config
 
     cfg = resolve_config("fast")
     nets, opts = _recipe_nets(cfg, [create_model("fast", **cfg.model_args),
                                     create_model("fast", **cfg.proxy_model_args())])
+    reason = kernels.load()
     got = kernels.choose(nets, sizes, batch=min(batch, 256), precision="fp32")
     chosen = kernels._state["choice"]
-    print(f"fp32 convolutions chosen on {got['wgrad'][1]} shapes: {json.dumps(got['wgrad_by'])}; "
+    print(f"C++ kernels: {reason or 'built'}; fp32 max-pool native on {got['pool'][0]} of {got['pool'][1]} "
+          f"shapes; fp32 convolutions chosen on {got['wgrad'][1]} shapes: {json.dumps(got['wgrad_by'])}; "
           + ", ".join(f"{k}: {v}" for k, v in sorted(chosen.items()) if v != "pytorch"))
+    known = json.loads(kernels._cache_path().read_text())
+    known = {k: known[kernels.cache_key(k, min(batch, 256))] for k in chosen}
+    no_cpp = {k: "pytorch" if "pool" in k else kernels._pick({i: e for i, e in known[k].items()
+                                                             if i in ("pytorch", "matmul", "gemm")})
+              for k in chosen}
     ns_bf16 = optim._CPU_BF16.get("fast")
-    total = {"muon-bf16": 0.0, "pytorch": 0.0, "chosen": 0.0}
+    total = {"muon-bf16": 0.0, "pytorch": 0.0, "chosen-no-cpp": 0.0, "chosen": 0.0}
     for size in sizes:
         (x, y), half = _recipe_batch(batch, size)
 
         def step(mode: str):
-            kernels._state["choice"] = chosen if mode == "chosen" else {}
+            kernels._state["choice"] = {"chosen": chosen, "chosen-no-cpp": no_cpp}.get(mode, {})
             optim._CPU_BF16["fast"] = mode == "muon-bf16" or bool(ns_bf16)
             try:
                 for net, opt, (xb, yb) in zip(nets, opts, (half, (x, y)), strict=True):
@@ -392,9 +404,11 @@ def conv32_costs(sizes: list[int], batch: int = 2000, repeats: int = 5, profile:
             total[k] += med[k]
         print(f"recipe step in fp32, {size} px, batch {batch}: " + ", ".join(
             f"{k} {med[k] * 1e3:.0f} ms ({med[k] / med['muon-bf16']:.3f})" for k in total)
-            + f"; chosen/pytorch {med['chosen'] / med['pytorch']:.3f} (medians of {repeats}, interleaved)", flush=True)
+            + f"; chosen/pytorch {med['chosen'] / med['pytorch']:.3f}, chosen/chosen-no-cpp "
+            f"{med['chosen'] / med['chosen-no-cpp']:.3f} (medians of {repeats}, interleaved)", flush=True)
     print(f"sum over {sizes}: " + ", ".join(f"{k} {total[k] / total['muon-bf16']:.3f}" for k in total)
-          + f"; chosen/pytorch {total['chosen'] / total['pytorch']:.3f}")
+          + f"; chosen/pytorch {total['chosen'] / total['pytorch']:.3f}, chosen/chosen-no-cpp "
+          f"{total['chosen'] / total['chosen-no-cpp']:.3f}")
 
 
 def _train_once(net, opt, xb, yb, bf16: bool = True) -> None:

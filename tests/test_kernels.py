@@ -45,15 +45,23 @@ def _randn_bf16(gen, *shape):
 
 @pytest.mark.parametrize("shape", [(6, 64, 31, 31), (4, 256, 15, 15), (3, 5, 4, 4), (2, 3, 2, 3),
                                    (2, 17, 7, 6), (1, 1, 5, 5)])
-def test_native_pool_equals_max_pool2d_forward_and_backward(native, shape):
-    x = _bf16(shape)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_pool_equals_max_pool2d_forward_and_backward(native, shape, dtype, monkeypatch):
+    # bf16 (training under autocast) and fp32 (training on a CPU without native bf16)
+    monkeypatch.setitem(native._state, "choice", None)   # not chosen: native wherever it applies
+    x = _bf16(shape).to(dtype)
     pick = torch.rand(shape, generator=torch.Generator().manual_seed(1))
     x[pick < 0.05] = float("nan")              # NaN wins its window in PyTorch: here too
     x[pick > 0.95] = float("-inf")
     n, c, h, w = shape
-    g = torch.randn(n, c, h // 2, w // 2).to(torch.bfloat16).contiguous(memory_format=CL)
+    g = torch.randn(n, c, h // 2, w // 2).to(dtype).contiguous(memory_format=CL)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    calls = []
+    real = native._MaxPool2x2.apply
+    monkeypatch.setattr(native._MaxPool2x2, "apply", lambda t: calls.append(t.dtype) or real(t))
     ya, yb = F.max_pool2d(a, 2), native.max_pool2x2(b)
+    assert calls == [dtype]                      # the native kernel ran, not PyTorch's
+    assert yb.dtype == dtype
     ya.backward(g)
     yb.backward(g)
     torch.testing.assert_close(yb, ya, rtol=0, atol=0, equal_nan=True)
@@ -130,9 +138,14 @@ def test_unavailable_kernels_say_why_in_one_line_and_training_falls_back(fresh_s
     assert not kernels.loaded()
     x = _bf16((2, 4, 6, 6))
     assert torch.equal(kernels.max_pool2x2(x), F.max_pool2d(x, 2))
-    # nothing to say where the kernel would not be used: fp32, another device, or switched off
+    # fp32 has kernels too (the max-pool and, with AVX2, the weight gradient): the same one line
     logs.clear()
     _native_kernels(cfg, model, torch.device("cpu"), "fp32", logs.append, 10)
+    assert len(logs) == 1 and "not used, CIFARKIT_NATIVE=0" in logs[0]
+    # nothing to say where no kernel would be used: fp16, another device, or switched off
+    logs.clear()
+    _native_kernels(cfg, model, torch.device("cpu"), "fp16", logs.append, 10)
+    _native_kernels(cfg, model, torch.device("meta"), "bf16", logs.append, 10)
     cfg.native_kernels = False
     _native_kernels(cfg, model, torch.device("cpu"), "bf16", logs.append, 10)
     assert logs == []
@@ -171,7 +184,7 @@ def test_the_build_is_compiled_once_and_then_loaded_from_the_cache(fresh_state, 
 def test_the_kernels_refuse_tensors_their_loops_cannot_read(native):
     m = native._state["module"]
     x = _bf16((2, 8, 4, 4))
-    with pytest.raises(RuntimeError, match="x must be a 4-D bf16 channels_last CPU tensor"):
+    with pytest.raises(RuntimeError, match="x must be a 4-D bf16 or fp32 channels_last CPU tensor"):
         m.pool_fwd(x.contiguous(), False)                              # NCHW memory: wrong strides
     with pytest.raises(RuntimeError, match="x must be a 4-D bf16 channels_last CPU tensor"):
         m.bn_gelu_fwd(x.float().contiguous(memory_format=CL), torch.ones(8), torch.zeros(8), 1e-5)
@@ -182,6 +195,16 @@ def test_the_kernels_refuse_tensors_their_loops_cannot_read(native):
     if m.has_conv3x3_wgrad():
         with pytest.raises(RuntimeError, match="shapes differ"):
             m.conv3x3_wgrad(_bf16((2, 8, 4, 4)), _bf16((2, 16, 4, 3)))
+    with pytest.raises(RuntimeError, match="x must be a 4-D bf16 or fp32 channels_last CPU tensor"):
+        m.pool_fwd(x.double().contiguous(memory_format=CL), False)
+    if m.has_conv3x3_wgrad32():
+        f32 = lambda shape: _bf16(shape).float().contiguous(memory_format=CL)   # noqa: E731
+        with pytest.raises(RuntimeError, match="x must be a 4-D fp32 channels_last CPU tensor"):
+            m.conv3x3_wgrad32(x, f32((2, 16, 4, 4)))                    # bf16 input
+        with pytest.raises(RuntimeError, match="shapes differ"):
+            m.conv3x3_wgrad32(f32((2, 8, 4, 4)), f32((2, 16, 4, 3)))
+        with pytest.raises(RuntimeError, match="Ci % 2 == 0"):
+            m.conv3x3_wgrad32(f32((2, 7, 4, 4)), f32((2, 16, 4, 4)))
 
 
 @pytest.fixture
@@ -216,6 +239,43 @@ def test_native_conv_weight_gradient_is_the_exact_sum(wgrad, shape):
     size = _wgrad_ref(x.abs(), g.abs())
     assert ((got.double() - ref).abs() <= 4 * 2 ** -24 * size).all()
     assert torch.equal(got, wgrad._state["module"].conv3x3_wgrad(x, g))   # deterministic
+
+
+@pytest.fixture
+def wgrad32(native):
+    if not native._native_wgrad(torch.float32):
+        pytest.skip("this CPU has no AVX2 and FMA: the fp32 native weight gradient is not built")
+    return native
+
+
+@pytest.mark.parametrize("shape", [(2000 // 40, 64, 224, 7, 7), (7, 24, 64, 31, 31), (3, 12, 48, 2, 5),
+                                   (5, 24, 16, 4, 3), (1, 4, 16, 1, 1), (9, 20, 80, 5, 5),
+                                   (4, 8, 32, 3, 2), (2, 64, 256, 31, 31), (3, 2, 16, 1, 6)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_fp32_conv_weight_gradient_is_the_sum(wgrad32, shape, threads):
+    # as the bf16 test, plus: 2 input channels (the kernel's step), a 1-pixel-high image, and
+    # (2, 64, 256, 31, 31), whose image is larger than a chunk: split into blocks of rows that
+    # read the rows above and below them
+    n, ci, co, h, w = shape
+    gen = torch.Generator().manual_seed(n * co + 7)
+    x = torch.randn(n, ci, h, w, generator=gen).contiguous(memory_format=CL)
+    g = torch.randn(n, co, h, w, generator=gen).contiguous(memory_format=CL)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = wgrad32._state["module"].conv3x3_wgrad32(x, g)
+        again = wgrad32._state["module"].conv3x3_wgrad32(x, g)
+    finally:
+        torch.set_num_threads(saved)
+    ref = _wgrad_ref(x, g)
+    assert got.dtype == torch.float32 and got.shape == ref.shape and got.is_contiguous(memory_format=CL)
+    # fp32 sums of fp32 products: each element within a few roundings per term of the size of
+    # its terms; a dropped or doubled term, or a tap in the wrong place, is far outside this
+    size = _wgrad_ref(x.abs(), g.abs())
+    terms = n * h * w
+    assert ((got.double() - ref).abs() <= 2 * terms * 2 ** -24 * size).all()
+    assert ((got.double() - ref).abs() <= 1e-5 * size).all()
+    assert torch.equal(got, again)                           # deterministic
 
 
 @pytest.mark.parametrize("shape", [(2000 // 40, 64, 224, 7, 7), (7, 24, 64, 31, 31), (3, 12, 48, 2, 5),
@@ -824,16 +884,19 @@ def test_fp32_chooser_is_off_with_native_kernels_off(fp32_chooser, tmp_path, mon
     logs = []
     cfg = resolve_config("fast", overrides={"model_args": {"widths": [16, 32, 32]}, "batch_size": 8})
     _native_kernels(cfg, _net(), torch.device("cpu"), "fp32", logs.append, 10)
-    assert logs == [] and kernels._state["choice"] is None
+    assert len(logs) == 1 and logs[0].startswith("native kernels: not used, CIFARKIT_NATIVE=0;"), logs
+    assert kernels._state["choice"] is None
 
 
 def test_fp32_training_with_the_matrix_product_convolution_learns(fp32_chooser, tmp_path, monkeypatch):
     from helpers import make_folder
     tiny_folder = make_folder(tmp_path / "images", n_per_class=40, shape_only=True)
     monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: {"pytorch": 2.0, "matmul": 3.0, "gemm": 1.0})
-    monkeypatch.setattr(kernels, "load", lambda *a: pytest.fail("fp32 built the C++ kernels"))
+    # no C++ compiler: the matrix products need none, so they are still timed and used
+    monkeypatch.setattr(kernels, "load", lambda *a: "no C++ compiler (install g++, or set CXX)")
     calls, logs, acc = _train_tiny_fast(tiny_folder, tmp_path, monkeypatch, "fp32")
     assert calls and set(calls) == {"gemm"}
+    assert any(line.startswith("native kernels: not used, no C++ compiler") for line in logs), logs
     assert any(line.startswith("kernels: 3x3 convolution in fp32: the whole convolution as matrix products on")
                for line in logs), logs
     assert acc >= 0.9                                         # 3 classes: chance is 0.33
@@ -882,3 +945,90 @@ def test_best_ms_adds_the_common_work_to_those_that_share_it():
                            repeats=3, common=_sleeper(calls, "common", 0.02), using=("pytorch",))
     assert calls == {"pytorch": 4, "g": 2, "common": 2}
     assert 24 < got["pytorch"] < got["g"]
+
+
+@pytest.fixture
+def fp32_native(native, monkeypatch):
+    """The built kernels, one thread (see `chooser`), the choice undone afterwards."""
+    monkeypatch.delenv("CIFARKIT_NATIVE", raising=False)
+    monkeypatch.delenv("CIFARKIT_GEMM_CONV", raising=False)
+    saved, threads = dict(kernels._state), torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield kernels
+    kernels._state.update(saved)
+    torch.set_num_threads(threads)
+
+
+def test_fp32_chooser_with_the_kernels_times_the_pools_and_the_cpp_gradient(fp32_native, tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "GEMM_SIDE", 0)             # the whole convolution: not a candidate here
+    wgrad32 = kernels._native_wgrad(torch.float32)
+    timed = []
+    monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: timed.append(spec[0]) or
+                        ({"pytorch": 2.0, "native": 1.0} if spec[0] == "pool32" else
+                         {"pytorch": 2.0, "matmul": 3.0, **({"native": 1.0} if wgrad32 else {})}))
+    got = kernels.choose([_net()], [16], batch=8, cache=tmp_path / "c.json", precision="fp32")
+    # three pools and five convolutions, in fp32; no batch norm + GELU (its kernel is bf16 only)
+    assert sorted(timed) == ["conv32"] * 5 + ["pool32"] * 3 and got["fp32"] is True
+    assert got["pool"] == [3, 3] and got["bngelu"] == [0, 0]
+    assert got["wgrad_by"] == ({"native": 5} if wgrad32 else {"pytorch": 5})
+    keys = [k.split(", ", 2)[2] for k in json.loads((tmp_path / "c.json").read_text())]
+    assert sorted(k.split(" ")[1] for k in keys) == ["conv"] * 5 + ["pool"] * 3 and all(k.startswith("fp32 ") for k in keys)
+    # the fp32 training step then runs them, with the gradients of PyTorch's own ops
+    pools, convs = [], []
+    real_pool, real_conv = kernels._MaxPool2x2.apply, kernels._Conv3x3.apply
+    monkeypatch.setattr(kernels._MaxPool2x2, "apply", lambda x: pools.append(x.dtype) or real_pool(x))
+    monkeypatch.setattr(kernels._Conv3x3, "apply", lambda *a: convs.append(a[2]) or real_conv(*a))
+    torch.manual_seed(0)
+    net, plain = _net(), _net()
+    plain.load_state_dict(net.state_dict())
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=CL)
+    net(x).square().sum().backward()
+    assert pools == [torch.float32] * 3 and convs == (["native"] * 6 if wgrad32 else [])
+    with kernels.disabled():
+        plain(x).square().sum().backward()
+    for (name, a), b in zip(net.named_parameters(), plain.parameters(), strict=True):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4 * b.grad.abs().max().item(),
+                                       msg=name)
+    # bf16 training is not steered by the fp32 decisions
+    pools.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x).sum().backward()
+    assert pools == []
+
+
+def test_fp32_chooser_keeps_pytorch_where_the_cpp_kernels_are_slower(fp32_native, tmp_path, monkeypatch):
+    monkeypatch.setitem(kernels._state, "module",
+                        _Slowed(kernels._state["module"], slow=("pool_fwd", "conv3x3_wgrad32")))
+    for name in ("matmul_wgrad", "gemm_conv3x3"):
+        monkeypatch.setattr(kernels, name, _much_slower(getattr(kernels, name)))
+    got = kernels.choose([_net()], [16], batch=8, repeats=3, cache=tmp_path / "c.json", precision="fp32")
+    assert got["pool"] == [0, 3] and got["wgrad"] == [0, 5] and got["wgrad_by"] == {"pytorch": 5}
+    calls = []
+    monkeypatch.setattr(kernels._MaxPool2x2, "apply", lambda x: calls.append("pool"))
+    monkeypatch.setattr(kernels._Conv3x3, "apply", lambda *a: calls.append("conv"))
+    _net()(torch.randn(4, 3, 16, 16).contiguous(memory_format=CL)).sum().backward()
+    assert calls == []
+
+
+def test_fp32_training_with_the_cpp_kernels_is_deterministic_and_learns(wgrad32, tmp_path, monkeypatch):
+    from helpers import make_folder
+    tiny_folder = make_folder(tmp_path / "images", n_per_class=40, shape_only=True)   # see the bf16 test
+    monkeypatch.setenv("CIFARKIT_NATIVE", "always")      # used even where PyTorch's is faster
+    saved = dict(kernels._state)
+    calls = []
+    real = kernels._Conv3x3.apply
+    monkeypatch.setattr(kernels._Conv3x3, "apply", lambda *a: calls.append(a[2]) or real(*a))
+    kw = dict(data=str(tiny_folder), val_size=24, epochs=8, batch_size=32, tensorboard=False,
+              model_args={"widths": [16, 16, 32]}, deterministic=True, precision="fp32")
+    acc = {}
+    try:
+        for name in ("a", "b"):
+            cfg = resolve_config("fast", overrides={**kw, "out": str(tmp_path / name)})
+            acc[name] = train(cfg, progress=False, log=lambda *a: None)["best_val_acc"]
+    finally:
+        kernels._state.update(saved)
+    assert calls and set(calls) == {"native"}
+    a, b = (load_checkpoint(tmp_path / n / "last.ckpt").state_dict for n in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)            # the same run twice: the same weights
+    assert acc["a"] >= 0.9                                    # 3 classes: chance is 0.33

@@ -135,8 +135,9 @@ class TrainConfig:
                                          "fused batch norm + GELU and 3x3 convolution weight gradient, "
                                          "time them (and that gradient as nine matrix products) against "
                                          "PyTorch's ops, and use each on the shapes where it is faster "
-                                         "on this CPU; falls back with one line. fp32 on CPU: time the "
-                                         "3x3 convolutions as matrix products the same way (no build)")
+                                         "on this CPU; falls back with one line. fp32 on CPU: the same "
+                                         "with the C++ fp32 max-pool and (AVX2) weight gradient, and the "
+                                         "3x3 convolutions as matrix products (these need no build)")
     sync_bn: bool = setting(False, "torchrun on GPUs: synchronise batch-norm statistics across processes")
     threads: int = setting(0, "CPU threads (0 = one per available core)")
     deterministic: bool = setting(False, "deterministic algorithms (bit-exact resume)")

@@ -32,10 +32,13 @@ products, one per kernel tap): where the matrix units are fast and the image is 
 and less), oneDNN's own weight gradient uses them poorly and the products win (1.2-2.1x on an
 Intel Xeon with AMX at batch 256; docs/benchmarks.md section 5).
 
-In fp32 (a CPU without native bf16, where training runs in fp32) none of the C++ ops apply, but
-the matrix-product convolutions do: ``choose(precision="fp32")`` times them against oneDNN's fp32
-convolution shape by shape, with no build. A 1x1 image (the last group at 16 px) is convolved by
-the centre tap alone, exactly: the other eight taps only ever meet the zero padding.
+In fp32 (a CPU without native bf16, where training runs in fp32) two of them have fp32 forms:
+the max-pool (the same code on floats) and the weight gradient with AVX2 and FMA (12 256-bit
+accumulators; on a Zen 2 0.67-0.91 of oneDNN's time on the fast network's layers, which ran its
+fp32 weight gradient at 0.5-0.75 of its forward's rate). The matrix-product convolutions apply
+too, and need no build: ``choose(precision="fp32")`` times all of them against oneDNN's fp32
+convolution and PyTorch's max-pool shape by shape. A 1x1 image (the last group at 16 px) is
+convolved by the centre tap alone, exactly: the other eight taps only ever meet the zero padding.
 
 Nothing here is required: :func:`load` compiles ``csrc/native.cpp`` into a shared library (about
 2 s the first time, then cached in ``$TORCH_EXTENSIONS_DIR/cifarkit`` or
@@ -134,12 +137,15 @@ class _Native:
         p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
         for name, args in (("pool_fwd", [p, p, p] + [i64] * 4 + [i32]),
                            ("pool_bwd", [p, p, p] + [i64] * 4 + [i32]),
+                           ("pool_fwd32", [p, p, p] + [i64] * 4 + [i32]),
+                           ("pool_bwd32", [p, p, p] + [i64] * 4 + [i32]),
                            ("conv3x3_wgrad", [p, p, p] + [i64] * 5 + [i32]),
+                           ("conv3x3_wgrad32", [p, p, p] + [i64] * 5 + [i32]),
                            ("bn_gelu_fwd", [p, p, p, f64, p, p, p, p, i64, i64, i32]),
                            ("bn_gelu_bwd", [p] * 9 + [i64, i64, i32]),
-                           ("has_conv3x3_wgrad", [])):
+                           ("has_conv3x3_wgrad", []), ("has_conv3x3_wgrad32", [])):
             fn = getattr(lib, "ck_" + name)
-            fn.argtypes, fn.restype = args, (i32 if name == "has_conv3x3_wgrad" else None)
+            fn.argtypes, fn.restype = args, (i32 if name.startswith("has_") else None)
             setattr(self, "_" + name, fn)
         self._lib = lib
 
@@ -147,6 +153,11 @@ class _Native:
     def _check(t: torch.Tensor, name: str) -> None:
         if not _bf16_channels_last(t):
             raise RuntimeError(f"{name} must be a 4-D bf16 channels_last CPU tensor")
+
+    @staticmethod
+    def _check_pool(t: torch.Tensor, name: str) -> None:
+        if not _channels_last(t, (torch.bfloat16, torch.float32)):
+            raise RuntimeError(f"{name} must be a 4-D bf16 or fp32 channels_last CPU tensor")
 
     @staticmethod
     def _check_vec(x: torch.Tensor, v: torch.Tensor, name: str) -> None:
@@ -157,27 +168,33 @@ class _Native:
     def has_conv3x3_wgrad(self) -> bool:
         return bool(self._has_conv3x3_wgrad())
 
+    def has_conv3x3_wgrad32(self) -> bool:
+        return bool(self._has_conv3x3_wgrad32())
+
     def pool_fwd(self, x: torch.Tensor, want_code: bool) -> tuple:
-        """2x2 max-pool: (output, 1-byte code of the winning pixel, empty unless want_code)."""
-        self._check(x, "x")
+        """2x2 max-pool (bf16 or fp32): (output, 1-byte code of the winning pixel, empty unless
+        want_code)."""
+        self._check_pool(x, "x")
         n, c, h, w = x.shape
         if h < 2 or w < 2:
             raise RuntimeError("x must be at least 2x2")
         out = torch.empty(n, c, h // 2, w // 2, dtype=x.dtype, memory_format=torch.channels_last)
         code = torch.empty(n if want_code else 0, h // 2, w // 2, c, dtype=torch.uint8)
-        self._pool_fwd(x.data_ptr(), out.data_ptr(), code.data_ptr() if want_code else None,
-                       n, c, h, w, torch.get_num_threads())
+        fn = self._pool_fwd32 if x.dtype == torch.float32 else self._pool_fwd
+        fn(x.data_ptr(), out.data_ptr(), code.data_ptr() if want_code else None, n, c, h, w,
+           torch.get_num_threads())
         return out, code
 
     def pool_bwd(self, g: torch.Tensor, code: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Its backward: every input-gradient element written once."""
-        self._check(g, "grad")
+        self._check_pool(g, "grad")
         n, c, hh, ww = g.shape
         if not (code.dtype == torch.uint8 and code.is_contiguous() and tuple(code.shape) == (n, hh, ww, c)
                 and h // 2 == hh and w // 2 == ww):
             raise RuntimeError("pool_bwd: code and shapes do not match the forward")
         gi = torch.empty(n, c, h, w, dtype=g.dtype, memory_format=torch.channels_last)
-        self._pool_bwd(g.data_ptr(), code.data_ptr(), gi.data_ptr(), n, c, h, w, torch.get_num_threads())
+        fn = self._pool_bwd32 if g.dtype == torch.float32 else self._pool_bwd
+        fn(g.data_ptr(), code.data_ptr(), gi.data_ptr(), n, c, h, w, torch.get_num_threads())
         return gi
 
     def conv3x3_wgrad(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -195,6 +212,24 @@ class _Native:
         out = torch.empty(co, ci, 3, 3, dtype=torch.float32, memory_format=torch.channels_last)
         self._conv3x3_wgrad(x.data_ptr(), g.data_ptr(), out.data_ptr(), n, ci, co, h, w,
                             torch.get_num_threads())
+        return out
+
+    def conv3x3_wgrad32(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The same weight gradient in fp32 (AVX2 and FMA): fp32 in and out, channels_last."""
+        if not self.has_conv3x3_wgrad32():
+            raise RuntimeError("conv3x3_wgrad32: built without AVX2 and FMA")
+        for t, name in ((x, "x"), (g, "grad")):
+            if not _channels_last(t, (torch.float32,)):
+                raise RuntimeError(f"{name} must be a 4-D fp32 channels_last CPU tensor")
+        n, ci, h, w = x.shape
+        co = g.shape[1]
+        if (g.shape[0], g.shape[2], g.shape[3]) != (n, h, w):
+            raise RuntimeError("conv3x3_wgrad32: shapes differ")
+        if co % 16 or ci % 2:
+            raise RuntimeError("conv3x3_wgrad32: needs Co % 16 == 0 and Ci % 2 == 0")
+        out = torch.empty(co, ci, 3, 3, dtype=torch.float32, memory_format=torch.channels_last)
+        self._conv3x3_wgrad32(x.data_ptr(), g.data_ptr(), out.data_ptr(), n, ci, co, h, w,
+                              torch.get_num_threads())
         return out
 
     def bn_gelu_fwd(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> tuple:
@@ -287,8 +322,10 @@ def disabled():
 MARGIN = 0.02   # another implementation must be at least 2 % faster: a tie goes to PyTorch's
 
 
-def _pool_key(x: torch.Tensor) -> str:
-    return f"pool {x.shape[1]}x{x.shape[2]}x{x.shape[3]}"
+def _pool_key(x: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> str:
+    # bf16 keys keep their first name (choices cached before fp32 existed still count)
+    prefix = "pool" if dtype == torch.bfloat16 else "fp32 pool"
+    return f"{prefix} {x.shape[1]}x{x.shape[2]}x{x.shape[3]}"
 
 
 def _conv_key(conv: torch.nn.Conv2d, x: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> str:
@@ -311,19 +348,20 @@ def _wgrad_impl(key: str, dtype: torch.dtype = torch.bfloat16) -> str:
     """How to compute the weight gradient of a 3x3 convolution of this shape: "native",
     "matmul", "gemm" (the whole convolution as matrix products) or "pytorch" (shapes never timed
     get PyTorch's: never slower than PyTorch). Not measured (choice None): the native weight
-    gradient in bf16 where it is built, PyTorch's otherwise."""
+    gradient of that dtype where it is built, PyTorch's otherwise."""
     choice = _state["choice"]
     if choice is None:
-        return "native" if dtype == torch.bfloat16 and conv_wgrad_available() else "pytorch"
+        return "native" if _native_wgrad(dtype) else "pytorch"
     return choice.get(key, "pytorch")
 
 
 def _shapes(models, sizes, dtype: torch.dtype = torch.bfloat16) -> dict:
     """{key: (op, shape of one input image)} for every layer at every image side that has an
-    implementation besides PyTorch's in ``dtype``: in fp32 only the 3x3 convolutions ("conv32";
-    the C++ max-pool and batch norm + GELU are bf16 kernels)."""
+    implementation besides PyTorch's in ``dtype``. In fp32: the 3x3 convolutions ("conv32") and,
+    where the kernels are built, the max-pools ("pool32"); the fused batch norm + GELU is bf16 only."""
     found = {}
     fp32 = dtype == torch.float32
+    pools = not fp32 or _state["module"] is not None
 
     def hook(module, inputs, _out):
         x = inputs[0]
@@ -331,8 +369,8 @@ def _shapes(models, sizes, dtype: torch.dtype = torch.bfloat16) -> dict:
             if _conv_static_ok(module):
                 found[_conv_key(module, x, dtype)] = ("conv32" if fp32 else "wgrad", module.in_channels,
                                                       module.out_channels, *x.shape[2:])
-        elif x.shape[2] >= 2 and x.shape[3] >= 2 and not fp32:
-            found[_pool_key(x)] = ("pool", *x.shape[1:])
+        elif x.shape[2] >= 2 and x.shape[3] >= 2 and pools:
+            found[_pool_key(x, dtype)] = ("pool32" if fp32 else "pool", *x.shape[1:])
     for model in models:
         handles = [m.register_forward_hook(hook) for m in model.modules()
                    if isinstance(m, (MaxPool2x2, Conv3x3))]
@@ -443,9 +481,7 @@ def _wgrad_candidates(dtype: torch.dtype = torch.bfloat16, side: int = 1) -> tup
     3x3-pixel images (section 6). Only up to GEMM_SIDE pixels: on 7x7 and more oneDNN's
     convolution was 2-4x faster on the Xeon, and the fastest way 2-13x on a Zen 4, where that
     one timed run of it took about 3 s of the chooser's 22 (docs/benchmarks.md section 7)."""
-    module = _state["module"]
-    native = dtype == torch.bfloat16 and module is not None and module.has_conv3x3_wgrad()
-    found = ("native", "matmul") if native else ("matmul",)
+    found = ("native", "matmul") if _native_wgrad(dtype) else ("matmul",)
     return found if os.environ.get("CIFARKIT_GEMM_CONV") == "0" or side > GEMM_SIDE else found + ("gemm",)
 
 
@@ -469,12 +505,13 @@ def _normal(*shapes, dtype: torch.dtype) -> list:
 
 
 def _time_op(spec: tuple, batch: int, repeats: int) -> dict:
-    """Forward + backward on random bf16 inputs of one shape: PyTorch's op and each other
-    implementation ({"pytorch": ms, "native": ms[, "matmul": ms]})."""
+    """Forward + backward on random inputs of one shape (bf16, or fp32 for "pool32" and "conv32"):
+    PyTorch's op and each other implementation ({"pytorch": ms, "native": ms[, "matmul": ms]})."""
     bf = torch.bfloat16
-    if spec[0] == "pool":
+    if spec[0] in ("pool", "pool32"):
         _, c, h, w = spec
-        x, gy = _normal((batch, c, h, w), (batch, c, h // 2, w // 2), dtype=bf)
+        x, gy = _normal((batch, c, h, w), (batch, c, h // 2, w // 2),
+                        dtype=torch.float32 if spec[0] == "pool32" else bf)
         x.requires_grad_()
         fns = {impl: lambda op=op: torch.autograd.grad(op(x), x, gy)
                for impl, op in (("pytorch", _pytorch_pool), ("native", _MaxPool2x2.apply))}
@@ -499,7 +536,9 @@ def _time_op(spec: tuple, batch: int, repeats: int) -> dict:
         # 20.3-25.7 s with SCREEN too). `benchmarks/kernel_setup.py`, docs/benchmarks.md section 7.
         grads = {"pytorch": lambda: _pytorch_wgrad(x, weight, gy)}
         cands = _wgrad_candidates(dtype, max(h, w))
-        if "native" in cands:
+        if "native" in cands and dtype == torch.float32:
+            grads["native"] = lambda: _state["module"].conv3x3_wgrad32(x, gy)
+        elif "native" in cands:
             grads["native"] = lambda: _state["module"].conv3x3_wgrad(x, gy).to(torch.bfloat16)
         if "matmul" in cands:
             grads["matmul"] = lambda: matmul_wgrad(x, gy)
@@ -546,9 +585,10 @@ def choose(models, sizes, batch: int = 256, repeats: int = 3, cache: Path | None
     to ``cache`` (default: beside the build). Returns ``{op: [native shapes, all shapes],
     "timed": shapes timed now}`` (for "wgrad" the first number counts shapes not left to PyTorch;
     "wgrad_by" says how many each implementation got). In bf16 it does nothing (returns {})
-    unless the kernels are loaded. ``precision="fp32"`` times only the 3x3 convolutions in fp32
-    against their matrix-product forms, which are PyTorch ops and need no build (and not with
-    CIFARKIT_NATIVE=0)."""
+    unless the kernels are loaded. ``precision="fp32"`` times the 3x3 convolutions in fp32 against
+    their matrix-product forms, which are PyTorch ops and need no build, and where the kernels are
+    built also against the fp32 C++ weight gradient, and the max-pools against the fp32 C++ one
+    (nothing with CIFARKIT_NATIVE=0)."""
     fp32 = precision == "fp32"
     if (_state["module"] is None and not fp32) or (fp32 and os.environ.get("CIFARKIT_NATIVE") == "0"):
         return {}
@@ -581,7 +621,7 @@ def choose(models, sizes, batch: int = 256, repeats: int = 3, cache: Path | None
             if use not in wanted:
                 use = _pick({impl: entry[impl] for impl in wanted - {"use"}})
             choice[key] = use
-            op = "wgrad" if spec[0] == "conv32" else spec[0]
+            op = {"conv32": "wgrad", "pool32": "pool"}.get(spec[0], spec[0])
             summary[op][0] += choice[key] != "pytorch"
             summary[op][1] += 1
             if op == "wgrad":
@@ -621,10 +661,16 @@ def _plain_eager() -> bool:
                 or torch.onnx.is_in_onnx_export())
 
 
-def _bf16_channels_last(x: torch.Tensor) -> bool:
-    """A bf16 channels_last 4-D CPU tensor: what the C++ kernels read."""
-    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4
+def _channels_last(x: torch.Tensor, dtypes: tuple) -> bool:
+    """A channels_last 4-D CPU tensor of one of ``dtypes``."""
+    return (x.device.type == "cpu" and x.dtype in dtypes and x.dim() == 4
             and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _bf16_channels_last(x: torch.Tensor) -> bool:
+    """A bf16 channels_last 4-D CPU tensor: what the C++ kernels read (the max-pool and the
+    weight gradient also have fp32 forms)."""
+    return _channels_last(x, (torch.bfloat16,))
 
 
 def _eligible(x: torch.Tensor) -> bool:
@@ -633,9 +679,11 @@ def _eligible(x: torch.Tensor) -> bool:
 
 
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
-    """``F.max_pool2d(x, 2)``, with the native kernel when it is loaded and ``x`` suits it."""
-    if (_state["module"] is not None and not _state["off"] and _eligible(x) and x.shape[2] >= 2
-            and x.shape[3] >= 2 and _wanted(_pool_key(x))):
+    """``F.max_pool2d(x, 2)``, with the native kernel when it is loaded and ``x`` suits it (bf16
+    or fp32 channels_last)."""
+    if (_state["module"] is not None and not _state["off"]
+            and _channels_last(x, (torch.bfloat16, torch.float32)) and x.numel() > 0 and _plain_eager()
+            and x.shape[2] >= 2 and x.shape[3] >= 2 and _wanted(_pool_key(x, x.dtype))):
         return _MaxPool2x2.apply(x)
     return F.max_pool2d(x, 2)
 
@@ -707,8 +755,16 @@ def bn_gelu(bn: torch.nn.BatchNorm2d, act: torch.nn.Module, x: torch.Tensor) -> 
 
 def conv_wgrad_available() -> bool:
     """The native 3x3 convolution weight gradient is built (needs AVX-512 BF16) and switched on."""
+    return _native_wgrad(torch.bfloat16)
+
+
+def _native_wgrad(dtype: torch.dtype) -> bool:
+    """The native weight gradient in ``dtype`` is built and switched on: bf16 needs AVX-512 BF16,
+    fp32 AVX2 and FMA."""
     m = _state["module"]
-    return m is not None and not _state["off"] and bool(m.has_conv3x3_wgrad())
+    if m is None or _state["off"]:
+        return False
+    return bool(m.has_conv3x3_wgrad32() if dtype == torch.float32 else m.has_conv3x3_wgrad())
 
 
 def matmul_wgrad(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -791,7 +847,8 @@ class _Conv3x3(torch.autograd.Function):
     weight) or by :func:`matmul_wgrad` (``impl``); the forward and the gradient to the input are
     then PyTorch's (oneDNN's), which run near the CPU's bf16 peak on all but the smallest images.
     ``impl="gemm"``: forward and both gradients as one matrix product each (:func:`gemm_conv3x3`).
-    In fp32 (an fp32 input outside bf16 autocast) the same, all in fp32; "native" is bf16 only."""
+    In fp32 (an fp32 input outside bf16 autocast) the same, all in fp32, "native" being the AVX2
+    kernel ``conv3x3_wgrad32``."""
 
     @staticmethod
     def forward(ctx, x, weight, impl="native"):
@@ -823,6 +880,8 @@ class _Conv3x3(torch.autograd.Function):
             # docs/benchmarks.md), though the fp32 sums are the more exact gradient.
             if need_w and ctx.impl == "matmul":
                 gw = matmul_wgrad(xb, g)
+            elif need_w and xb.dtype == torch.float32:
+                gw = _state["module"].conv3x3_wgrad32(xb, g)
             elif need_w:
                 gw = _state["module"].conv3x3_wgrad(xb, g).to(torch.bfloat16)
         if gx is not None:
@@ -865,15 +924,16 @@ class Conv3x3(torch.nn.Conv2d):
     """``nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)`` (same parameters and state dict)
     whose training step on a CPU uses what `choose` picked for its shape: in bf16 (when the
     kernels are loaded) the native weight gradient, nine matrix products or the whole convolution
-    as matrix products; in fp32 one of the last two. Anywhere else (eval, GPU, export, shapes
-    never chosen) it is exactly ``nn.Conv2d``."""
+    as matrix products; in fp32 the same three, the native one being the AVX2 fp32 kernel (the
+    matrix products need no build). Anywhere else (eval, GPU, export, shapes never chosen) it is
+    exactly ``nn.Conv2d``."""
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__(c_in, c_out, 3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 needs no build (its candidates are PyTorch's matrix products), so no module test:
-        # without a `choose`, _wgrad_impl gives fp32 PyTorch's and bf16 native only where built
+        # no module test here: fp32's matrix products need no build; without a `choose`,
+        # _wgrad_impl gives the native weight gradient of the dtype where it is built
         dtype = None if _state["off"] else _conv_dtype(self, x)
         if dtype is not None:
             impl = _wgrad_impl(_conv_key(self, x, dtype), dtype)

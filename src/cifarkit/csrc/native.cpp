@@ -37,27 +37,31 @@ static inline uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint32
 // bf16 is the top half of a float32: widen by shifting the bits.
 static inline float bf(uint16_t v) { return bits_to_float((uint32_t)v << 16); }
 
+// The element types the max-pool reads: bf16 (as uint16_t, widened to compare) and fp32.
+static inline float val(uint16_t v) { return bf(v); }
+static inline float val(float v) { return v; }
+
 // All tensors below are bf16 (as uint16_t) or fp32, channels_last: [N][H][W][C] in memory.
 // 2x2, stride 2, floor mode: O[n, i, j, c] = max of its window; K (or null) = which pixel (0..3).
-extern "C" void ck_pool_fwd(const uint16_t* X, uint16_t* O, uint8_t* K, int64_t N, int64_t C, int64_t H,
-                            int64_t W, int T) {
+template <class E>
+static void pool_fwd(const E* X, E* O, uint8_t* K, int64_t N, int64_t C, int64_t H, int64_t W, int T) {
   const int64_t h = H / 2, w = W / 2;
   parallel_for(0, N * h, 1, T, [&](int64_t begin, int64_t end, int) {
     for (int64_t r = begin; r < end; ++r) {
       int64_t n = r / h, i = r % h;
-      const uint16_t* top = X + (n * H + 2 * i) * W * C;
-      const uint16_t* bottom = top + W * C;
+      const E* top = X + (n * H + 2 * i) * W * C;
+      const E* bottom = top + W * C;
       for (int64_t j = 0; j < w; ++j) {
-        const uint16_t *p0 = top + 2 * j * C, *p1 = p0 + C, *p2 = bottom + 2 * j * C, *p3 = p2 + C;
-        uint16_t* o = O + (r * w + j) * C;
+        const E *p0 = top + 2 * j * C, *p1 = p0 + C, *p2 = bottom + 2 * j * C, *p3 = p2 + C;
+        E* o = O + (r * w + j) * C;
         uint8_t* k = K ? K + (r * w + j) * C : nullptr;
         #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
           // as max_pool2d: a strictly larger value wins (so the first maximum), and so does a NaN
-          float m = bf(p0[c]), v; uint8_t id = 0; uint16_t mv = p0[c];
-          v = bf(p1[c]); if (v > m || v != v) { m = v; id = 1; mv = p1[c]; }
-          v = bf(p2[c]); if (v > m || v != v) { m = v; id = 2; mv = p2[c]; }
-          v = bf(p3[c]); if (v > m || v != v) { id = 3; mv = p3[c]; }
+          float m = val(p0[c]), v; uint8_t id = 0; E mv = p0[c];
+          v = val(p1[c]); if (v > m || v != v) { m = v; id = 1; mv = p1[c]; }
+          v = val(p2[c]); if (v > m || v != v) { m = v; id = 2; mv = p2[c]; }
+          v = val(p3[c]); if (v > m || v != v) { id = 3; mv = p3[c]; }
           o[c] = mv;
           if (k) k[c] = id;
         }
@@ -68,32 +72,44 @@ extern "C" void ck_pool_fwd(const uint16_t* X, uint16_t* O, uint8_t* K, int64_t 
 
 // Every input-gradient element is written once: the output gradient where the code points, else 0.
 // G: [N][H/2][W/2][C], K: the forward's codes, I: [N][H][W][C].
-extern "C" void ck_pool_bwd(const uint16_t* G, const uint8_t* K, uint16_t* I, int64_t N, int64_t C,
-                            int64_t H, int64_t W, int T) {
+template <class E>
+static void pool_bwd(const E* G, const uint8_t* K, E* I, int64_t N, int64_t C, int64_t H, int64_t W, int T) {
   const int64_t h = H / 2, w = W / 2;
   parallel_for(0, N * H, 1, T, [&](int64_t begin, int64_t end, int) {
     for (int64_t r = begin; r < end; ++r) {
       int64_t n = r / H, y = r % H;
-      uint16_t* row = I + r * W * C;
+      E* row = I + r * W * C;
       if (y >= 2 * h) {  // an odd last row is outside every window
-        std::memset(row, 0, W * C * 2);
+        std::memset(row, 0, W * C * sizeof(E));
         continue;
       }
       int64_t i = y / 2;
-      const uint16_t* grow = G + (n * h + i) * w * C;
+      const E* grow = G + (n * h + i) * w * C;
       const uint8_t* krow = K + (n * h + i) * w * C;
       for (int64_t x = 0; x < 2 * w; ++x) {
         uint8_t want = (y & 1) * 2 + (x & 1);
-        const uint16_t* gj = grow + (x / 2) * C;
+        const E* gj = grow + (x / 2) * C;
         const uint8_t* kj = krow + (x / 2) * C;
-        uint16_t* o = row + x * C;
+        E* o = row + x * C;
         #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) o[c] = kj[c] == want ? gj[c] : (uint16_t)0;
+        for (int64_t c = 0; c < C; ++c) o[c] = kj[c] == want ? gj[c] : (E)0;
       }
-      if (W > 2 * w) std::memset(row + 2 * w * C, 0, (W - 2 * w) * C * 2);  // odd last column
+      if (W > 2 * w) std::memset(row + 2 * w * C, 0, (W - 2 * w) * C * sizeof(E));  // odd last column
     }
   });
 }
+
+extern "C" void ck_pool_fwd(const uint16_t* X, uint16_t* O, uint8_t* K, int64_t N, int64_t C, int64_t H,
+                            int64_t W, int T) { pool_fwd(X, O, K, N, C, H, W, T); }
+extern "C" void ck_pool_bwd(const uint16_t* G, const uint8_t* K, uint16_t* I, int64_t N, int64_t C,
+                            int64_t H, int64_t W, int T) { pool_bwd(G, K, I, N, C, H, W, T); }
+// The same in fp32, for CPUs without native bf16, where training runs in fp32. PyTorch's fp32
+// max-pool has the bf16 one's costs: int64 indices and a zero-filled input gradient (`fill_` was
+// 3 % of a 32 px step on a Zen 2, its pool backward 4 %; docs/benchmarks.md section 6).
+extern "C" void ck_pool_fwd32(const float* X, float* O, uint8_t* K, int64_t N, int64_t C, int64_t H,
+                              int64_t W, int T) { pool_fwd(X, O, K, N, C, H, W, T); }
+extern "C" void ck_pool_bwd32(const float* G, const uint8_t* K, float* I, int64_t N, int64_t C,
+                              int64_t H, int64_t W, int T) { pool_bwd(G, K, I, N, C, H, W, T); }
 
 // ---- Weight gradient of a 3x3, stride-1, padding-1 convolution (bf16 in, fp32 out) ----
 // On CPUs with AVX-512 BF16 but no AMX (AMD Zen 4/5), oneDNN computes it at about two thirds of
@@ -222,6 +238,103 @@ extern "C" void ck_conv3x3_wgrad(const uint16_t* X, const uint16_t* G, float* O,
 extern "C" int ck_has_conv3x3_wgrad() { return 0; }   // kernels.py never calls ck_conv3x3_wgrad then
 extern "C" void ck_conv3x3_wgrad(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int64_t,
                                  int64_t, int64_t, int) {}
+#endif
+
+// ---- The same weight gradient in fp32, with AVX2 and FMA (CPUs without native bf16) ----
+// Where the CPU has no bf16 instructions (AMD Zen 2 and 3), training runs in fp32, and oneDNN's
+// fp32 weight gradient ran at 0.5-0.75 of its own forward convolution's rate on the fast network's
+// layers on a Zen 2 (109 GFLOP/s at 3x3 pixels against 238; docs/benchmarks.md section 6).
+// Here each 16 output channels x 2 input channels x 3 kernel columns of one kernel row are 12
+// 256-bit accumulators, which a column of the output gradient (two vectors) and six broadcast
+// input values update with 12 FMAs; taps that meet the zero padding are skipped, as in the bf16
+// kernel. Per shape `choose` keeps oneDNN's where it is faster.
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+// The 12 accumulators are named variables: as an array, GCC 12 kept some of them on the stack.
+#define CK_TAP(xq, r0, r1, r2, r3) { \
+    const __m256 b0 = _mm256_broadcast_ss(xq), b1 = _mm256_broadcast_ss((xq) + 1); \
+    r0 = _mm256_fmadd_ps(g0, b0, r0); r1 = _mm256_fmadd_ps(g1, b0, r1); \
+    r2 = _mm256_fmadd_ps(g0, b1, r2); r3 = _mm256_fmadd_ps(g1, b1, r3); }
+// Output column w: kernel column 0 reads input column w-1 (skipped at w = 0), 2 reads w+1 (skipped
+// at the last column).
+#define CK_COLUMN(w, LEFT, RIGHT) { \
+    const float* gq = gp + (w) * Co; \
+    const __m256 g0 = _mm256_loadu_ps(gq), g1 = _mm256_loadu_ps(gq + 8); \
+    const float* xq = xp + (w) * Ci; \
+    if (LEFT) CK_TAP(xq - Ci, a00, a01, a02, a03) \
+    CK_TAP(xq, a10, a11, a12, a13) \
+    if (RIGHT) CK_TAP(xq + Ci, a20, a21, a22, a23) }
+
+// dwt[kh][kw][ci][co] += sum over images p < P, rows h in [h0, h1), columns w of
+// g(p, h, w, co) * x(p, h+kh-1, w+kw-1, ci), for co in [co0, co0+16), ci in [ci0, ci0+2), kw 0..2.
+static void wgrad32_tile(const float* G, const float* X, int64_t P, int64_t H, int64_t W, int64_t h0,
+                         int64_t h1, int64_t Co, int64_t Ci, int64_t co0, int64_t ci0, int kh, float* dwt) {
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00,
+         a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+  // rows whose input row exists
+  const int64_t hlo = std::max<int64_t>(h0, kh == 0 ? 1 : 0), hhi = std::min<int64_t>(h1, kh == 2 ? H - 1 : H);
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t h = hlo; h < hhi; ++h) {
+      const float* gp = G + (p * H + h) * W * Co + co0;
+      const float* xp = X + (p * H + h + kh - 1) * W * Ci + ci0;
+      if (W == 1) { CK_COLUMN(0, false, false); continue; }
+      CK_COLUMN(0, false, true);
+      for (int64_t w = 1; w < W - 1; ++w) CK_COLUMN(w, true, true);
+      CK_COLUMN(W - 1, true, false);
+    }
+  const __m256 acc[12] = {a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23};
+  for (int a = 0; a < 3; ++a)
+    for (int c = 0; c < 2; ++c)
+      for (int v = 0; v < 2; ++v) {
+        float* o = dwt + ((kh * 3 + a) * Ci + ci0 + c) * Co + co0 + 8 * v;
+        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[a * 4 + c * 2 + v]));
+      }
+}
+#undef CK_COLUMN
+#undef CK_TAP
+
+extern "C" int ck_has_conv3x3_wgrad32() { return 1; }
+
+// X: [N, Ci, H, W], G: [N, Co, H, W] (fp32, channels_last; Co % 16 == 0, Ci % 2 == 0); writes
+// O = dW [Co, Ci, 3, 3] fp32 channels_last ([Co][3][3][Ci] in memory). Deterministic for a given
+// thread count, as the bf16 one: per-thread sums over fixed ranges, added in thread order.
+extern "C" void ck_conv3x3_wgrad32(const float* X, const float* G, float* O, int64_t N, int64_t Ci,
+                                   int64_t Co, int64_t H, int64_t W, int T) {
+  // A chunk's gradient and input (about 256 KB: half a Zen 2 core's L2 cache) are read by every
+  // tile. Chunks of 64 and 128 KB were slower on the fast network's layers (more tiles, each
+  // adding its sums into dwt), 1 MB too (docs/benchmarks.md section 6).
+  const int64_t budget = 256 * 1024, row = W * (Co + Ci) * 4;
+  const int64_t R = std::max<int64_t>(1, std::min<int64_t>(H, budget / row));   // rows per chunk
+  const int64_t PC = R < H ? 1 : std::max<int64_t>(1, budget / (row * H));       // images per chunk
+  const int64_t blocks = (H + R - 1) / R;                                        // row blocks per image
+  const int64_t chunks = R < H ? N * blocks : (N + PC - 1) / PC, DW = 9 * Ci * Co;
+  std::vector<float> bufs((size_t)T * DW, 0.f);
+  parallel_for(0, chunks, 1, T, [&](int64_t begin, int64_t end, int tid) {
+    float* dwt = bufs.data() + (size_t)tid * DW;
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      int64_t n0, P, h0 = 0, h1 = H;
+      if (R < H) { n0 = chunk / blocks; P = 1; h0 = (chunk % blocks) * R; h1 = std::min(H, h0 + R); }
+      else { n0 = chunk * PC; P = std::min(PC, N - n0); }
+      const float* g = G + n0 * H * W * Co;
+      const float* x = X + n0 * H * W * Ci;
+      for (int64_t co0 = 0; co0 < Co; co0 += 16)
+        for (int kh = 0; kh < 3; ++kh)
+          for (int64_t ci0 = 0; ci0 < Ci; ci0 += 2) wgrad32_tile(g, x, P, H, W, h0, h1, Co, Ci, co0, ci0, kh, dwt);
+    }
+  });
+  for (int64_t co = 0; co < Co; ++co)
+    for (int64_t k = 0; k < 9; ++k)
+      for (int64_t ci = 0; ci < Ci; ++ci) {
+        float s = 0.f;
+        for (int t = 0; t < T; ++t) s += bufs[(size_t)t * DW + (k * Ci + ci) * Co + co];
+        O[(co * 9 + k) * Ci + ci] = s;
+      }
+}
+#else
+extern "C" int ck_has_conv3x3_wgrad32() { return 0; }   // kernels.py never calls ck_conv3x3_wgrad32 then
+extern "C" void ck_conv3x3_wgrad32(const float*, const float*, float*, int64_t, int64_t, int64_t,
+                                   int64_t, int64_t, int) {}
 #endif
 
 // ---- Batch norm (batch statistics) followed by GELU, fused (bf16 channels_last) ----

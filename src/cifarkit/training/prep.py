@@ -153,40 +153,41 @@ def whitening_sample(cfg: TrainConfig, train: TensorSplit, mean, std) -> torch.T
 
 def native_kernels(cfg: TrainConfig, model: nn.Module, device, precision: str, log,
                     num_classes: int) -> None:
-    """Build cifarkit's C++ kernels where the network would use them (bf16 channels_last on CPU):
-    the max-pool, the fused batch norm + GELU, and the 3x3 convolution weight gradient where the
-    CPU has AVX-512 BF16; then keep each, and the weight gradient as nine matrix products, only on
-    the shapes where it beats PyTorch's op on this CPU (kernels.choose). In fp32 (CPUs without
-    native bf16) nothing is built: only the 3x3 convolutions are timed against their
-    matrix-product forms, shape by shape.
+    """Build cifarkit's C++ kernels where the network would use them (channels_last on CPU): in
+    bf16 the max-pool, the fused batch norm + GELU, and the 3x3 convolution weight gradient where
+    the CPU has AVX-512 BF16; in fp32 (CPUs without native bf16) the max-pool and the weight
+    gradient with AVX2. Then keep each, and the convolution's matrix-product forms, only on the
+    shapes where it beats PyTorch's op on this CPU (kernels.choose). In fp32 the matrix products
+    need no build: where the kernels cannot be built they are still timed.
 
     Done here, before training starts, so the one-time build and timing are reported like the
     data decode and not counted in training time. Without them, one line says why and training
     uses PyTorch's ops: the same max-pool results, weight gradients equal up to summation order.
     """
-    # in fp32 only the convolutions have a second implementation
-    layers = (kernels.MaxPool2x2, kernels.Conv3x3) if precision == "bf16" else kernels.Conv3x3
+    layers = (kernels.MaxPool2x2, kernels.Conv3x3)
     if not (cfg.native_kernels and device.type == "cpu" and precision in ("bf16", "fp32")
             and cfg.channels_last and any(isinstance(m, layers) for m in model.modules())):
         return
     t0 = time.perf_counter()
-    # fp32 needs no build: its candidates (the convolution as matrix products) are PyTorch ops
-    reason = kernels.load() if precision == "bf16" else None
-    if reason is not None:
+    reason = kernels.load()
+    if reason is not None and (precision == "bf16" or reason == "CIFARKIT_NATIVE=0"):
         log(f"native kernels: not used, {reason}; training uses PyTorch's max-pool and convolution "
             f"gradients (--no-native-kernels silences this)")
         return
+    if reason is not None:   # fp32: the convolutions' matrix-product forms need no build
+        log(f"native kernels: not used, {reason}; training uses PyTorch's max-pool, and oneDNN's "
+            f"convolutions or their matrix-product forms (--no-native-kernels silences this)")
     models = [model]
     if cfg.hard_proxy:   # the proxy network's layers have their own shapes
         with torch.random.fork_rng(devices=[]):   # its random init must not shift the run's
             models.append(create_model(cfg.model, num_classes, **cfg.proxy_model_args()))
     sizes = sorted(set(cfg.progressive) | {cfg.image_size})
     chosen = kernels.choose(models, sizes, batch=min(cfg.batch_size, 256), precision=precision)
-    if not chosen:   # fp32 with CIFARKIT_NATIVE=0
+    if not chosen:
         return
     timed = f", {chosen['timed']} shapes timed against PyTorch's" if chosen.get("timed") else ""
-    # in fp32 nothing native runs: PyTorch's convolution or its matrix-product forms
-    label = "kernels" if chosen.get("fp32") else "native kernels"
+    # in fp32 without a build nothing native runs: PyTorch's convolution or its matrix-product forms
+    label = "native kernels" if kernels.loaded() else "kernels"
     log(f"{label}: {native_line(chosen)} ({time.perf_counter() - t0:.1f}s{timed})")
 
 
@@ -210,7 +211,7 @@ def native_line(chosen: dict) -> str:
                      else f"PyTorch's batch norm and GELU, faster on this CPU ({total} shapes)")
     by = chosen.get("wgrad_by", {})
     if by:
-        names = {"native": "C++", "matmul": "nine matrix products",
+        names = {"native": "C++ weight gradient" if chosen.get("fp32") else "C++", "matmul": "nine matrix products",
                  "gemm": "the whole convolution as matrix products", "pytorch": "PyTorch's"}
         what = "3x3 convolution in fp32" if chosen.get("fp32") else "3x3 convolution weight gradient"
         parts.append(f"{what}: " + ", ".join(
