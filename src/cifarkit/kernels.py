@@ -34,8 +34,9 @@ Intel Xeon with AMX at batch 256; docs/benchmarks.md section 5).
 
 In fp32 (a CPU without native bf16, where training runs in fp32) two of them have fp32 forms:
 the max-pool (the same code on floats) and the weight gradient with AVX2 and FMA (12 256-bit
-accumulators; on a Zen 2 0.67-0.91 of oneDNN's time on the fast network's layers, which ran its
-fp32 weight gradient at 0.5-0.75 of its forward's rate). The matrix-product convolutions apply
+accumulators; on a Zen 2 0.69-0.90 of oneDNN's time on seven of the fast network's eight 3x3
+layers and 1.02 on the eighth, where oneDNN ran its fp32 weight gradient at 0.5-0.75 of its
+forward's rate; `benchmarks/step_variants.py --layers --layers-dtype fp32`). The matrix-product convolutions apply
 too, and need no build: ``choose(precision="fp32")`` times all of them against oneDNN's fp32
 convolution and PyTorch's max-pool shape by shape. A 1x1 image (the last group at 16 px) is
 convolved by the centre tap alone, exactly: the other eight taps only ever meet the zero padding.

@@ -302,8 +302,9 @@ extern "C" int ck_has_conv3x3_wgrad32() { return 1; }
 extern "C" void ck_conv3x3_wgrad32(const float* X, const float* G, float* O, int64_t N, int64_t Ci,
                                    int64_t Co, int64_t H, int64_t W, int T) {
   // A chunk's gradient and input (about 256 KB: half a Zen 2 core's L2 cache) are read by every
-  // tile. Chunks of 64 and 128 KB were slower on the fast network's layers (more tiles, each
-  // adding its sums into dwt), 1 MB too (docs/benchmarks.md section 6).
+  // tile. On a Zen 2 a prototype of this kernel with chunks of 64 and 128 KB was slower on the
+  // fast network's layers (more tiles, each adding its sums into dwt), and one of 1 MB too
+  // (docs/benchmarks.md section 6).
   const int64_t budget = 256 * 1024, row = W * (Co + Ci) * 4;
   const int64_t R = std::max<int64_t>(1, std::min<int64_t>(H, budget / row));   // rows per chunk
   const int64_t PC = R < H ? 1 : std::max<int64_t>(1, budget / (row * H));       // images per chunk
