@@ -36,9 +36,9 @@ In fp32 (a CPU without native bf16, where training runs in fp32) two of them hav
 the max-pool (the same code on floats) and the weight gradient with AVX2 and FMA (12 256-bit
 accumulators; on a Zen 2 0.69-0.90 of oneDNN's time on seven of the fast network's eight 3x3
 layers and 1.02 on the eighth, where oneDNN ran its fp32 weight gradient at 0.5-0.75 of its
-forward's rate; `benchmarks/step_variants.py --layers --layers-dtype fp32`). The matrix-product convolutions apply
-too, and need no build: ``choose(precision="fp32")`` times all of them against oneDNN's fp32
-convolution and PyTorch's max-pool shape by shape. A 1x1 image (the last group at 16 px) is
+forward's rate; ``benchmarks/step_variants.py --layers --layers-dtype fp32``). The
+matrix-product convolutions apply too, and need no build: ``choose(precision="fp32")`` times all
+of them against oneDNN's fp32 convolution and PyTorch's max-pool shape by shape. A 1x1 image (the last group at 16 px) is
 convolved by the centre tap alone, exactly: the other eight taps only ever meet the zero padding.
 
 Nothing here is required: :func:`load` compiles ``csrc/native.cpp`` into a shared library (about
