@@ -193,6 +193,14 @@ def layer_costs(model_args: dict, batch: int = 2000, size: int = 32, dtype: str 
           f"{off * 1e3:.0f} ms (ratio {off / on:.3f}; medians of 5 after one warm-up each)")
 
 
+def _timings(chosen: dict, batch: int) -> dict:
+    """{shape key: its cached timing entry} for the shapes kernels.choose just decided at the
+    timing batch training uses (min(batch, 256)): each implementation's milliseconds."""
+    from cifarkit import kernels
+    known = json.loads(kernels._cache_path().read_text())
+    return {k: known[kernels.cache_key(k, min(batch, 256))] for k in chosen}
+
+
 def native_costs(model_args: dict, batch: int = 2000, size: int = 32, keep: list | None = None,
                  repeats: int = 7) -> None:
     """A full fast-network step with PyTorch's ops, with the native max-pool only, with the
@@ -214,8 +222,7 @@ def native_costs(model_args: dict, batch: int = 2000, size: int = 32, keep: list
     chosen_map = kernels.choose([train_step.model], [size], batch=min(batch, 256))
     chosen = kernels._state["choice"]
     # what the chooser kept before the matrix products were a candidate: PyTorch's or native
-    known = json.loads(kernels._cache_path().read_text())
-    known = {k: known[kernels.cache_key(k, min(batch, 256))] for k in chosen}   # this run's entries
+    known = _timings(chosen, batch)
 
     def only(**ops):   # {op: implementation} for the shapes of those ops, PyTorch's elsewhere
         return {k: ops.get(k.split()[0], "pytorch") for k in chosen}
@@ -373,8 +380,7 @@ def conv32_costs(sizes: list[int], batch: int = 2000, repeats: int = 5, profile:
     print(f"C++ kernels: {reason or 'built'}; fp32 max-pool native on {got['pool'][0]} of {got['pool'][1]} "
           f"shapes; fp32 convolutions chosen on {got['wgrad'][1]} shapes: {json.dumps(got['wgrad_by'])}; "
           + ", ".join(f"{k}: {v}" for k, v in sorted(chosen.items()) if v != "pytorch"))
-    known = json.loads(kernels._cache_path().read_text())
-    known = {k: known[kernels.cache_key(k, min(batch, 256))] for k in chosen}
+    known = _timings(chosen, batch)
     no_cpp = {k: "pytorch" if "pool" in k else kernels._pick({i: e for i, e in known[k].items()
                                                              if i in ("pytorch", "matmul", "gemm")})
               for k in chosen}

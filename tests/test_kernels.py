@@ -822,6 +822,23 @@ def test_gemm_convolution_in_fp32_is_the_convolution(shape):
         assert torch.count_nonzero(gw[:, :, [0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 2, 0, 2, 0, 1, 2]]) == 0
 
 
+def _fp32_step_matches_pytorchs():
+    """One fp32 backward of `_net()` with what is chosen, against the same network's with PyTorch's
+    ops alone: every parameter's gradient equal up to summation order. Returns (net, its input)."""
+    torch.manual_seed(0)
+    net, plain = _net(), _net()
+    plain.load_state_dict(net.state_dict())
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=CL)
+    net(x).square().sum().backward()
+    with kernels.disabled():
+        plain(x).square().sum().backward()
+    for (name, a), b in zip(net.named_parameters(), plain.parameters(), strict=True):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4 * b.grad.abs().max().item(),
+                                       msg=name)
+    return net, x
+
+
 def test_fp32_chooser_needs_no_build_and_times_only_the_convolutions(fp32_chooser, tmp_path, monkeypatch):
     assert kernels._state["module"] is None                  # nothing built, nothing to build
     monkeypatch.setattr(kernels, "GEMM_SIDE", 99)            # a candidate on every image here
@@ -838,18 +855,8 @@ def test_fp32_chooser_needs_no_build_and_times_only_the_convolutions(fp32_choose
     calls = []
     real = kernels._Conv3x3.apply
     monkeypatch.setattr(kernels._Conv3x3, "apply", lambda *a: calls.append(a[2]) or real(*a))
-    torch.manual_seed(0)
-    net, plain = _net(), _net()
-    plain.load_state_dict(net.state_dict())
-    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=CL)
-    net(x).square().sum().backward()
+    net, x = _fp32_step_matches_pytorchs()
     assert calls == ["gemm"] * 6                               # six convolutions, five shapes
-    with kernels.disabled():
-        plain(x).square().sum().backward()
-    for (name, a), b in zip(net.named_parameters(), plain.parameters(), strict=True):
-        if a.grad is not None:
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4 * b.grad.abs().max().item(),
-                                       msg=name)
     # bf16 training is not steered by fp32 decisions: its shapes were never chosen
     calls.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -978,18 +985,8 @@ def test_fp32_chooser_with_the_kernels_times_the_pools_and_the_cpp_gradient(fp32
     real_pool, real_conv = kernels._MaxPool2x2.apply, kernels._Conv3x3.apply
     monkeypatch.setattr(kernels._MaxPool2x2, "apply", lambda x: pools.append(x.dtype) or real_pool(x))
     monkeypatch.setattr(kernels._Conv3x3, "apply", lambda *a: convs.append(a[2]) or real_conv(*a))
-    torch.manual_seed(0)
-    net, plain = _net(), _net()
-    plain.load_state_dict(net.state_dict())
-    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=CL)
-    net(x).square().sum().backward()
+    net, x = _fp32_step_matches_pytorchs()
     assert pools == [torch.float32] * 3 and convs == (["native"] * 6 if wgrad32 else [])
-    with kernels.disabled():
-        plain(x).square().sum().backward()
-    for (name, a), b in zip(net.named_parameters(), plain.parameters(), strict=True):
-        if a.grad is not None:
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4 * b.grad.abs().max().item(),
-                                       msg=name)
     # bf16 training is not steered by the fp32 decisions
     pools.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):

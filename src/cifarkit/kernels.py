@@ -151,14 +151,10 @@ class _Native:
         self._lib = lib
 
     @staticmethod
-    def _check(t: torch.Tensor, name: str) -> None:
-        if not _bf16_channels_last(t):
-            raise RuntimeError(f"{name} must be a 4-D bf16 channels_last CPU tensor")
-
-    @staticmethod
-    def _check_pool(t: torch.Tensor, name: str) -> None:
-        if not _channels_last(t, (torch.bfloat16, torch.float32)):
-            raise RuntimeError(f"{name} must be a 4-D bf16 or fp32 channels_last CPU tensor")
+    def _check(t: torch.Tensor, name: str, dtypes: tuple = (torch.bfloat16,)) -> None:
+        if not _channels_last(t, dtypes):
+            kinds = " or ".join({torch.bfloat16: "bf16", torch.float32: "fp32"}[d] for d in dtypes)
+            raise RuntimeError(f"{name} must be a 4-D {kinds} channels_last CPU tensor")
 
     @staticmethod
     def _check_vec(x: torch.Tensor, v: torch.Tensor, name: str) -> None:
@@ -175,7 +171,7 @@ class _Native:
     def pool_fwd(self, x: torch.Tensor, want_code: bool) -> tuple:
         """2x2 max-pool (bf16 or fp32): (output, 1-byte code of the winning pixel, empty unless
         want_code)."""
-        self._check_pool(x, "x")
+        self._check(x, "x", _POOL_DTYPES)
         n, c, h, w = x.shape
         if h < 2 or w < 2:
             raise RuntimeError("x must be at least 2x2")
@@ -188,7 +184,7 @@ class _Native:
 
     def pool_bwd(self, g: torch.Tensor, code: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Its backward: every input-gradient element written once."""
-        self._check_pool(g, "grad")
+        self._check(g, "grad", _POOL_DTYPES)
         n, c, hh, ww = g.shape
         if not (code.dtype == torch.uint8 and code.is_contiguous() and tuple(code.shape) == (n, hh, ww, c)
                 and h // 2 == hh and w // 2 == ww):
@@ -202,35 +198,27 @@ class _Native:
         """3x3 stride-1 padding-1 convolution weight gradient: fp32 sums, channels_last."""
         if not self.has_conv3x3_wgrad():
             raise RuntimeError("conv3x3_wgrad: built without AVX-512 BF16")
-        self._check(x, "x")
-        self._check(g, "grad")
-        n, ci, h, w = x.shape
-        co = g.shape[1]
-        if (g.shape[0], g.shape[2], g.shape[3]) != (n, h, w):
-            raise RuntimeError("conv3x3_wgrad: shapes differ")
-        if co % 16 or ci % 4:
-            raise RuntimeError("conv3x3_wgrad: needs Co % 16 == 0 and Ci % 4 == 0")
-        out = torch.empty(co, ci, 3, 3, dtype=torch.float32, memory_format=torch.channels_last)
-        self._conv3x3_wgrad(x.data_ptr(), g.data_ptr(), out.data_ptr(), n, ci, co, h, w,
-                            torch.get_num_threads())
-        return out
+        return self._wgrad("conv3x3_wgrad", self._conv3x3_wgrad, x, g, torch.bfloat16, ci_step=4)
 
     def conv3x3_wgrad32(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """The same weight gradient in fp32 (AVX2 and FMA): fp32 in and out, channels_last."""
         if not self.has_conv3x3_wgrad32():
             raise RuntimeError("conv3x3_wgrad32: built without AVX2 and FMA")
-        for t, name in ((x, "x"), (g, "grad")):
-            if not _channels_last(t, (torch.float32,)):
-                raise RuntimeError(f"{name} must be a 4-D fp32 channels_last CPU tensor")
+        return self._wgrad("conv3x3_wgrad32", self._conv3x3_wgrad32, x, g, torch.float32, ci_step=2)
+
+    def _wgrad(self, name: str, fn, x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype, ci_step: int):
+        """Check the inputs of a weight-gradient kernel (its tiles take 16 output channels and
+        ``ci_step`` input channels at a time) and call it into a new fp32 channels_last dW."""
+        self._check(x, "x", (dtype,))
+        self._check(g, "grad", (dtype,))
         n, ci, h, w = x.shape
         co = g.shape[1]
         if (g.shape[0], g.shape[2], g.shape[3]) != (n, h, w):
-            raise RuntimeError("conv3x3_wgrad32: shapes differ")
-        if co % 16 or ci % 2:
-            raise RuntimeError("conv3x3_wgrad32: needs Co % 16 == 0 and Ci % 2 == 0")
+            raise RuntimeError(f"{name}: shapes differ")
+        if co % 16 or ci % ci_step:
+            raise RuntimeError(f"{name}: needs Co % 16 == 0 and Ci % {ci_step} == 0")
         out = torch.empty(co, ci, 3, 3, dtype=torch.float32, memory_format=torch.channels_last)
-        self._conv3x3_wgrad32(x.data_ptr(), g.data_ptr(), out.data_ptr(), n, ci, co, h, w,
-                              torch.get_num_threads())
+        fn(x.data_ptr(), g.data_ptr(), out.data_ptr(), n, ci, co, h, w, torch.get_num_threads())
         return out
 
     def bn_gelu_fwd(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> tuple:
@@ -319,6 +307,8 @@ def disabled():
 # So before training, each native op is timed against PyTorch's on every shape the networks will
 # feed it, and the faster is kept, shape by shape. The decisions are cached beside the build
 # (they depend on the CPU, the thread count and the build), so only the first run pays for them.
+
+_POOL_DTYPES = (torch.bfloat16, torch.float32)   # the max-pool kernel's element types
 
 MARGIN = 0.02   # another implementation must be at least 2 % faster: a tie goes to PyTorch's
 
@@ -683,7 +673,7 @@ def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     """``F.max_pool2d(x, 2)``, with the native kernel when it is loaded and ``x`` suits it (bf16
     or fp32 channels_last)."""
     if (_state["module"] is not None and not _state["off"]
-            and _channels_last(x, (torch.bfloat16, torch.float32)) and x.numel() > 0 and _plain_eager()
+            and _channels_last(x, _POOL_DTYPES) and x.numel() > 0 and _plain_eager()
             and x.shape[2] >= 2 and x.shape[3] >= 2 and _wanted(_pool_key(x, x.dtype))):
         return _MaxPool2x2.apply(x)
     return F.max_pool2d(x, 2)

@@ -111,6 +111,20 @@ extern "C" void ck_pool_fwd32(const float* X, float* O, uint8_t* K, int64_t N, i
 extern "C" void ck_pool_bwd32(const float* G, const uint8_t* K, float* I, int64_t N, int64_t C,
                               int64_t H, int64_t W, int T) { pool_bwd(G, K, I, N, C, H, W, T); }
 
+// The weight gradient kernels below (bf16 and fp32) each sum a fixed range of images per thread
+// into its own buffer, laid out [T][kh][kw][Ci][Co]; this adds the buffers in thread order (so the
+// result is deterministic for a given thread count) into O = dW [Co][3][3][Ci] (channels_last).
+static inline void add_thread_sums(const std::vector<float>& bufs, int T, int64_t Ci, int64_t Co, float* O) {
+  const int64_t DW = 9 * Ci * Co;
+  for (int64_t co = 0; co < Co; ++co)
+    for (int64_t k = 0; k < 9; ++k)
+      for (int64_t ci = 0; ci < Ci; ++ci) {
+        float s = 0.f;
+        for (int t = 0; t < T; ++t) s += bufs[(size_t)t * DW + (k * Ci + ci) * Co + co];
+        O[(co * 9 + k) * Ci + ci] = s;
+      }
+}
+
 // ---- Weight gradient of a 3x3, stride-1, padding-1 convolution (bf16 in, fp32 out) ----
 // On CPUs with AVX-512 BF16 but no AMX (AMD Zen 4/5), oneDNN computes it at about two thirds of
 // the bf16 peak (its forward and input-gradient convolutions run near the peak), and at under half
@@ -226,13 +240,7 @@ extern "C" void ck_conv3x3_wgrad(const uint16_t* X, const uint16_t* G, float* O,
         }
     }
   });
-  for (int64_t co = 0; co < Co; ++co)
-    for (int64_t k = 0; k < 9; ++k)
-      for (int64_t ci = 0; ci < Ci; ++ci) {
-        float s = 0.f;
-        for (int t = 0; t < T; ++t) s += bufs[(size_t)t * DW + (k * Ci + ci) * Co + co];
-        O[(co * 9 + k) * Ci + ci] = s;
-      }
+  add_thread_sums(bufs, T, Ci, Co, O);
 }
 #else
 extern "C" int ck_has_conv3x3_wgrad() { return 0; }   // kernels.py never calls ck_conv3x3_wgrad then
@@ -324,13 +332,7 @@ extern "C" void ck_conv3x3_wgrad32(const float* X, const float* G, float* O, int
           for (int64_t ci0 = 0; ci0 < Ci; ci0 += 2) wgrad32_tile(g, x, P, H, W, h0, h1, Co, Ci, co0, ci0, kh, dwt);
     }
   });
-  for (int64_t co = 0; co < Co; ++co)
-    for (int64_t k = 0; k < 9; ++k)
-      for (int64_t ci = 0; ci < Ci; ++ci) {
-        float s = 0.f;
-        for (int t = 0; t < T; ++t) s += bufs[(size_t)t * DW + (k * Ci + ci) * Co + co];
-        O[(co * 9 + k) * Ci + ci] = s;
-      }
+  add_thread_sums(bufs, T, Ci, Co, O);
 }
 #else
 extern "C" int ck_has_conv3x3_wgrad32() { return 0; }   // kernels.py never calls ck_conv3x3_wgrad32 then
