@@ -1,10 +1,10 @@
 """cifarkit's fused batch norm + GELU (src/cifarkit/kernels.py ``bn_gelu``: training-mode batch
-statistics, exact GELU, bf16 channels_last CPU tensors) against PyTorch's two ops on the shapes of
+statistics, exact GELU, bf16 or fp32 channels_last CPU tensors) against PyTorch's two ops on the shapes of
 the fast recipe's network and proxy, forward and backward, interleaved in one process (medians),
 with the largest difference from a float64 reference for both. The whole-step effect:
 `python benchmarks/step_variants.py --native --size S` (chosen-no-bngelu against chosen).
 
-    python benchmarks/bn_gelu_kernel.py [--batch 1000]
+    python benchmarks/bn_gelu_kernel.py [--batch 1000] [--dtype fp32]
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=1000, help="images (default 1000: the trained half of a 2000 batch)")
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                    help="fp32: what training runs in on a CPU without native bf16")
     args = ap.parse_args()
     from cifarkit.device import set_threads
     set_threads(0)
@@ -32,6 +34,7 @@ def main() -> int:
     if reason is not None:
         raise SystemExit(f"native kernels unavailable: {reason}")
     cl = torch.channels_last
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
 
     def pytorch(x, w, b):
         return F.gelu(F.batch_norm(x, None, None, w, b, True, 0.4, 1e-12))
@@ -39,13 +42,13 @@ def main() -> int:
     def native(x, w, b):
         return kernels._BNGELU.apply(x, w, b, 1e-12)[0]
 
-    print(f"batch {args.batch}, bf16 channels_last, {torch.get_num_threads()} threads, medians of {args.repeats} "
+    print(f"batch {args.batch}, {args.dtype} channels_last, {torch.get_num_threads()} threads, medians of {args.repeats} "
           f"interleaved (forward + backward to the input and the shift)")
     totals = {"pytorch": 0.0, "native": 0.0}
     for c, s in SHAPES:
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(args.batch, c, s, s, generator=g).to(torch.bfloat16).contiguous(memory_format=cl)
-        gy = torch.randn(args.batch, c, s, s, generator=g).to(torch.bfloat16).contiguous(memory_format=cl)
+        x = torch.randn(args.batch, c, s, s, generator=g).to(dtype).contiguous(memory_format=cl)
+        gy = torch.randn(args.batch, c, s, s, generator=g).to(dtype).contiguous(memory_format=cl)
         w, b = torch.ones(c), torch.zeros(c)
         x64 = x.double().requires_grad_()
         b64 = b.double().requires_grad_()

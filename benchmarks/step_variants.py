@@ -16,8 +16,10 @@ and with what it keeps now on this CPU (what training uses).
 `--conv32` times the recipe's whole step in fp32 (a CPU without native bf16) at each of `--sizes`:
 Muon's Newton-Schulz products in bf16 as before (emulated there), in fp32 (now), with the
 convolutions kernels.choose keeps in fp32 among the matrix products (before the fp32 C++
-kernels), and with what it keeps now (also the C++ fp32 max-pool and weight gradient);
-`--profile` adds op tables.
+kernels), with what it keeps but PyTorch's batch norm and GELU (before the fp32 fused op), and
+with what it keeps now (also the C++ fp32 max-pool, weight gradient and fused batch norm + GELU);
+`--modes` picks some of them, `--recipe sprint` times sprint's step (the network alone on its
+trained share) instead of fast's; `--profile` adds op tables.
 `--select` times selective backprop's parts: a full step, the network's own no-grad scoring pass,
 a step on the hardest share, and a proxy network's step (--hard-proxy).
 `--models` times a full 32 px step of several fast-network variants (model_args), interleaved.
@@ -30,6 +32,7 @@ with `--profile`, then the op breakdown of that step.
     python benchmarks/step_variants.py --sizes 16,20,24,28,32
     python benchmarks/step_variants.py --layers
     python benchmarks/step_variants.py --conv32 --sizes 16,20,24,28,32   # fp32: CPUs without bf16
+    python benchmarks/step_variants.py --conv32 --recipe sprint --sizes 16,24,32 --modes chosen-no-bngelu,chosen
     python benchmarks/step_variants.py --native [--widths 64,256,384]   # default: the recipe's network
     python benchmarks/step_variants.py --select --widths 64,256,384 --proxy 16,64,64 --fraction 0.5
     python benchmarks/step_variants.py --models '[{"widths": [64,256,384]}, {"widths": [64,256,384], "depths": [2,2,3]}]' [--size 16]
@@ -360,47 +363,69 @@ def freeze_costs(batch: int = 2000, size: int = 32, repeats: int = 7) -> None:
           f"(ratio {med[True] / med[False]:.3f}; medians of {repeats}, interleaved)")
 
 
-def conv32_costs(sizes: list[int], batch: int = 2000, repeats: int = 5, profile: bool = False) -> None:
-    """The recipe's whole step in fp32 (what a CPU without native bf16 trains in: its proxy on the
-    batch, the network on the harder half), per image side, interleaved medians: "muon-bf16" as
+CONV32_MODES = ("muon-bf16", "pytorch", "chosen-no-cpp", "chosen-no-bngelu", "chosen")
+
+
+def conv32_costs(sizes: list[int], batch: int = 2000, repeats: int = 5, profile: bool = False,
+                 modes: tuple = CONV32_MODES, recipe: str = "fast") -> None:
+    """The recipe's whole step in fp32 (what a CPU without native bf16 trains in), per image side,
+    interleaved medians. ``recipe`` "fast": its proxy on the batch and the network on the harder
+    half; "sprint": the network alone on its trained share of the batch at each size (a third at
+    16-28 px, a half at 32; the ranking by stale losses costs no step). Modes: "muon-bf16" as
     before 2026-12-02 (PyTorch's convolutions, Muon's Newton-Schulz products in bf16, emulated on
     such a CPU), "pytorch" (those products in fp32), "chosen-no-cpp" (and the convolutions
     kernels.choose(precision="fp32") keeps among the matrix-product forms: what training used
-    before the fp32 C++ kernels, 2026-12-07), "chosen" (what it keeps now: also the C++ fp32
-    max-pool and weight gradient where built and faster). With ``profile``, the op breakdown of
-    one "muon-bf16" and one "chosen" step at the first size."""
+    before the fp32 C++ kernels, 2026-12-07), "chosen-no-bngelu" (what it keeps but PyTorch's batch
+    norm and GELU: before the fp32 fused op, later on 2026-12-07), "chosen" (what it keeps now: also
+    the C++ fp32 max-pool, weight gradient and fused batch norm + GELU where built and faster).
+    Ratios are to the first mode. With ``profile``, the op breakdown of one step of the first and
+    the last mode at the first size."""
+    import torch
+
     from cifarkit import create_model, kernels, optim, resolve_config
 
-    cfg = resolve_config("fast")
-    nets, opts = _recipe_nets(cfg, [create_model("fast", **cfg.model_args),
-                                    create_model("fast", **cfg.proxy_model_args())])
+    cfg = resolve_config(recipe)
+    models = [create_model("fast", **cfg.model_args)]
+    if cfg.hard_proxy:
+        models.append(create_model("fast", **cfg.proxy_model_args()))
+    nets, opts = _recipe_nets(cfg, models)
     reason = kernels.load()
     got = kernels.choose(nets, sizes, batch=min(batch, 256), precision="fp32")
     chosen = kernels._state["choice"]
-    print(f"C++ kernels: {reason or 'built'}; fp32 max-pool native on {got['pool'][0]} of {got['pool'][1]} "
-          f"shapes; fp32 convolutions chosen on {got['wgrad'][1]} shapes: {json.dumps(got['wgrad_by'])}; "
+    print(f"{recipe} recipe; C++ kernels: {reason or 'built'}; fp32 max-pool native on {got['pool'][0]} of "
+          f"{got['pool'][1]} shapes, batch norm + GELU on {got['bngelu'][0]} of {got['bngelu'][1]}; fp32 "
+          f"convolutions chosen on {got['wgrad'][1]} shapes: {json.dumps(got['wgrad_by'])}; "
           + ", ".join(f"{k}: {v}" for k, v in sorted(chosen.items()) if v != "pytorch"))
     known = _timings(chosen, batch)
-    no_cpp = {k: "pytorch" if "pool" in k else kernels._pick({i: e for i, e in known[k].items()
-                                                             if i in ("pytorch", "matmul", "gemm")})
-              for k in chosen}
+    no_cpp = {k: "pytorch" if "pool" in k or "bngelu" in k else kernels._pick(
+        {i: e for i, e in known[k].items() if i in ("pytorch", "matmul", "gemm")}) for k in chosen}
+    no_bngelu = {k: "pytorch" if "bngelu" in k else v for k, v in chosen.items()}
+    choices = {"chosen": chosen, "chosen-no-cpp": no_cpp, "chosen-no-bngelu": no_bngelu}
     ns_bf16 = optim._CPU_BF16.get("fast")
-    total = {"muon-bf16": 0.0, "pytorch": 0.0, "chosen-no-cpp": 0.0, "chosen": 0.0}
+    total = {k: 0.0 for k in modes}
+    base, last = modes[0], modes[-1]
     for size in sizes:
-        (x, y), half = _recipe_batch(batch, size)
+        if cfg.hard_proxy:   # the proxy on the whole batch, the network on the harder half
+            (x, y), half = _recipe_batch(batch, size)
+            work = (half, (x, y))
+        else:                # the network alone, on its share (as selective.trained_share decides)
+            small = cfg.hard_fraction_small and size < cfg.image_size
+            k = max(1, round((cfg.hard_fraction_small if small else cfg.hard_fraction) * batch))
+            (x, y), _ = _recipe_batch(batch, size)
+            work = ((x[:k].contiguous(memory_format=torch.channels_last), y[:k]),)
 
         def step(mode: str):
-            kernels._state["choice"] = {"chosen": chosen, "chosen-no-cpp": no_cpp}.get(mode, {})
+            kernels._state["choice"] = choices.get(mode, {})
             optim._CPU_BF16["fast"] = mode == "muon-bf16" or bool(ns_bf16)
             try:
-                for net, opt, (xb, yb) in zip(nets, opts, (half, (x, y)), strict=True):
+                for net, opt, (xb, yb) in zip(nets, opts, work, strict=True):
                     _train_once(net, opt, xb, yb, bf16=False)
             finally:
                 kernels._state["choice"] = chosen
                 optim._CPU_BF16.pop("fast")
         if profile and size == sizes[0]:
             from torch.profiler import ProfilerActivity, profile as prof
-            for mode in ("muon-bf16", "chosen"):
+            for mode in dict.fromkeys((base, last)):
                 step(mode)
                 with prof(activities=[ProfilerActivity.CPU]) as p:
                     step(mode)
@@ -409,12 +434,10 @@ def conv32_costs(sizes: list[int], batch: int = 2000, repeats: int = 5, profile:
         for k in total:
             total[k] += med[k]
         print(f"recipe step in fp32, {size} px, batch {batch}: " + ", ".join(
-            f"{k} {med[k] * 1e3:.0f} ms ({med[k] / med['muon-bf16']:.3f})" for k in total)
-            + f"; chosen/pytorch {med['chosen'] / med['pytorch']:.3f}, chosen/chosen-no-cpp "
-            f"{med['chosen'] / med['chosen-no-cpp']:.3f} (medians of {repeats}, interleaved)", flush=True)
-    print(f"sum over {sizes}: " + ", ".join(f"{k} {total[k] / total['muon-bf16']:.3f}" for k in total)
-          + f"; chosen/pytorch {total['chosen'] / total['pytorch']:.3f}, chosen/chosen-no-cpp "
-          f"{total['chosen'] / total['chosen-no-cpp']:.3f}")
+            f"{k} {med[k] * 1e3:.0f} ms ({med[k] / med[base]:.3f})" for k in total)
+            + f" (medians of {repeats}, interleaved)", flush=True)
+    print(f"sum over {sizes}: " + ", ".join(f"{k} {total[k] / total[base]:.3f}" for k in total)
+          + f" of {base}")
 
 
 def _train_once(net, opt, xb, yb, bf16: bool = True) -> None:
@@ -496,7 +519,10 @@ def main() -> int:
     ap.add_argument("--proxies", help="JSON list of changes to the recipe's proxy model_args: time the "
                                       "recipe's whole step with each, e.g. '[{}, {\"whiten_width\": 12}]'")
     ap.add_argument("--size", type=int, default=32, help="with --models, --proxies, --layers, --native or --freeze: image side in px")
-    ap.add_argument("--modes", help="with --native: comma-separated modes to time only (e.g. chosen-no-bngelu,chosen)")
+    ap.add_argument("--modes", help="with --native or --conv32: comma-separated modes to time only "
+                                    "(e.g. chosen-no-bngelu,chosen)")
+    ap.add_argument("--recipe", choices=("fast", "sprint"), default="fast",
+                    help="with --conv32: whose step (sprint: the network alone on its trained share)")
     ap.add_argument("--repeats", type=int, default=7, help="with --native, --proxies or --freeze: interleaved repeats per mode")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -522,8 +548,12 @@ def main() -> int:
             layer_costs(model_args, size=a.size, dtype=a.layers_dtype)
         return 0
     if a.conv32:
+        modes = tuple(a.modes.split(",")) if a.modes else CONV32_MODES
+        unknown = set(modes) - set(CONV32_MODES)
+        if unknown:
+            ap.error(f"--modes: unknown {', '.join(sorted(unknown))}; --conv32 has {', '.join(CONV32_MODES)}")
         conv32_costs([int(v) for v in (a.sizes or "16,20,24,28,32").split(",")], repeats=min(a.repeats, 5),
-                     profile=a.profile)
+                     profile=a.profile, modes=modes, recipe=a.recipe)
         return 0
     if a.sizes:
         med = size_costs([int(v) for v in a.sizes.split(",")])

@@ -186,8 +186,11 @@ def test_the_kernels_refuse_tensors_their_loops_cannot_read(native):
     x = _bf16((2, 8, 4, 4))
     with pytest.raises(RuntimeError, match="x must be a 4-D bf16 or fp32 channels_last CPU tensor"):
         m.pool_fwd(x.contiguous(), False)                              # NCHW memory: wrong strides
-    with pytest.raises(RuntimeError, match="x must be a 4-D bf16 channels_last CPU tensor"):
-        m.bn_gelu_fwd(x.float().contiguous(memory_format=CL), torch.ones(8), torch.zeros(8), 1e-5)
+    with pytest.raises(RuntimeError, match="x must be a 4-D bf16 or fp32 channels_last CPU tensor"):
+        m.bn_gelu_fwd(x.double().contiguous(memory_format=CL), torch.ones(8), torch.zeros(8), 1e-5)
+    with pytest.raises(RuntimeError, match="grad must be a 4-D fp32 channels_last CPU tensor"):
+        xf, v = x.float().contiguous(memory_format=CL), torch.ones(8)
+        m.bn_gelu_bwd(x, xf, v, v, v, v)                               # fp32 x, bf16 gradient
     with pytest.raises(RuntimeError, match="weight must be a contiguous fp32 vector of C values"):
         m.bn_gelu_fwd(x, torch.ones(4), torch.zeros(8), 1e-5)
     with pytest.raises(RuntimeError, match="code and shapes do not match"):
@@ -686,13 +689,16 @@ def _bn_gelu_grads(fn, x, w, b, gy):
 
 @pytest.mark.parametrize("shape", [(64, 64, 16, 16), (50, 224, 8, 8), (33, 320, 3, 3), (40, 24, 7, 5),
                                    (300, 16, 1, 1), (3, 5, 2, 2)])
-def test_fused_bn_gelu_is_as_exact_as_pytorchs_two_ops(native, shape):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_bn_gelu_is_as_exact_as_pytorchs_two_ops(native, shape, dtype):
     g = torch.Generator().manual_seed(0)
     n, c = shape[:2]
     # a mean far from 0 against the spread: the variance must not come from a cancelling sum
-    x = (torch.randn(shape, generator=g) * 3 + 20).to(torch.bfloat16).contiguous(memory_format=CL)
+    x = (torch.randn(shape, generator=g) * 3 + 20).to(dtype).contiguous(memory_format=CL)
     w, b = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
-    gy = torch.randn(shape, generator=g).to(torch.bfloat16).contiguous(memory_format=CL)
+    gy = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=CL)
+    # bf16: both round to bf16 (2^-9 relative); fp32: erf and exp approximated to about 2e-7
+    floor = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -19
 
     def pytorch(x, w, b):
         return F.gelu(F.batch_norm(x, None, None, w, b, True, 0.4, 1e-12))
@@ -702,8 +708,8 @@ def test_fused_bn_gelu_is_as_exact_as_pytorchs_two_ops(native, shape):
     for name, e, t, o in zip(("y", "dx", "dweight", "dbias"), exact, theirs, ours):
         scale = e.abs().max()
         err_theirs, err_ours = (t - e).abs().max() / scale, (o - e).abs().max() / scale
-        # both round to bf16 (2^-9 relative); ours at most a little further off than PyTorch's
-        assert err_ours <= max(1.5 * err_theirs, 2 ** -8), (name, float(err_ours), float(err_theirs))
+        # ours at most a little further off than PyTorch's
+        assert err_ours <= max(1.5 * err_theirs, floor), (name, float(err_ours), float(err_theirs))
     _, mean, var = native._BNGELU.apply(x, w, b, 1e-12)
     xd = x.double()
     torch.testing.assert_close(mean.double(), xd.mean((0, 2, 3)), rtol=1e-6, atol=0)
@@ -743,7 +749,7 @@ def test_fused_bn_gelu_is_used_only_where_it_applies(fresh_state, monkeypatch):
         assert torch.equal(kernels.bn_gelu(bn, act, x), act(bn(x)))
     same(bn.eval(), act, x)                                                     # running statistics
     bn.train()
-    same(bn, act, x.float())                                                    # fp32
+    same(bn, act, x.half())                                                     # fp16
     same(bn, act, x.contiguous())                                               # bf16 but NCHW
     same(bn, torch.nn.GELU(approximate="tanh"), x)                              # another GELU
     same(bn, torch.nn.ReLU(), x)
@@ -756,6 +762,8 @@ def test_fused_bn_gelu_is_used_only_where_it_applies(fresh_state, monkeypatch):
     handle.remove()
     with pytest.raises(AssertionError, match="native"):
         kernels.bn_gelu(bn, act, x)                                             # eligible: native
+    with pytest.raises(AssertionError, match="native"):
+        kernels.bn_gelu(bn, act, x.float())                                     # fp32 too
 
 
 def test_fast_network_trains_the_same_with_the_fused_bn_gelu(native, monkeypatch):
@@ -847,7 +855,7 @@ def test_fp32_chooser_needs_no_build_and_times_only_the_convolutions(fp32_choose
                         {"pytorch": 2.0, "matmul": 3.0, "gemm": 1.0})
     cache = tmp_path / "new" / "c.json"                       # its folder is made
     got = kernels.choose([_net()], [16], batch=8, cache=cache, precision="fp32")
-    # five 3x3 convolution shapes, no pools or batch norms (their C++ kernels are bf16 only)
+    # five 3x3 convolution shapes, no pools or batch norms (their C++ kernels need the build)
     assert timed == ["conv32"] * 5 and got["wgrad_by"] == {"gemm": 5} and got["fp32"] is True
     assert got["pool"] == [0, 0] and got["bngelu"] == [0, 0]
     assert all(k.split(", ", 2)[2].startswith("fp32 conv ") for k in json.loads(cache.read_text()))
@@ -971,39 +979,45 @@ def test_fp32_chooser_with_the_kernels_times_the_pools_and_the_cpp_gradient(fp32
     wgrad32 = kernels._native_wgrad(torch.float32)
     timed = []
     monkeypatch.setattr(kernels, "_time_op", lambda spec, b, r: timed.append(spec[0]) or
-                        ({"pytorch": 2.0, "native": 1.0} if spec[0] == "pool32" else
+                        ({"pytorch": 2.0, "native": 1.0} if spec[0] in ("pool32", "bngelu32") else
                          {"pytorch": 2.0, "matmul": 3.0, **({"native": 1.0} if wgrad32 else {})}))
     got = kernels.choose([_net()], [16], batch=8, cache=tmp_path / "c.json", precision="fp32")
-    # three pools and five convolutions, in fp32; no batch norm + GELU (its kernel is bf16 only)
-    assert sorted(timed) == ["conv32"] * 5 + ["pool32"] * 3 and got["fp32"] is True
-    assert got["pool"] == [3, 3] and got["bngelu"] == [0, 0]
+    # three pools, three batch norm + GELU shapes and five convolutions, in fp32
+    assert sorted(timed) == ["bngelu32"] * 3 + ["conv32"] * 5 + ["pool32"] * 3 and got["fp32"] is True
+    assert got["pool"] == [3, 3] and got["bngelu"] == [3, 3]
     assert got["wgrad_by"] == ({"native": 5} if wgrad32 else {"pytorch": 5})
     keys = [k.split(", ", 2)[2] for k in json.loads((tmp_path / "c.json").read_text())]
-    assert sorted(k.split(" ")[1] for k in keys) == ["conv"] * 5 + ["pool"] * 3 and all(k.startswith("fp32 ") for k in keys)
+    assert sorted(k.split(" ")[1] for k in keys) == ["bngelu"] * 3 + ["conv"] * 5 + ["pool"] * 3
+    assert all(k.startswith("fp32 ") for k in keys)
     # the fp32 training step then runs them, with the gradients of PyTorch's own ops
-    pools, convs = [], []
-    real_pool, real_conv = kernels._MaxPool2x2.apply, kernels._Conv3x3.apply
+    pools, convs, bns = [], [], []
+    real_pool, real_conv, real_bn = kernels._MaxPool2x2.apply, kernels._Conv3x3.apply, kernels._BNGELU.apply
     monkeypatch.setattr(kernels._MaxPool2x2, "apply", lambda x: pools.append(x.dtype) or real_pool(x))
     monkeypatch.setattr(kernels._Conv3x3, "apply", lambda *a: convs.append(a[2]) or real_conv(*a))
+    monkeypatch.setattr(kernels._BNGELU, "apply", lambda *a: bns.append(a[0].dtype) or real_bn(*a))
     net, x = _fp32_step_matches_pytorchs()
     assert pools == [torch.float32] * 3 and convs == (["native"] * 6 if wgrad32 else [])
+    assert bns == [torch.float32] * 6                         # 3 groups x 2 pairs
     # bf16 training is not steered by the fp32 decisions
     pools.clear()
+    bns.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         net(x).sum().backward()
-    assert pools == []
+    assert pools == [] and bns == []
 
 
 def test_fp32_chooser_keeps_pytorch_where_the_cpp_kernels_are_slower(fp32_native, tmp_path, monkeypatch):
     monkeypatch.setitem(kernels._state, "module",
-                        _Slowed(kernels._state["module"], slow=("pool_fwd", "conv3x3_wgrad32")))
+                        _Slowed(kernels._state["module"], slow=("pool_fwd", "conv3x3_wgrad32", "bn_gelu_fwd")))
     for name in ("matmul_wgrad", "gemm_conv3x3"):
         monkeypatch.setattr(kernels, name, _much_slower(getattr(kernels, name)))
     got = kernels.choose([_net()], [16], batch=8, repeats=3, cache=tmp_path / "c.json", precision="fp32")
     assert got["pool"] == [0, 3] and got["wgrad"] == [0, 5] and got["wgrad_by"] == {"pytorch": 5}
+    assert got["bngelu"] == [0, 3]
     calls = []
     monkeypatch.setattr(kernels._MaxPool2x2, "apply", lambda x: calls.append("pool"))
     monkeypatch.setattr(kernels._Conv3x3, "apply", lambda *a: calls.append("conv"))
+    monkeypatch.setattr(kernels._BNGELU, "apply", lambda *a: calls.append("bngelu"))
     _net()(torch.randn(4, 3, 16, 16).contiguous(memory_format=CL)).sum().backward()
     assert calls == []
 

@@ -95,7 +95,8 @@ def _build_name() -> str:
             cpu = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         cpu = platform.processor()
-    key = "\n".join([cpu, platform.machine(), torch.__version__, torch.__file__, sys.version]).encode()
+    key = "\n".join([cpu, platform.machine(), torch.__version__, torch.__file__, sys.version,
+                     " ".join(CXXFLAGS)]).encode()
     return "cifarkit_native_" + hashlib.sha256(SOURCE.read_bytes() + key).hexdigest()[:12]
 
 
@@ -106,13 +107,19 @@ def _build_dir() -> Path:
     return Path(root) / "cifarkit"
 
 
+# -fno-trapping-math: GCC 12 left the fused batch norm + GELU's loops scalar on AVX2 without it
+# (their selects "could trap"; AVX-512's masked instructions escape that), and in fp32 the fused op
+# then took 1.9-4.6x PyTorch's two ops on a Zen 2 (docs/benchmarks.md section 6). It changes no
+# result: nothing here reads the floating-point exception flags, and it allows no reassociation.
+CXXFLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+
+
 def _compile(target: Path, verbose: bool = False) -> None:
     """Compile SOURCE into the shared library ``target``: to a temporary name first, then moved
     in place, so that a process loading it never sees half a file (two building at once is safe)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    cmd = [os.environ.get("CXX", "c++"), "-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared",
-           "-fPIC", str(SOURCE), "-o", str(tmp)]
+    cmd = [os.environ.get("CXX", "c++"), *CXXFLAGS, str(SOURCE), "-o", str(tmp)]
     if verbose:
         print(" ".join(cmd), file=sys.stderr)
     try:
@@ -144,6 +151,8 @@ class _Native:
                            ("conv3x3_wgrad32", [p, p, p] + [i64] * 5 + [i32]),
                            ("bn_gelu_fwd", [p, p, p, f64, p, p, p, p, i64, i64, i32]),
                            ("bn_gelu_bwd", [p] * 9 + [i64, i64, i32]),
+                           ("bn_gelu_fwd32", [p, p, p, f64, p, p, p, p, i64, i64, i32]),
+                           ("bn_gelu_bwd32", [p] * 9 + [i64, i64, i32]),
                            ("has_conv3x3_wgrad", []), ("has_conv3x3_wgrad32", [])):
             fn = getattr(lib, "ck_" + name)
             fn.argtypes, fn.restype = args, (i32 if name.startswith("has_") else None)
@@ -222,8 +231,9 @@ class _Native:
         return out
 
     def bn_gelu_fwd(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> tuple:
-        """Training batch norm + exact GELU, fused: (y, batch mean, biased variance, 1/std)."""
-        self._check(x, "x")
+        """Training batch norm + exact GELU, fused (bf16 or fp32): (y, batch mean, biased
+        variance, 1/std)."""
+        self._check(x, "x", _POOL_DTYPES)
         self._check_vec(x, weight, "weight")
         self._check_vec(x, bias, "bias")
         c = x.shape[1]
@@ -231,15 +241,15 @@ class _Native:
             raise RuntimeError("bn_gelu_fwd: empty input")
         y = torch.empty_like(x, memory_format=torch.channels_last)
         mean, var, rstd = (torch.empty(c, dtype=torch.float32) for _ in range(3))
-        self._bn_gelu_fwd(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), eps, y.data_ptr(),
-                          mean.data_ptr(), var.data_ptr(), rstd.data_ptr(), x.numel() // c, c,
-                          torch.get_num_threads())
+        fn = self._bn_gelu_fwd32 if x.dtype == torch.float32 else self._bn_gelu_fwd
+        fn(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), eps, y.data_ptr(),
+           mean.data_ptr(), var.data_ptr(), rstd.data_ptr(), x.numel() // c, c, torch.get_num_threads())
         return y, mean, var, rstd
 
     def bn_gelu_bwd(self, dy, x, mean, rstd, weight, bias) -> tuple:
         """Its backward: (dx, dweight, dbias)."""
-        self._check(dy, "grad")
-        self._check(x, "x")
+        self._check(x, "x", _POOL_DTYPES)
+        self._check(dy, "grad", (x.dtype,))
         if dy.shape != x.shape:
             raise RuntimeError("bn_gelu_bwd: grad and x differ in shape")
         for v, name in ((mean, "mean"), (rstd, "rstd"), (weight, "weight"), (bias, "bias")):
@@ -247,9 +257,9 @@ class _Native:
         c = x.shape[1]
         dx = torch.empty_like(x, memory_format=torch.channels_last)
         gw, gb = torch.empty(c, dtype=torch.float32), torch.empty(c, dtype=torch.float32)
-        self._bn_gelu_bwd(dy.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), weight.data_ptr(),
-                          bias.data_ptr(), dx.data_ptr(), gw.data_ptr(), gb.data_ptr(), x.numel() // c, c,
-                          torch.get_num_threads())
+        fn = self._bn_gelu_bwd32 if x.dtype == torch.float32 else self._bn_gelu_bwd
+        fn(dy.data_ptr(), x.data_ptr(), mean.data_ptr(), rstd.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+           dx.data_ptr(), gw.data_ptr(), gb.data_ptr(), x.numel() // c, c, torch.get_num_threads())
         return dx, gw, gb
 
 
@@ -308,7 +318,7 @@ def disabled():
 # feed it, and the faster is kept, shape by shape. The decisions are cached beside the build
 # (they depend on the CPU, the thread count and the build), so only the first run pays for them.
 
-_POOL_DTYPES = (torch.bfloat16, torch.float32)   # the max-pool kernel's element types
+_POOL_DTYPES = (torch.bfloat16, torch.float32)   # the max-pool's and the fused batch norm + GELU's element types
 
 MARGIN = 0.02   # another implementation must be at least 2 % faster: a tie goes to PyTorch's
 
@@ -325,8 +335,9 @@ def _conv_key(conv: torch.nn.Conv2d, x: torch.Tensor, dtype: torch.dtype = torch
     return f"{prefix} {conv.in_channels}->{conv.out_channels} {x.shape[2]}x{x.shape[3]}"
 
 
-def _bn_key(x: torch.Tensor) -> str:
-    return f"bngelu {x.shape[1]}x{x.shape[2]}x{x.shape[3]}"
+def _bn_key(x: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> str:
+    prefix = "bngelu" if dtype == torch.bfloat16 else "fp32 bngelu"   # bf16 keeps its first name
+    return f"{prefix} {x.shape[1]}x{x.shape[2]}x{x.shape[3]}"
 
 
 def _wanted(key: str) -> bool:
@@ -349,7 +360,7 @@ def _wgrad_impl(key: str, dtype: torch.dtype = torch.bfloat16) -> str:
 def _shapes(models, sizes, dtype: torch.dtype = torch.bfloat16) -> dict:
     """{key: (op, shape of one input image)} for every layer at every image side that has an
     implementation besides PyTorch's in ``dtype``. In fp32: the 3x3 convolutions ("conv32") and,
-    where the kernels are built, the max-pools ("pool32"); the fused batch norm + GELU is bf16 only."""
+    where the kernels are built, the max-pools ("pool32") and batch norms + GELU ("bngelu32")."""
     found = {}
     fp32 = dtype == torch.float32
     pools = not fp32 or _state["module"] is not None
@@ -367,7 +378,7 @@ def _shapes(models, sizes, dtype: torch.dtype = torch.bfloat16) -> dict:
                    if isinstance(m, (MaxPool2x2, Conv3x3))]
         was_training = model.training
         model.eval()
-        _state["record"] = None if fp32 else found   # bn_gelu adds its shapes
+        _state["record"] = (found, dtype) if pools else None   # bn_gelu adds its shapes
         try:
             with torch.no_grad(), disabled():
                 for size in sizes:
@@ -496,7 +507,8 @@ def _normal(*shapes, dtype: torch.dtype) -> list:
 
 
 def _time_op(spec: tuple, batch: int, repeats: int) -> dict:
-    """Forward + backward on random inputs of one shape (bf16, or fp32 for "pool32" and "conv32"):
+    """Forward + backward on random inputs of one shape (bf16, or fp32 for "pool32", "bngelu32"
+    and "conv32"):
     PyTorch's op and each other implementation ({"pytorch": ms, "native": ms[, "matmul": ms]})."""
     bf = torch.bfloat16
     if spec[0] in ("pool", "pool32"):
@@ -506,9 +518,10 @@ def _time_op(spec: tuple, batch: int, repeats: int) -> dict:
         x.requires_grad_()
         fns = {impl: lambda op=op: torch.autograd.grad(op(x), x, gy)
                for impl, op in (("pytorch", _pytorch_pool), ("native", _MaxPool2x2.apply))}
-    elif spec[0] == "bngelu":
+    elif spec[0] in ("bngelu", "bngelu32"):
         _, c, h, w = spec
-        x, gy = _normal((batch, c, h, w), (batch, c, h, w), dtype=bf)
+        x, gy = _normal((batch, c, h, w), (batch, c, h, w),
+                        dtype=torch.float32 if spec[0] == "bngelu32" else bf)
         x.requires_grad_()
         weight, bias = torch.ones(c), torch.zeros(c, requires_grad=True)
         ops = {"pytorch": lambda: _pytorch_bn_gelu(x, weight, bias),
@@ -612,7 +625,7 @@ def choose(models, sizes, batch: int = 256, repeats: int = 3, cache: Path | None
             if use not in wanted:
                 use = _pick({impl: entry[impl] for impl in wanted - {"use"}})
             choice[key] = use
-            op = {"conv32": "wgrad", "pool32": "pool"}.get(spec[0], spec[0])
+            op = {"conv32": "wgrad", "pool32": "pool", "bngelu32": "bngelu"}.get(spec[0], spec[0])
             summary[op][0] += choice[key] != "pytorch"
             summary[op][1] += 1
             if op == "wgrad":
@@ -658,17 +671,6 @@ def _channels_last(x: torch.Tensor, dtypes: tuple) -> bool:
             and x.is_contiguous(memory_format=torch.channels_last))
 
 
-def _bf16_channels_last(x: torch.Tensor) -> bool:
-    """A bf16 channels_last 4-D CPU tensor: what the C++ kernels read (the max-pool and the
-    weight gradient also have fp32 forms)."""
-    return _channels_last(x, (torch.bfloat16,))
-
-
-def _eligible(x: torch.Tensor) -> bool:
-    """A non-empty bf16 channels_last 4-D CPU tensor, outside tracing and compiling."""
-    return _bf16_channels_last(x) and x.numel() > 0 and _plain_eager()
-
-
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     """``F.max_pool2d(x, 2)``, with the native kernel when it is loaded and ``x`` suits it (bf16
     or fp32 channels_last)."""
@@ -703,7 +705,7 @@ class _BNGELU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, _gmean, _gvar):
         x, mean, rstd, weight, bias = ctx.saved_tensors
-        gy = gy.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        gy = gy.to(x.dtype).contiguous(memory_format=torch.channels_last)
         dx, dw, db = _state["module"].bn_gelu_bwd(gy, x, mean, rstd, weight, bias)
         return dx, dw if ctx.needs_input_grad[1] else None, db if ctx.needs_input_grad[2] else None, None
 
@@ -716,23 +718,26 @@ def _has_hooks(*modules) -> bool:
 
 def _bn_eligible(bn: torch.nn.BatchNorm2d, act: torch.nn.Module, x: torch.Tensor) -> bool:
     """A training-mode BatchNorm2d (batch statistics, running ones updated) with fp32 affine
-    parameters, then an exact GELU, on a bf16 channels_last CPU batch of more than one value per
-    channel; no hooks to bypass."""
+    parameters, then an exact GELU, on a bf16 or fp32 channels_last CPU batch of more than one
+    value per channel, outside tracing and compiling; no hooks to bypass."""
     return (bn.training and bn.track_running_stats and bn.running_mean is not None and bn.affine
             and type(act) is torch.nn.GELU and act.approximate == "none"
             and bn.weight.dtype == torch.float32 and bn.bias.dtype == torch.float32
-            and _eligible(x) and x.numel() > x.shape[1] and not _has_hooks(bn, act))
+            and _channels_last(x, _POOL_DTYPES) and x.numel() > x.shape[1] and _plain_eager()
+            and not _has_hooks(bn, act))
 
 
 def bn_gelu(bn: torch.nn.BatchNorm2d, act: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``act(bn(x))``: fused into one native op (statistics, normalisation and GELU in two passes
     over x, and two in the backward) when the kernels are loaded, ``bn`` is in training mode,
-    ``act`` is an exact ``nn.GELU`` and ``x`` a bf16 channels_last CPU batch; else the two modules.
+    ``act`` is an exact ``nn.GELU`` and ``x`` a bf16 or fp32 channels_last CPU batch; else the two
+    modules.
     The running statistics and ``num_batches_tracked`` are updated as ``nn.BatchNorm2d`` does."""
     if _state["record"] is not None and x.dim() == 4:   # `choose` is collecting shapes
-        _state["record"][_bn_key(x)] = ("bngelu", *x.shape[1:])
+        found, dtype = _state["record"]
+        found[_bn_key(x, dtype)] = ("bngelu32" if dtype == torch.float32 else "bngelu", *x.shape[1:])
     if not (_state["module"] is not None and not _state["off"] and _bn_eligible(bn, act, x)
-            and _wanted(_bn_key(x))):
+            and _wanted(_bn_key(x, x.dtype))):
         return act(bn(x))
     y, mean, var = _BNGELU.apply(x, bn.weight, bn.bias, bn.eps)
     with torch.no_grad():   # as _BatchNorm.forward: momentum None = cumulative average

@@ -37,7 +37,8 @@ static inline uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint32
 // bf16 is the top half of a float32: widen by shifting the bits.
 static inline float bf(uint16_t v) { return bits_to_float((uint32_t)v << 16); }
 
-// The element types the max-pool reads: bf16 (as uint16_t, widened to compare) and fp32.
+// The element types the max-pool and the fused batch norm + GELU read: bf16 (as uint16_t, widened)
+// and fp32.
 static inline float val(uint16_t v) { return bf(v); }
 static inline float val(float v) { return v; }
 
@@ -340,7 +341,7 @@ extern "C" void ck_conv3x3_wgrad32(const float*, const float*, float*, int64_t, 
                                    int64_t, int64_t, int) {}
 #endif
 
-// ---- Batch norm (batch statistics) followed by GELU, fused (bf16 channels_last) ----
+// ---- Batch norm (batch statistics) followed by GELU, fused (bf16 or fp32 channels_last) ----
 // PyTorch runs them as two ops, and each of their four kernels (two forward, two backward) reads
 // and writes a whole activation tensor; on a CPU these passes are bound by memory, not by
 // arithmetic, and took about a fifth of a fast-recipe step (two fifths of its proxy network's).
@@ -351,6 +352,10 @@ extern "C" void ck_conv3x3_wgrad32(const float*, const float*, float*, int64_t, 
 // GELU is the exact (erf) one: erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), whose
 // exp(-z^2/2) is also the normal density the derivative needs, so one exp per element serves both.
 // Plain C++ loops over channels that the compiler vectorises for the machine it is built on.
+// In fp32 (CPUs without native bf16) the same code runs on floats, with nothing rounded.
+// kernels.py builds with -fno-trapping-math: without it GCC 12 does not vectorise the GELU loops
+// for AVX2 (the selects below "could trap"; AVX-512's masked ops escape that), and the fp32 fused
+// op took 1.9-4.6x PyTorch's two ops on a Zen 2 (docs/benchmarks.md section 6).
 
 // Round to nearest even, as PyTorch's float -> bf16 conversion does (NaN stays NaN).
 static inline uint16_t to_bf(float f) {
@@ -379,51 +384,60 @@ static inline float normal_cdf(float z, float e) {
   return z >= 0.f ? 1.f - q : q;
 }
 
+// An fp32 value as the element type: rounded to bf16, or as it is.
+template <class E> static inline E as_elem(float f);
+template <> inline uint16_t as_elem<uint16_t>(float f) { return to_bf(f); }
+template <> inline float as_elem<float>(float f) { return f; }
+
 // The per-row loops, with restrict-qualified pointers so that the compiler vectorises them, and
 // always inlined: left to gcc, the forward's were called per row and it took 1.09-1.14x as long
 // (this file built on its own, where <ATen/ATen.h> around it had tipped the inlining the other way;
 // a Zen 4, batch 1000 at 64 channels x 32 px and 224 x 16).
 #define ROW static inline __attribute__((always_inline)) void
-ROW stats_row(const uint16_t* __restrict x, const float* __restrict shift, float* __restrict s1,
+template <class E>
+ROW stats_row(const E* __restrict x, const float* __restrict shift, float* __restrict s1,
               float* __restrict s2, int64_t C) {
   #pragma omp simd
-  for (int64_t c = 0; c < C; ++c) { float d = bf(x[c]) - shift[c]; s1[c] += d; s2[c] += d * d; }
+  for (int64_t c = 0; c < C; ++c) { float d = val(x[c]) - shift[c]; s1[c] += d; s2[c] += d * d; }
 }
 
-ROW gelu_row(const uint16_t* __restrict x, uint16_t* __restrict y, const float* __restrict a,
+template <class E>
+ROW gelu_row(const E* __restrict x, E* __restrict y, const float* __restrict a,
              const float* __restrict b, int64_t C) {
   #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    float z = bf(x[c]) * a[c] + b[c];
-    y[c] = to_bf(z * normal_cdf(z, exp_neg(-0.5f * z * z)));
+    float z = val(x[c]) * a[c] + b[c];
+    y[c] = as_elem<E>(z * normal_cdf(z, exp_neg(-0.5f * z * z)));
   }
 }
 
-ROW dz_row(const uint16_t* __restrict x, const uint16_t* __restrict g, uint16_t* __restrict dz_out,
+template <class E>
+ROW dz_row(const E* __restrict x, const E* __restrict g, E* __restrict dz_out,
            const float* __restrict a, const float* __restrict b, const float* __restrict mu,
            const float* __restrict rs, float* __restrict s1, float* __restrict s2, int64_t C) {
   #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    float xv = bf(x[c]), z = xv * a[c] + b[c], e = exp_neg(-0.5f * z * z);
-    uint16_t dzb = to_bf(bf(g[c]) * (normal_cdf(z, e) + z * e * 0.3989422804f));   // 1/sqrt(2 pi)
-    float dz = bf(dzb);
-    dz_out[c] = dzb;
+    float xv = val(x[c]), z = xv * a[c] + b[c], e = exp_neg(-0.5f * z * z);
+    E dze = as_elem<E>(val(g[c]) * (normal_cdf(z, e) + z * e * 0.3989422804f));   // 1/sqrt(2 pi)
+    float dz = val(dze);
+    dz_out[c] = dze;
     s1[c] += dz;
     s2[c] += dz * (xv - mu[c]) * rs[c];
   }
 }
 
-ROW dx_row(const uint16_t* __restrict x, uint16_t* __restrict d, const float* __restrict a,
+template <class E>
+ROW dx_row(const E* __restrict x, E* __restrict d, const float* __restrict a,
            const float* __restrict mu, const float* __restrict rs, const float* __restrict k1,
            const float* __restrict k2, int64_t C) {
   #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    float xhat = (bf(x[c]) - mu[c]) * rs[c];
-    d[c] = to_bf(a[c] * (bf(d[c]) - k1[c] - xhat * k2[c]));
+    float xhat = (val(x[c]) - mu[c]) * rs[c];
+    d[c] = as_elem<E>(a[c] * (val(d[c]) - k1[c] - xhat * k2[c]));
   }
 }
 
-// Per-channel sums over the rows of an (M x C) bf16 matrix, each thread into its own slice of
+// Per-channel sums over the rows of an (M x C) matrix, each thread into its own slice of
 // `bufs` (T x K x C doubles): f(row pointer, float sums[K][C]) adds one row into fp32 sums, which
 // are moved into the doubles every 64 rows (so long sums keep their precision). Deterministic for
 // a given thread count: OpenMP gives each thread a fixed range of rows.
@@ -446,13 +460,14 @@ static std::vector<double> channel_sums(int64_t M, int64_t C, int T, F f) {
 }
 
 // Training forward over M = N*H*W rows of C channels (M > 0): writes Y = gelu(Wt * (X - mean) /
-// sqrt(var + eps) + B) (bf16), and the batch mean, biased variance and 1/sqrt(var + eps) per
-// channel (fp32 vectors of C).
-extern "C" void ck_bn_gelu_fwd(const uint16_t* X, const float* Wt, const float* B, double eps, uint16_t* Y,
-                               float* mean, float* var, float* rstd, int64_t M, int64_t C, int T) {
+// sqrt(var + eps) + B) (X's element type), and the batch mean, biased variance and
+// 1/sqrt(var + eps) per channel (fp32 vectors of C).
+template <class E>
+static void bn_gelu_fwd(const E* X, const float* Wt, const float* B, double eps, E* Y,
+                        float* mean, float* var, float* rstd, int64_t M, int64_t C, int T) {
   // Sums of (x - shift) and its square, shift = the first row: no cancellation when |mean| >> std.
   std::vector<float> shift(C);
-  for (int64_t c = 0; c < C; ++c) shift[c] = bf(X[c]);
+  for (int64_t c = 0; c < C; ++c) shift[c] = val(X[c]);
   const float* S = shift.data();
   auto sums = channel_sums<2>(M, C, T, [=](int64_t r, float* part) {
     stats_row(X + r * C, S, part, part + C, C);
@@ -473,18 +488,19 @@ extern "C" void ck_bn_gelu_fwd(const uint16_t* X, const float* Wt, const float* 
   });
 }
 
-// Backward: from DY (bf16, X's shape) and what the forward saved, writes D = dx (bf16) and the
-// gradients of the batch norm's weight and bias, GW and GB (fp32 sums over the batch).
-extern "C" void ck_bn_gelu_bwd(const uint16_t* DY, const uint16_t* X, const float* MU, const float* RS,
-                               const float* Wt, const float* B, uint16_t* D, float* GW, float* GB,
-                               int64_t M, int64_t C, int T) {
+// Backward: from DY (X's element type and shape) and what the forward saved, writes D = dx and
+// the gradients of the batch norm's weight and bias, GW and GB (fp32 sums over the batch).
+template <class E>
+static void bn_gelu_bwd(const E* DY, const E* X, const float* MU, const float* RS,
+                        const float* Wt, const float* B, E* D, float* GW, float* GB,
+                        int64_t M, int64_t C, int T) {
   std::vector<float> scale(C), shift2(C);
   for (int64_t c = 0; c < C; ++c) {
     scale[c] = Wt[c] * RS[c];
     shift2[c] = B[c] - MU[c] * scale[c];
   }
   const float *A = scale.data(), *Bs = shift2.data();
-  // Pass 1: dz = dy * gelu'(z), rounded to bf16 and kept in dx; sums of dz and dz * xhat.
+  // Pass 1: dz = dy * gelu'(z), rounded to X's type (bf16 or fp32) and kept in dx; sums of dz and dz * xhat.
   auto sums = channel_sums<2>(M, C, T, [=](int64_t r, float* part) {
     dz_row(X + r * C, DY + r * C, D + r * C, A, Bs, MU, RS, part, part + C, C);
   });
@@ -500,4 +516,24 @@ extern "C" void ck_bn_gelu_bwd(const uint16_t* DY, const uint16_t* X, const floa
   parallel_for(0, M, 256, T, [=](int64_t begin, int64_t end, int) {
     for (int64_t r = begin; r < end; ++r) dx_row(X + r * C, D + r * C, A, MU, RS, K1, K2, C);
   });
+}
+
+extern "C" void ck_bn_gelu_fwd(const uint16_t* X, const float* Wt, const float* B, double eps, uint16_t* Y,
+                               float* mean, float* var, float* rstd, int64_t M, int64_t C, int T) {
+  bn_gelu_fwd(X, Wt, B, eps, Y, mean, var, rstd, M, C, T);
+}
+extern "C" void ck_bn_gelu_bwd(const uint16_t* DY, const uint16_t* X, const float* MU, const float* RS,
+                               const float* Wt, const float* B, uint16_t* D, float* GW, float* GB,
+                               int64_t M, int64_t C, int T) {
+  bn_gelu_bwd(DY, X, MU, RS, Wt, B, D, GW, GB, M, C, T);
+}
+// The same in fp32, for CPUs without native bf16, where training runs in fp32.
+extern "C" void ck_bn_gelu_fwd32(const float* X, const float* Wt, const float* B, double eps, float* Y,
+                                 float* mean, float* var, float* rstd, int64_t M, int64_t C, int T) {
+  bn_gelu_fwd(X, Wt, B, eps, Y, mean, var, rstd, M, C, T);
+}
+extern "C" void ck_bn_gelu_bwd32(const float* DY, const float* X, const float* MU, const float* RS,
+                                 const float* Wt, const float* B, float* D, float* GW, float* GB,
+                                 int64_t M, int64_t C, int T) {
+  bn_gelu_bwd(DY, X, MU, RS, Wt, B, D, GW, GB, M, C, T);
 }

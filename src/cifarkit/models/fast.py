@@ -48,7 +48,7 @@ class ConvGroup(nn.Sequential):
         self.pool_first = pool_first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # each BN -> GELU pair is one op in training on a CPU in bf16 (kernels.bn_gelu, when the
+        # each BN -> GELU pair is one op in training on a CPU, bf16 or fp32 (kernels.bn_gelu, when the
         # native kernels are loaded): fewer passes over the activations, which bound their time
         x = self[0](self[1](x)) if self.pool_first else self[1](self[0](x))   # conv -> pool (or pool -> conv)
         x = skip = bn_gelu(self[2], self[3], x)                     # -> BN -> GELU
