@@ -32,13 +32,15 @@ products, one per kernel tap): where the matrix units are fast and the image is 
 and less), oneDNN's own weight gradient uses them poorly and the products win (1.2-2.1x on an
 Intel Xeon with AMX at batch 256; docs/benchmarks.md section 5).
 
-In fp32 (a CPU without native bf16, where training runs in fp32) two of them have fp32 forms:
-the max-pool (the same code on floats) and the weight gradient with AVX2 and FMA (12 256-bit
-accumulators; on a Zen 2 0.69-0.90 of oneDNN's time on seven of the fast network's eight 3x3
-layers and 1.02 on the eighth, where oneDNN ran its fp32 weight gradient at 0.5-0.75 of its
-forward's rate; ``benchmarks/step_variants.py --layers --layers-dtype fp32``). The
-matrix-product convolutions apply too, and need no build: ``choose(precision="fp32")`` times all
-of them against oneDNN's fp32 convolution and PyTorch's max-pool shape by shape. A 1x1 image (the last group at 16 px) is
+In fp32 (a CPU without native bf16, where training runs in fp32) all three have fp32 forms:
+the max-pool and the fused batch norm + GELU (the same code on floats, nothing rounded; the
+fused op 1.76x PyTorch's two fp32 ops on a Zen 2 at batch 1000, ``benchmarks/bn_gelu_kernel.py
+--dtype fp32``) and the weight gradient with AVX2 and FMA (12 256-bit accumulators; on a Zen 2
+0.69-0.90 of oneDNN's time on seven of the fast network's eight 3x3 layers and 1.02 on the
+eighth, where oneDNN ran its fp32 weight gradient at 0.5-0.75 of its forward's rate;
+``benchmarks/step_variants.py --layers --layers-dtype fp32``). The matrix-product convolutions
+apply too, and need no build: ``choose(precision="fp32")`` times all of them against oneDNN's
+fp32 convolution and PyTorch's ops shape by shape. A 1x1 image (the last group at 16 px) is
 convolved by the centre tap alone, exactly: the other eight taps only ever meet the zero padding.
 
 Nothing here is required: :func:`load` compiles ``csrc/native.cpp`` into a shared library (about
@@ -591,8 +593,8 @@ def choose(models, sizes, batch: int = 256, repeats: int = 3, cache: Path | None
     "wgrad_by" says how many each implementation got). In bf16 it does nothing (returns {})
     unless the kernels are loaded. ``precision="fp32"`` times the 3x3 convolutions in fp32 against
     their matrix-product forms, which are PyTorch ops and need no build, and where the kernels are
-    built also against the fp32 C++ weight gradient, and the max-pools against the fp32 C++ one
-    (nothing with CIFARKIT_NATIVE=0)."""
+    built also against the fp32 C++ weight gradient, and the max-pools and batch norms + GELU
+    against the fp32 C++ ones (nothing with CIFARKIT_NATIVE=0)."""
     fp32 = precision == "fp32"
     if (_state["module"] is None and not fp32) or (fp32 and os.environ.get("CIFARKIT_NATIVE") == "0"):
         return {}

@@ -155,8 +155,8 @@ def native_kernels(cfg: TrainConfig, model: nn.Module, device, precision: str, l
                     num_classes: int) -> None:
     """Build cifarkit's C++ kernels where the network would use them (channels_last on CPU): in
     bf16 the max-pool, the fused batch norm + GELU, and the 3x3 convolution weight gradient where
-    the CPU has AVX-512 BF16; in fp32 (CPUs without native bf16) the max-pool and the weight
-    gradient with AVX2. Then keep each, and the convolution's matrix-product forms, only on the
+    the CPU has AVX-512 BF16; in fp32 (CPUs without native bf16) the max-pool, the fused batch
+    norm + GELU and the weight gradient with AVX2. Then keep each, and the convolution's matrix-product forms, only on the
     shapes where it beats PyTorch's op on this CPU (kernels.choose). In fp32 the matrix products
     need no build: where the kernels cannot be built they are still timed.
 
