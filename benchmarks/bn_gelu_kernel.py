@@ -4,7 +4,7 @@ the fast recipe's network and proxy, forward and backward, interleaved in one pr
 with the largest difference from a float64 reference for both. The whole-step effect:
 `python benchmarks/step_variants.py --native --size S` (chosen-no-bngelu against chosen).
 
-    python benchmarks/bn_gelu_kernel.py [--batch 1000] [--dtype fp32]
+    python benchmarks/bn_gelu_kernel.py [--batch 1000] [--dtype fp32] [--trapping-math]
 """
 from __future__ import annotations
 
@@ -26,10 +26,17 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                     help="fp32: what training runs in on a CPU without native bf16")
+    ap.add_argument("--trapping-math", action="store_true",
+                    help="build the kernels without -fno-trapping-math (in a temporary folder): what the flag is worth")
     args = ap.parse_args()
     from cifarkit.device import set_threads
     set_threads(0)
     from cifarkit import kernels
+    if args.trapping_math:
+        import os
+        import tempfile
+        os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="cifarkit-trapping-")
+        kernels.CXXFLAGS = tuple(f for f in kernels.CXXFLAGS if f != "-fno-trapping-math")
     reason = kernels.load()
     if reason is not None:
         raise SystemExit(f"native kernels unavailable: {reason}")
@@ -43,7 +50,7 @@ def main() -> int:
         return kernels._BNGELU.apply(x, w, b, 1e-12)[0]
 
     print(f"batch {args.batch}, {args.dtype} channels_last, {torch.get_num_threads()} threads, medians of {args.repeats} "
-          f"interleaved (forward + backward to the input and the shift)")
+          f"interleaved (forward + backward to the input and the shift); built with {' '.join(kernels.CXXFLAGS)}")
     totals = {"pytorch": 0.0, "native": 0.0}
     for c, s in SHAPES:
         g = torch.Generator().manual_seed(0)

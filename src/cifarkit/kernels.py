@@ -182,7 +182,7 @@ class _Native:
     def pool_fwd(self, x: torch.Tensor, want_code: bool) -> tuple:
         """2x2 max-pool (bf16 or fp32): (output, 1-byte code of the winning pixel, empty unless
         want_code)."""
-        self._check(x, "x", _POOL_DTYPES)
+        self._check(x, "x", _ELEMENT_DTYPES)
         n, c, h, w = x.shape
         if h < 2 or w < 2:
             raise RuntimeError("x must be at least 2x2")
@@ -195,7 +195,7 @@ class _Native:
 
     def pool_bwd(self, g: torch.Tensor, code: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Its backward: every input-gradient element written once."""
-        self._check(g, "grad", _POOL_DTYPES)
+        self._check(g, "grad", _ELEMENT_DTYPES)
         n, c, hh, ww = g.shape
         if not (code.dtype == torch.uint8 and code.is_contiguous() and tuple(code.shape) == (n, hh, ww, c)
                 and h // 2 == hh and w // 2 == ww):
@@ -235,7 +235,7 @@ class _Native:
     def bn_gelu_fwd(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> tuple:
         """Training batch norm + exact GELU, fused (bf16 or fp32): (y, batch mean, biased
         variance, 1/std)."""
-        self._check(x, "x", _POOL_DTYPES)
+        self._check(x, "x", _ELEMENT_DTYPES)
         self._check_vec(x, weight, "weight")
         self._check_vec(x, bias, "bias")
         c = x.shape[1]
@@ -250,7 +250,7 @@ class _Native:
 
     def bn_gelu_bwd(self, dy, x, mean, rstd, weight, bias) -> tuple:
         """Its backward: (dx, dweight, dbias)."""
-        self._check(x, "x", _POOL_DTYPES)
+        self._check(x, "x", _ELEMENT_DTYPES)
         self._check(dy, "grad", (x.dtype,))
         if dy.shape != x.shape:
             raise RuntimeError("bn_gelu_bwd: grad and x differ in shape")
@@ -320,7 +320,7 @@ def disabled():
 # feed it, and the faster is kept, shape by shape. The decisions are cached beside the build
 # (they depend on the CPU, the thread count and the build), so only the first run pays for them.
 
-_POOL_DTYPES = (torch.bfloat16, torch.float32)   # the max-pool's and the fused batch norm + GELU's element types
+_ELEMENT_DTYPES = (torch.bfloat16, torch.float32)   # what the max-pool and the fused batch norm + GELU read
 
 MARGIN = 0.02   # another implementation must be at least 2 % faster: a tie goes to PyTorch's
 
@@ -677,7 +677,7 @@ def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     """``F.max_pool2d(x, 2)``, with the native kernel when it is loaded and ``x`` suits it (bf16
     or fp32 channels_last)."""
     if (_state["module"] is not None and not _state["off"]
-            and _channels_last(x, _POOL_DTYPES) and x.numel() > 0 and _plain_eager()
+            and _channels_last(x, _ELEMENT_DTYPES) and x.numel() > 0 and _plain_eager()
             and x.shape[2] >= 2 and x.shape[3] >= 2 and _wanted(_pool_key(x, x.dtype))):
         return _MaxPool2x2.apply(x)
     return F.max_pool2d(x, 2)
@@ -725,7 +725,7 @@ def _bn_eligible(bn: torch.nn.BatchNorm2d, act: torch.nn.Module, x: torch.Tensor
     return (bn.training and bn.track_running_stats and bn.running_mean is not None and bn.affine
             and type(act) is torch.nn.GELU and act.approximate == "none"
             and bn.weight.dtype == torch.float32 and bn.bias.dtype == torch.float32
-            and _channels_last(x, _POOL_DTYPES) and x.numel() > x.shape[1] and _plain_eager()
+            and _channels_last(x, _ELEMENT_DTYPES) and x.numel() > x.shape[1] and _plain_eager()
             and not _has_hooks(bn, act))
 
 
