@@ -110,7 +110,7 @@ def _build_dir() -> Path:
 
 
 # -fno-trapping-math: GCC 12 left the fused batch norm + GELU's loops scalar on AVX2 without it
-# (their selects "could trap"; AVX-512's masked instructions escape that), and in fp32 the fused op
+# (their selects "could trap"; with AVX-512 it can use masked instructions), and in fp32 the fused op
 # then took 1.9-4.6x PyTorch's two ops on a Zen 2 (docs/benchmarks.md section 6). It changes no
 # result: nothing here reads the floating-point exception flags, and it allows no reassociation.
 CXXFLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-std=c++17", "-shared", "-fPIC")

@@ -354,7 +354,7 @@ extern "C" void ck_conv3x3_wgrad32(const float*, const float*, float*, int64_t, 
 // Plain C++ loops over channels that the compiler vectorises for the machine it is built on.
 // In fp32 (CPUs without native bf16) the same code runs on floats, with nothing rounded.
 // kernels.py builds with -fno-trapping-math: without it GCC 12 does not vectorise the GELU loops
-// for AVX2 (the selects below "could trap"; AVX-512's masked ops escape that), and the fp32 fused
+// for AVX2 (the selects below "could trap"; with AVX-512 it can use masked ops), and the fp32 fused
 // op took 1.9-4.6x PyTorch's two ops on a Zen 2 (docs/benchmarks.md section 6).
 
 // Round to nearest even, as PyTorch's float -> bf16 conversion does (NaN stays NaN).
@@ -500,7 +500,8 @@ static void bn_gelu_bwd(const E* DY, const E* X, const float* MU, const float* R
     shift2[c] = B[c] - MU[c] * scale[c];
   }
   const float *A = scale.data(), *Bs = shift2.data();
-  // Pass 1: dz = dy * gelu'(z), rounded to X's type (bf16 or fp32) and kept in dx; sums of dz and dz * xhat.
+  // Pass 1: dz = dy * gelu'(z), rounded to X's type (bf16 or fp32) and kept in dx; sums of dz and
+  // dz * xhat.
   auto sums = channel_sums<2>(M, C, T, [=](int64_t r, float* part) {
     dz_row(X + r * C, DY + r * C, D + r * C, A, Bs, MU, RS, part, part + C, C);
   });
