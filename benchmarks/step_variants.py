@@ -383,8 +383,14 @@ def conv32_costs(sizes: list[int], batch: int = 2000, repeats: int = 5, profile:
     import torch
 
     from cifarkit import create_model, kernels, optim, resolve_config
+    from cifarkit.training.loader import epoch_size
+    from cifarkit.training.selective import trained_share
 
     cfg = resolve_config(recipe)
+    first = {size: next((e for e in range(cfg.epochs) if epoch_size(cfg, e) == size), None) for size in sizes}
+    if not cfg.hard_proxy and None in first.values():
+        raise SystemExit(f"--sizes: {recipe} has no epoch at {[s for s, e in first.items() if e is None]} px")
+    shares = {size: trained_share(cfg, e) for size, e in first.items() if e is not None}
     models = [create_model("fast", **cfg.model_args)]
     if cfg.hard_proxy:
         models.append(create_model("fast", **cfg.proxy_model_args()))
@@ -408,9 +414,8 @@ def conv32_costs(sizes: list[int], batch: int = 2000, repeats: int = 5, profile:
         if cfg.hard_proxy:   # the proxy on the whole batch, the network on the harder half
             (x, y), half = _recipe_batch(batch, size)
             work = (half, (x, y))
-        else:                # the network alone, on its share (as selective.trained_share decides)
-            small = cfg.hard_fraction_small and size < cfg.image_size
-            k = max(1, round((cfg.hard_fraction_small if small else cfg.hard_fraction) * batch))
+        else:                # the network alone, on its share in the first epoch of that size
+            k = max(1, round(shares[size] * batch))
             (x, y), _ = _recipe_batch(batch, size)
             work = ((x[:k].contiguous(memory_format=torch.channels_last), y[:k]),)
 

@@ -510,20 +510,18 @@ def _normal(*shapes, dtype: torch.dtype) -> list:
 
 def _time_op(spec: tuple, batch: int, repeats: int) -> dict:
     """Forward + backward on random inputs of one shape (bf16, or fp32 for "pool32", "bngelu32"
-    and "conv32"):
-    PyTorch's op and each other implementation ({"pytorch": ms, "native": ms[, "matmul": ms]})."""
-    bf = torch.bfloat16
+    and "conv32"): PyTorch's op and each other implementation ({"pytorch": ms, "native": ms[,
+    "matmul": ms]})."""
+    dtype = torch.float32 if spec[0] in ("pool32", "bngelu32", "conv32") else torch.bfloat16
     if spec[0] in ("pool", "pool32"):
         _, c, h, w = spec
-        x, gy = _normal((batch, c, h, w), (batch, c, h // 2, w // 2),
-                        dtype=torch.float32 if spec[0] == "pool32" else bf)
+        x, gy = _normal((batch, c, h, w), (batch, c, h // 2, w // 2), dtype=dtype)
         x.requires_grad_()
         fns = {impl: lambda op=op: torch.autograd.grad(op(x), x, gy)
                for impl, op in (("pytorch", _pytorch_pool), ("native", _MaxPool2x2.apply))}
     elif spec[0] in ("bngelu", "bngelu32"):
         _, c, h, w = spec
-        x, gy = _normal((batch, c, h, w), (batch, c, h, w),
-                        dtype=torch.float32 if spec[0] == "bngelu32" else bf)
+        x, gy = _normal((batch, c, h, w), (batch, c, h, w), dtype=dtype)
         x.requires_grad_()
         weight, bias = torch.ones(c), torch.zeros(c, requires_grad=True)
         ops = {"pytorch": lambda: _pytorch_bn_gelu(x, weight, bias),
@@ -531,7 +529,6 @@ def _time_op(spec: tuple, batch: int, repeats: int) -> dict:
         fns = {impl: lambda op=op: torch.autograd.grad(op(), (x, bias), gy) for impl, op in ops.items()}
     else:   # "wgrad": bf16 (as training runs under autocast); "conv32": fp32
         _, ci, co, h, w = spec
-        dtype = torch.float32 if spec[0] == "conv32" else torch.bfloat16
         x, weight, gy = _normal((batch, ci, h, w), (co, ci, 3, 3), (batch, co, h, w), dtype=dtype)
         # PyTorch's, the C++ and the nine-product ways differ only in the weight gradient: the
         # forward and the input gradient are PyTorch's in all three, so they are timed once
