@@ -9,7 +9,7 @@ filters and the output that are sums and differences only (Lavin and Gray, 2015)
 
 For each 3x3 convolution of the fast recipe's network this prints, at one batch size:
 - the relative error of the forward pass, of the gradient to the input and of the gradient to
-  the filters, against an fp32 reference, for oneDNN's bf16 ops and for this one in bf16;
+  the filters, against a float64 reference, for oneDNN's ops and for this one, in bf16 or fp32;
 - the forward and both gradients' milliseconds, oneDNN's and this one's, and this one's
   16 matrix products alone: if those alone are no faster than oneDNN's whole convolution, no
   implementation of the transforms can make Winograd pay.
@@ -18,7 +18,7 @@ It is written with PyTorch ops on purpose (a probe, meant to be read): the trans
 strided additions into the layout the matrix products read, the products one ``torch.bmm``
 and the gradient to the filters reuses the forward's transformed input.
 
-    python benchmarks/winograd_probe.py [--batch 500] [--repeats 5]
+    python benchmarks/winograd_probe.py [--batch 500] [--repeats 5] [--dtype fp32]
 """
 from __future__ import annotations
 
@@ -142,13 +142,15 @@ def _ms(fn, repeats: int) -> float:
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a.float() - ref).norm() / ref.norm())
+    return float((a.double() - ref).norm() / ref.norm())
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=500, help="images per timed call")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of each (median)")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                    help="element type of both sides (fp32: what CPUs without bf16 train in)")
     args = ap.parse_args(argv)
     from cifarkit.device import set_threads
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -157,23 +159,24 @@ def main(argv=None) -> int:
     # call's output is fresh pages, and the first layer's forward measured 1.8x slower)
     set_threads(0)
     torch.manual_seed(0)
-    bf = torch.bfloat16
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     back = torch.ops.aten.convolution_backward
     print(f"{_machine(torch.device('cpu'))}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}, batch {args.batch}, medians of {args.repeats}")
-    print("layer | rel. error fwd/gx/gw: oneDNN bf16, Winograd bf16 | ms fwd: oneDNN, Winograd (its "
-          "products) | ms both gradients: oneDNN, Winograd | Winograd/oneDNN")
+          f"{torch.__version__}, batch {args.batch}, medians of {args.repeats}, {args.dtype}")
+    print(f"layer | rel. error fwd/gx/gw (against float64): oneDNN {args.dtype}, Winograd {args.dtype} | "
+          "ms fwd: oneDNN, Winograd (its products) | ms both gradients: oneDNN, Winograd | Winograd/oneDNN")
     for ci, co, side in LAYERS:
-        x = torch.randn(args.batch, ci, side, side).to(bf).contiguous(memory_format=torch.channels_last)
-        w = (torch.randn(co, ci, 3, 3) / (3 * ci ** 0.5)).to(bf)
-        g = torch.randn(args.batch, co, side, side).to(bf).contiguous(memory_format=torch.channels_last)
+        x = torch.randn(args.batch, ci, side, side).to(dtype).contiguous(memory_format=torch.channels_last)
+        w = (torch.randn(co, ci, 3, 3) / (3 * ci ** 0.5)).to(dtype)
+        g = torch.randn(args.batch, co, side, side).to(dtype).contiguous(memory_format=torch.channels_last)
         mask = [True, True, False]
-        ref = (F.conv2d(x.float(), w.float(), None, 1, 1),
-               *back(g.float(), x.float(), w.float(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)[:2])
+        ref = (F.conv2d(x.double(), w.double(), None, 1, 1),
+               *back(g.double(), x.double(), w.double(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)[:2])
         onednn = (F.conv2d(x, w, None, 1, 1), *back(g, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)[:2])
         y, v, dims = conv_forward(x, w)
         ours = (y, *conv_backward(v, dims, w, g))
-        err = " ".join(f"{_rel(a, r):.4f}/{_rel(b, r):.4f}" for a, b, r in zip(onednn, ours, ref))
+        fmt = ".4f" if args.dtype == "bf16" else ".1e"   # fp32's errors are about 1e-7
+        err = " ".join(f"{_rel(a, r):{fmt}}/{_rel(b, r):{fmt}}" for a, b, r in zip(onednn, ours, ref))
         u = filter_transform(w)
         t = [_ms(lambda: F.conv2d(x, w, None, 1, 1), args.repeats),
              _ms(lambda: conv_forward(x, w), args.repeats),
