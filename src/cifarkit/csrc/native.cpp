@@ -257,6 +257,14 @@ extern "C" void ck_conv3x3_wgrad(const uint16_t*, const uint16_t*, float*, int64
 // 256-bit accumulators, which a column of the output gradient (two vectors) and six broadcast
 // input values update with 12 FMAs; taps that meet the zero padding are skipped, as in the bf16
 // kernel. Per shape `choose` keeps oneDNN's where it is faster.
+//
+// Each chunk of images is first copied into two packed buffers, so that a tile's pass reads
+// memory in order: the gradient as [Co/16][column][16] (64 contiguous bytes a column, where
+// channels_last spreads a tile's 16 channels over a 4*Co-byte stride, one cache line of each
+// of which the pass used) and the input as [Ci/2][column][2]. Copying costs one read and write
+// of the chunk; the tiles then read it (Co/16) x 3 x (Ci/2) times. On a Zen 3 the fast network's
+// weight gradients at batch 1000 took 0.63-0.81 of the unpacked kernel's time (docs/benchmarks.md
+// section 6), with bit-identical results: the same chunks, tiles and order of the sums.
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
@@ -268,25 +276,29 @@ extern "C" void ck_conv3x3_wgrad(const uint16_t*, const uint16_t*, float*, int64
 // Output column w: kernel column 0 reads input column w-1 (skipped at w = 0), 2 reads w+1 (skipped
 // at the last column).
 #define CK_COLUMN(w, LEFT, RIGHT) { \
-    const float* gq = gp + (w) * Co; \
+    const float* gq = gp + (w) * 16; \
     const __m256 g0 = _mm256_loadu_ps(gq), g1 = _mm256_loadu_ps(gq + 8); \
-    const float* xq = xp + (w) * Ci; \
-    if (LEFT) CK_TAP(xq - Ci, a00, a01, a02, a03) \
+    const float* xq = xp + (w) * 2; \
+    if (LEFT) CK_TAP(xq - 2, a00, a01, a02, a03) \
     CK_TAP(xq, a10, a11, a12, a13) \
-    if (RIGHT) CK_TAP(xq + Ci, a20, a21, a22, a23) }
+    if (RIGHT) CK_TAP(xq + 2, a20, a21, a22, a23) }
 
 // dwt[kh][kw][ci][co] += sum over images p < P, rows h in [h0, h1), columns w of
 // g(p, h, w, co) * x(p, h+kh-1, w+kw-1, ci), for co in [co0, co0+16), ci in [ci0, ci0+2), kw 0..2.
-static void wgrad32_tile(const float* G, const float* X, int64_t P, int64_t H, int64_t W, int64_t h0,
+// gb: the chunk's gradient of these 16 channels, [P][h1-h0][W][16]; xb: its input of these 2
+// channels, [P][h1-h0+2][W][2], whose row r is the image's row h0-1+r (rows outside the image are
+// never read).
+static void wgrad32_tile(const float* gb, const float* xb, int64_t P, int64_t H, int64_t W, int64_t h0,
                          int64_t h1, int64_t Co, int64_t Ci, int64_t co0, int64_t ci0, int kh, float* dwt) {
   __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00,
          a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+  const int64_t R = h1 - h0;
   // rows whose input row exists
   const int64_t hlo = std::max<int64_t>(h0, kh == 0 ? 1 : 0), hhi = std::min<int64_t>(h1, kh == 2 ? H - 1 : H);
   for (int64_t p = 0; p < P; ++p)
     for (int64_t h = hlo; h < hhi; ++h) {
-      const float* gp = G + (p * H + h) * W * Co + co0;
-      const float* xp = X + (p * H + h + kh - 1) * W * Ci + ci0;
+      const float* gp = gb + (p * R + h - h0) * W * 16;
+      const float* xp = xb + (p * (R + 2) + h - h0 + kh) * W * 2;
       if (W == 1) { CK_COLUMN(0, false, false); continue; }
       CK_COLUMN(0, false, true);
       for (int64_t w = 1; w < W - 1; ++w) CK_COLUMN(w, true, true);
@@ -313,7 +325,8 @@ extern "C" void ck_conv3x3_wgrad32(const float* X, const float* G, float* O, int
   // A chunk's gradient and input (about 256 KB: half a Zen 2 core's L2 cache) are read by every
   // tile. On a Zen 2 a prototype of this kernel with chunks of 64 and 128 KB was slower on the
   // fast network's layers (more tiles, each adding its sums into dwt), and one of 1 MB too
-  // (docs/benchmarks.md section 6).
+  // (docs/benchmarks.md section 6); packed, on a Zen 3, 64 and 128 KB were slower again and
+  // 384 KB-1 MB no faster.
   const int64_t budget = 256 * 1024, row = W * (Co + Ci) * 4;
   const int64_t R = std::max<int64_t>(1, std::min<int64_t>(H, budget / row));   // rows per chunk
   const int64_t PC = R < H ? 1 : std::max<int64_t>(1, budget / (row * H));       // images per chunk
@@ -322,15 +335,40 @@ extern "C" void ck_conv3x3_wgrad32(const float* X, const float* G, float* O, int
   std::vector<float> bufs((size_t)T * DW, 0.f);
   parallel_for(0, chunks, 1, T, [&](int64_t begin, int64_t end, int tid) {
     float* dwt = bufs.data() + (size_t)tid * DW;
+    std::vector<float> gpk((size_t)PC * R * W * Co), xpk((size_t)PC * (R + 2) * W * Ci);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       int64_t n0, P, h0 = 0, h1 = H;
       if (R < H) { n0 = chunk / blocks; P = 1; h0 = (chunk % blocks) * R; h1 = std::min(H, h0 + R); }
       else { n0 = chunk * PC; P = std::min(PC, N - n0); }
-      const float* g = G + n0 * H * W * Co;
-      const float* x = X + n0 * H * W * Ci;
+      const int64_t rows = h1 - h0, gcols = P * rows * W, xcols = P * (rows + 2) * W;
+      // the gradient's rows [h0, h1) as [Co/16][P][rows][W][16]
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t w = 0; w < W; ++w) {
+            const float* src = G + (((n0 + p) * H + h0 + r) * W + w) * Co;
+            float* dst = gpk.data() + ((p * rows + r) * W + w) * 16;
+            for (int64_t cb = 0; cb < Co / 16; ++cb)
+              std::memcpy(dst + cb * gcols * 16, src + cb * 16, 16 * sizeof(float));
+          }
+      // the input's rows [h0-1, h1+1) that exist, as [Ci/2][P][rows+2][W][2]
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t r = 0; r < rows + 2; ++r) {
+          const int64_t hin = h0 - 1 + r;
+          if (hin < 0 || hin >= H) continue;
+          for (int64_t w = 0; w < W; ++w) {
+            const float* src = X + (((n0 + p) * H + hin) * W + w) * Ci;
+            float* dst = xpk.data() + ((p * (rows + 2) + r) * W + w) * 2;
+            for (int64_t cp = 0; cp < Ci / 2; ++cp) {
+              dst[cp * xcols * 2] = src[2 * cp];
+              dst[cp * xcols * 2 + 1] = src[2 * cp + 1];
+            }
+          }
+        }
       for (int64_t co0 = 0; co0 < Co; co0 += 16)
         for (int kh = 0; kh < 3; ++kh)
-          for (int64_t ci0 = 0; ci0 < Ci; ci0 += 2) wgrad32_tile(g, x, P, H, W, h0, h1, Co, Ci, co0, ci0, kh, dwt);
+          for (int64_t ci0 = 0; ci0 < Ci; ci0 += 2)
+            wgrad32_tile(gpk.data() + co0 * gcols, xpk.data() + ci0 * xcols, P, H, W, h0, h1, Co, Ci, co0,
+                         ci0, kh, dwt);
     }
   });
   add_thread_sums(bufs, T, Ci, Co, O);
