@@ -17,10 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-# (input channels, output channels, image side) of the fast recipe's convolutions at 32 px
-LAYERS = ((24, 64, 31), (64, 64, 15), (64, 224, 15), (224, 224, 7), (224, 320, 7), (320, 320, 3))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", default="250,500,1000,2000")
@@ -34,6 +30,7 @@ def main() -> None:
     from cifarkit.device import set_threads
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from fast_recipe import _machine   # the CPU line (model, family, bf16 units) the recipe runs report
+    from winograd_probe import LAYERS  # the fast recipe's 3x3 convolutions at 32 px
     set_threads()
     batches = [int(b) for b in args.batches.split(",")]
     top = max(batches)

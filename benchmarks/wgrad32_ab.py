@@ -20,10 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# (input channels, output channels, image side) of the fast recipe's convolutions at 32 px
-LAYERS = ((24, 64, 31), (64, 64, 15), (64, 224, 15), (224, 224, 7), (224, 320, 7), (320, 320, 3))
-
-
 def build(source: Path, out: Path):
     from cifarkit import kernels
     cmd = [os.environ.get("CXX", "c++"), *kernels.CXXFLAGS, str(source), "-o", str(out)]
@@ -47,6 +43,7 @@ def main() -> None:
     from cifarkit.device import set_threads
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from fast_recipe import _machine   # the CPU line (model, family, bf16 units) the recipe runs report
+    from winograd_probe import LAYERS  # the fast recipe's 3x3 convolutions at 32 px
     set_threads()
     with tempfile.TemporaryDirectory() as tmp:
         new = build(kernels.SOURCE, Path(tmp) / "new.so")

@@ -263,8 +263,9 @@ extern "C" void ck_conv3x3_wgrad(const uint16_t*, const uint16_t*, float*, int64
 // channels_last spreads a tile's 16 channels over a 4*Co-byte stride, one cache line of each
 // of which the pass used) and the input as [Ci/2][column][2]. Copying costs one read and write
 // of the chunk; the tiles then read it (Co/16) x 3 x (Ci/2) times. On a Zen 3 the fast network's
-// weight gradients at batch 1000 took 0.63-0.81 of the unpacked kernel's time (docs/benchmarks.md
-// section 6), with bit-identical results: the same chunks, tiles and order of the sums.
+// 32 px weight gradients at batch 1000 took 0.63-0.87 of the unpacked kernel's time, 0.74 in all
+// (benchmarks/wgrad32_ab.py, docs/benchmarks.md section 6), with bit-identical results: the same
+// chunks, tiles and order of the sums.
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
@@ -325,8 +326,8 @@ extern "C" void ck_conv3x3_wgrad32(const float* X, const float* G, float* O, int
   // A chunk's gradient and input (about 256 KB: half a Zen 2 core's L2 cache) are read by every
   // tile. On a Zen 2 a prototype of this kernel with chunks of 64 and 128 KB was slower on the
   // fast network's layers (more tiles, each adding its sums into dwt), and one of 1 MB too
-  // (docs/benchmarks.md section 6); packed, on a Zen 3, 64 and 128 KB were slower again and
-  // 384 KB-1 MB no faster.
+  // (docs/benchmarks.md section 6); packed, in a prototype timed on a Zen 3 (a scratch script, not
+  // kept), 64 and 128 KB were slower again and 384 KB-1 MB no faster.
   const int64_t budget = 256 * 1024, row = W * (Co + Ci) * 4;
   const int64_t R = std::max<int64_t>(1, std::min<int64_t>(H, budget / row));   // rows per chunk
   const int64_t PC = R < H ? 1 : std::max<int64_t>(1, budget / (row * H));       // images per chunk
